@@ -1,0 +1,340 @@
+"""The one meta-training loop: jit-compiled Optax steps, atomic checkpoints, resume.
+
+Every method in the library reduces meta-training to a scalar objective
+``loss_fn(params, rng_key, batch)``: an ELBO for the NumPyro models, the query NLL
+after inner-loop adaptation for MAML, and so on. This module turns that function
+and an Optax optimizer into pure ``init`` / ``step`` functions over a
+:class:`MetaState` (BlackJAX / Optax style) and runs them with :func:`fit`.
+
+Randomness is explicit and position-based: step ``i`` uses
+``jax.random.fold_in(rng_key, i)``. A run stopped after a checkpoint and resumed
+therefore ends with bit-for-bit the same parameters as one that was never stopped.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+__all__ = [
+    "MetaState",
+    "MetaInfo",
+    "MetaLearner",
+    "FitResult",
+    "NonFiniteLossError",
+    "meta_learner",
+    "fit",
+    "save_checkpoint",
+    "load_checkpoint",
+    "progress_enabled",
+]
+
+PyTree = Any
+
+
+class MetaState(NamedTuple):
+    """Carried state of meta-training.
+
+    Attributes:
+        step: number of completed steps (int32 scalar).
+        params: the meta-parameters (any pytree of arrays).
+        opt_state: the Optax optimizer state.
+    """
+
+    step: jax.Array
+    params: PyTree
+    opt_state: PyTree
+
+
+class MetaInfo(NamedTuple):
+    """Diagnostics of one step (not carried between steps).
+
+    Attributes:
+        loss: the objective at the parameters before the update.
+        grad_norm: global L2 norm of the gradient.
+        aux: whatever ``loss_fn`` returned as auxiliary output (``None`` if nothing).
+    """
+
+    loss: jax.Array
+    grad_norm: jax.Array
+    aux: PyTree
+
+
+class MetaLearner(NamedTuple):
+    """A pair of pure functions: ``init(params) -> MetaState`` and
+    ``step(rng_key, state, batch) -> (MetaState, MetaInfo)``."""
+
+    init: Callable[[PyTree], MetaState]
+    step: Callable[[jax.Array, MetaState, PyTree], tuple[MetaState, MetaInfo]]
+
+
+class FitResult(NamedTuple):
+    """What :func:`fit` returns.
+
+    Attributes:
+        state: the final :class:`MetaState`.
+        losses: ``[num_steps]`` loss per step over the whole run (resumed runs included).
+    """
+
+    state: MetaState
+    losses: np.ndarray
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Meta-training produced a NaN or infinite loss; the last good checkpoint is intact."""
+
+
+def meta_learner(
+    loss_fn: Callable[..., Any],
+    optimizer: optax.GradientTransformation,
+    *,
+    has_aux: bool = False,
+) -> MetaLearner:
+    """Build pure ``init`` / ``step`` functions from an objective and an Optax optimizer.
+
+    Args:
+        loss_fn: ``loss_fn(params, rng_key, batch) -> loss`` (a scalar), or
+            ``-> (loss, aux)`` when ``has_aux``. Must be jit-able.
+        optimizer: any Optax ``GradientTransformation`` (compose clipping, schedules...
+            with ``optax.chain`` rather than flags here).
+        has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+
+    Returns:
+        A :class:`MetaLearner`. ``step`` is not jitted here; :func:`fit` jits once at the
+        boundary (and so can the caller).
+    """
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=has_aux)
+
+    def init(params: PyTree) -> MetaState:
+        return MetaState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+
+    def step(rng_key: jax.Array, state: MetaState, batch: PyTree) -> tuple[MetaState, MetaInfo]:
+        if has_aux:
+            (loss, aux), grads = grad_fn(state.params, rng_key, batch)
+        else:
+            loss, grads = grad_fn(state.params, rng_key, batch)
+            aux = None
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        info = MetaInfo(loss, optax.global_norm(grads), aux)
+        return MetaState(state.step + 1, params, opt_state), info
+
+    return MetaLearner(init, step)
+
+
+def progress_enabled(progress: bool | None) -> bool:
+    """Resolve a ``progress`` argument: ``None`` means on unless ``METAPRIOR_PROGRESS=0``."""
+    if progress is not None:
+        return bool(progress)
+    return os.environ.get("METAPRIOR_PROGRESS", "1") not in ("0", "false", "no")
+
+
+def _step_key(rng_key: jax.Array, step: jax.Array) -> jax.Array:
+    return jax.random.fold_in(rng_key, step)
+
+
+def fit(
+    rng_key: jax.Array,
+    learner: MetaLearner,
+    params: PyTree,
+    num_steps: int,
+    *,
+    data: PyTree = None,
+    sample_batch: Callable[[jax.Array, PyTree], PyTree] | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 500,
+    steps_per_call: int = 1,
+    progress: bool | None = None,
+    desc: str = "meta-train",
+    transform_batch: Callable[[PyTree], PyTree] | None = None,
+) -> FitResult:
+    """Run meta-training for ``num_steps`` steps.
+
+    Each step draws ``key_i = fold_in(rng_key, i)``, splits it into a batch key and a
+    step key, forms the batch (``sample_batch(batch_key, data)`` inside the compiled
+    step, or ``data`` itself when no sampler is given), and applies ``learner.step``.
+
+    Args:
+        rng_key: the run's PRNG key.
+        learner: from :func:`meta_learner`.
+        params: initial meta-parameters (ignored when resuming from a checkpoint).
+        num_steps: total number of steps of the run (a resumed run stops here too).
+        data: a pytree of arrays passed to every step (e.g. the meta-training set).
+        sample_batch: optional jit-able ``(rng_key, data) -> batch`` (e.g. an episode
+            sampler), run inside the compiled step, so there is no host round trip.
+        checkpoint: a file path. If it exists, training resumes from it; it is
+            rewritten atomically every ``checkpoint_every`` steps and at the end.
+        checkpoint_every: steps between checkpoints (rounded up to ``steps_per_call``).
+        steps_per_call: steps fused into one compiled call with ``lax.scan`` (fewer
+            dispatches for small models; NaN checks and checkpoints happen between calls).
+        progress: show a progress bar (steps, loss, steps/s); ``None`` means on unless
+            the environment sets ``METAPRIOR_PROGRESS=0``.
+        desc: the progress bar's label.
+        transform_batch: optional host-side hook applied to ``data`` once before training
+            (e.g. placing it on a device mesh with ``jax.device_put``).
+
+    Returns:
+        :class:`FitResult` with the final state and the per-step losses.
+
+    Raises:
+        ValueError: ``num_steps`` or ``steps_per_call`` is not a positive integer.
+        NonFiniteLossError: a step's loss is NaN or infinite. Parameters from that step
+            are never written; the checkpoint on disk stays the last good one.
+    """
+    if int(num_steps) != num_steps or num_steps < 0:
+        raise ValueError(f"num_steps must be a non-negative integer, got {num_steps!r}")
+    if int(steps_per_call) != steps_per_call or steps_per_call < 1:
+        raise ValueError(f"steps_per_call must be a positive integer, got {steps_per_call!r}")
+    from tqdm import tqdm
+
+    state = learner.init(params)
+    losses: list[np.ndarray] = []
+    ckpt_path = Path(checkpoint) if checkpoint is not None else None
+    if ckpt_path is not None and ckpt_path.exists():
+        state, history = load_checkpoint(ckpt_path, like=state)
+        losses.append(history)
+    if transform_batch is not None and data is not None:
+        data = transform_batch(data)
+
+    def one(state: MetaState, data: PyTree) -> tuple[MetaState, MetaInfo]:
+        batch_key, step_key = jax.random.split(_step_key(rng_key, state.step))
+        batch = sample_batch(batch_key, data) if sample_batch is not None else data
+        return learner.step(step_key, state, batch)
+
+    def chunk(state: MetaState, data: PyTree, length: int):
+        def body(s, _):
+            s, info = one(s, data)
+            return s, (info.loss, info.grad_norm)
+
+        return jax.lax.scan(body, state, None, length=length)
+
+    compiled = jax.jit(chunk, static_argnums=2)
+    start = int(state.step)
+    every = max(steps_per_call, int(np.ceil(checkpoint_every / steps_per_call)) * steps_per_call)
+    bar = tqdm(
+        total=num_steps, initial=min(start, num_steps), desc=desc, unit="step",
+        disable=not progress_enabled(progress), mininterval=0.5, dynamic_ncols=True,
+    )
+    last_saved = start
+    try:
+        while int(state.step) < num_steps:
+            length = min(steps_per_call, num_steps - int(state.step))
+            new_state, (chunk_loss, chunk_gnorm) = compiled(state, data, length)
+            chunk_loss = np.asarray(chunk_loss)
+            if not np.all(np.isfinite(chunk_loss)):
+                bad = int(state.step) + int(np.argmax(~np.isfinite(chunk_loss)))
+                where = (
+                    f"the last good checkpoint {ckpt_path} (step {last_saved}) is intact"
+                    if ckpt_path is not None and ckpt_path.exists()
+                    else "no checkpoint was written (pass checkpoint= to keep one)"
+                )
+                raise NonFiniteLossError(
+                    f"{desc}: loss became {chunk_loss[bad - int(state.step)]} at step {bad}; "
+                    f"stopped without saving that step's parameters; {where}. "
+                    "Lower the learning rate, add optax.clip_by_global_norm, or check the data."
+                )
+            state = new_state
+            losses.append(chunk_loss)
+            bar.update(length)
+            bar.set_postfix(loss=f"{float(chunk_loss[-1]):.4g}", refresh=False)
+            done = int(state.step)
+            if ckpt_path is not None and (done - last_saved >= every or done == num_steps):
+                save_checkpoint(ckpt_path, state, np.concatenate(losses))
+                last_saved = done
+    finally:
+        bar.close()
+    history = np.concatenate(losses) if losses else np.zeros((0,), np.float32)
+    return FitResult(state, history)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+_FORMAT = "metaprior-checkpoint-v1"
+
+
+def _structure(treedef) -> str:
+    # Static fields of Equinox modules (activation functions...) print with their memory
+    # address, which differs between processes; the structure is the same.
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", str(treedef))
+
+
+def save_checkpoint(path: str | os.PathLike, state: MetaState, losses: np.ndarray | None = None) -> None:
+    """Write ``state`` (and the loss history) to ``path`` atomically.
+
+    The file is written to a temporary name in the same folder, flushed to disk and
+    renamed over ``path``, so a crash leaves either the old checkpoint or the new one,
+    never a half-written file.
+    """
+    leaves, treedef = jax.tree.flatten(state)
+    arrays = {f"leaf_{i}": np.asarray(leaf) for i, leaf in enumerate(leaves)}
+    arrays["__format__"] = np.array(_FORMAT)
+    arrays["__treedef__"] = np.array(_structure(treedef))
+    arrays["__losses__"] = np.asarray(losses if losses is not None else np.zeros((0,)), np.float32)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(buffer.getvalue())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | os.PathLike, like: MetaState) -> tuple[MetaState, np.ndarray]:
+    """Read a checkpoint written by :func:`save_checkpoint`.
+
+    Args:
+        path: the checkpoint file.
+        like: a state with the same structure (e.g. ``learner.init(params)``); its leaves
+            give the expected shapes and dtypes.
+
+    Returns:
+        ``(state, losses)``.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: the file is not a metaprior checkpoint, is corrupt, or does not
+            match ``like`` (different model or optimizer); the message says which leaf.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except Exception as err:  # zipfile.BadZipFile, ValueError, OSError, EOFError ...
+        raise ValueError(f"checkpoint {path} is unreadable or corrupt ({err}); delete it to start over") from err
+    if arrays.get("__format__", np.array("")).item() != _FORMAT:
+        raise ValueError(f"{path} is not a {_FORMAT} file")
+    like_leaves, treedef = jax.tree.flatten(like)
+    if arrays["__treedef__"].item() != _structure(treedef):
+        raise ValueError(
+            f"checkpoint {path} has a different state structure than this run "
+            "(another model, guide or optimizer?); use a new checkpoint path"
+        )
+    leaves = []
+    for i, ref in enumerate(like_leaves):
+        value = arrays.get(f"leaf_{i}")
+        ref = np.asarray(ref)
+        if value is None or value.shape != ref.shape or value.dtype != ref.dtype:
+            got = "missing" if value is None else f"{value.shape} {value.dtype}"
+            raise ValueError(
+                f"checkpoint {path}: leaf {i} is {got}, this run expects {ref.shape} {ref.dtype}"
+            )
+        leaves.append(jnp.asarray(value))
+    return jax.tree.unflatten(treedef, leaves), arrays["__losses__"]

@@ -1,0 +1,153 @@
+"""Equinox networks shared by the models: MLP, residual MLP, and the 4-block conv net.
+
+All are pytrees, so ``jax.grad``, ``jax.vmap`` over tasks, and NumPyro's
+``eqx_module`` work on them directly. Shapes are stated per call.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+__all__ = ["MLP", "ResidualMLP", "BatchStatNorm", "Conv4", "conv4_output_size"]
+
+
+class MLP(eqx.Module):
+    """A plain fully connected network acting on one example.
+
+    Call: ``x: [in_size] -> [out_size]`` (``jax.vmap`` it over examples).
+    """
+
+    layers: tuple[eqx.nn.Linear, ...]
+    activation: Callable = eqx.field(static=True)
+
+    def __init__(self, in_size: int, out_size: int, hidden: tuple[int, ...], *, key: jax.Array,
+                 activation: Callable = jax.nn.relu):
+        sizes = (in_size, *hidden, out_size)
+        keys = jax.random.split(key, len(sizes) - 1)
+        self.layers = tuple(eqx.nn.Linear(a, b, key=k) for a, b, k in zip(sizes[:-1], sizes[1:], keys))
+        self.activation = activation
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for layer in self.layers[:-1]:
+            x = self.activation(layer(x))
+        return self.layers[-1](x)
+
+
+class ResidualMLP(eqx.Module):
+    """Residual MLP of "Learning a Rich Prior" (Lacoste et al. 2018): input projection,
+    ``num_layers`` dense layers of ``width`` units with LayerNorm and ReLU, a residual
+    connection around every pair of layers, and a linear head.
+
+    Call: ``x: [in_size] -> [out_size]``.
+    """
+
+    inp: eqx.nn.Linear
+    layers: tuple[eqx.nn.Linear, ...]
+    norms: tuple[eqx.nn.LayerNorm, ...]
+    head: eqx.nn.Linear
+
+    def __init__(self, in_size: int, out_size: int, *, width: int = 128, num_layers: int = 12,
+                 key: jax.Array):
+        if num_layers < 2 or num_layers % 2:
+            raise ValueError(f"num_layers must be an even number >= 2, got {num_layers}")
+        k_in, k_head, *k_layers = jax.random.split(key, num_layers + 2)
+        self.inp = eqx.nn.Linear(in_size, width, key=k_in)
+        self.layers = tuple(eqx.nn.Linear(width, width, key=k) for k in k_layers)
+        self.norms = tuple(eqx.nn.LayerNorm(width) for _ in range(num_layers))
+        self.head = eqx.nn.Linear(width, out_size, key=k_head)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = self.inp(x)
+        for i in range(0, len(self.layers), 2):
+            r = h
+            h = jax.nn.relu(self.norms[i](self.layers[i](h)))
+            h = self.norms[i + 1](self.layers[i + 1](h))
+            h = jax.nn.relu(h + r)
+        return self.head(h)
+
+
+class BatchStatNorm(eqx.Module):
+    """Batch normalisation with the statistics of the current batch, always.
+
+    This is the "transductive" batch norm of MAML (Finn et al. 2017) and most
+    few-shot code: there are no running averages, so the layer is a pure function of
+    its input and the scale/shift parameters.
+
+    Call: ``x: [N, C, H, W] -> [N, C, H, W]`` (statistics over N, H, W).
+    """
+
+    scale: jax.Array
+    shift: jax.Array
+    eps: float = eqx.field(static=True, default=1e-5)
+
+    def __init__(self, channels: int, eps: float = 1e-5):
+        self.scale = jnp.ones((channels,))
+        self.shift = jnp.zeros((channels,))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        mean = jnp.mean(x, axis=(0, 2, 3), keepdims=True)
+        var = jnp.var(x, axis=(0, 2, 3), keepdims=True)
+        x = (x - mean) * jax.lax.rsqrt(var + self.eps)
+        return x * self.scale[None, :, None, None] + self.shift[None, :, None, None]
+
+
+def conv4_output_size(image_size: int, num_blocks: int = 4) -> int:
+    """Spatial size after ``num_blocks`` 2x2 max-pools (floor division, 'VALID' pooling)."""
+    size = image_size
+    for _ in range(num_blocks):
+        size //= 2
+    return size
+
+
+class Conv4(eqx.Module):
+    """The standard few-shot conv net: ``num_blocks`` x [3x3 conv, batch norm, ReLU,
+    2x2 max-pool], then a linear head (Vinyals et al. 2016; Finn et al. 2017).
+
+    Call: ``x: [N, H, W, C]`` (a batch; batch norm uses its statistics) ``-> [N, out_size]``.
+    With ``out_size=None`` it returns the flattened features ``[N, features]``.
+
+    Attributes:
+        convs: the conv layers (weights ``[filters, in, 3, 3]``, bias ``[filters]``).
+        norms: :class:`BatchStatNorm` per block (scale, shift).
+        head: final :class:`equinox.nn.Linear` or ``None``.
+    """
+
+    convs: tuple[eqx.nn.Conv2d, ...]
+    norms: tuple[BatchStatNorm, ...]
+    head: eqx.nn.Linear | None
+
+    def __init__(self, out_size: int | None, *, in_channels: int = 1, filters: int = 64,
+                 image_size: int = 28, num_blocks: int = 4, key: jax.Array):
+        keys = jax.random.split(key, num_blocks + 1)
+        chans = (in_channels,) + (filters,) * num_blocks
+        self.convs = tuple(
+            eqx.nn.Conv2d(a, b, kernel_size=3, padding=1, key=k)
+            for a, b, k in zip(chans[:-1], chans[1:], keys[:-1])
+        )
+        self.norms = tuple(BatchStatNorm(filters) for _ in range(num_blocks))
+        side = conv4_output_size(image_size, num_blocks)
+        if side < 1:
+            raise ValueError(f"image_size={image_size} is too small for {num_blocks} pooling blocks")
+        self.head = None if out_size is None else eqx.nn.Linear(filters * side * side, out_size, key=keys[-1])
+
+    def features(self, x: jax.Array) -> jax.Array:
+        """``x: [N, H, W, C] -> [N, features]`` (the flattened output of the last block)."""
+        if x.ndim != 4:
+            raise ValueError(f"Conv4 expects images [N, H, W, C], got shape {x.shape}")
+        h = jnp.transpose(x, (0, 3, 1, 2))
+        for conv, norm in zip(self.convs, self.norms):
+            h = jax.vmap(conv)(h)
+            h = jax.nn.relu(norm(h))
+            h = jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, (1, 1, 2, 2), (1, 1, 2, 2), "VALID")
+        return h.reshape(h.shape[0], -1)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = self.features(x)
+        if self.head is None:
+            return h
+        return jax.vmap(self.head)(h)
