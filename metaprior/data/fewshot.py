@@ -1,0 +1,173 @@
+"""The class-indexed layout every few-shot loader returns, and operations on it.
+
+A :class:`FewShotDataset` holds ``images [classes, examples, H, W, C]``: the same
+number of examples for every class, so an N-way K-shot episode is a gather with
+fixed shapes (see :func:`metaprior.data.sample_episodes`). Each class has a name
+and a *group* (the alphabet of an Omniglot character), and splits are made by
+group so that no alphabet is seen both in meta-training and in evaluation.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import numpy as np
+
+__all__ = ["FewShotDataset", "as_class_array", "split_by_group", "with_rotations", "SPLIT_NAMES"]
+
+SPLIT_NAMES = ("train", "val", "test")
+
+
+class FewShotDataset(NamedTuple):
+    """Images grouped by class.
+
+    Attributes:
+        images: ``[classes, examples, H, W, C]``, float32 in [0, 1] (Omniglot: ink
+            1.0, background 0.0) unless a loader was asked for another dtype.
+        class_names: one name per class, e.g. ``"Greek/character03"``.
+        groups: the group of each class (the Omniglot alphabet; for data sets without
+            a hierarchy, the class name itself).
+    """
+
+    images: np.ndarray
+    class_names: tuple[str, ...]
+    groups: tuple[str, ...]
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def num_examples(self) -> int:
+        """Examples per class."""
+        return int(self.images.shape[1])
+
+    def select(self, classes: Sequence[int] | np.ndarray) -> FewShotDataset:
+        """The sub-dataset of the given class indices (in that order)."""
+        idx = np.asarray(classes, dtype=np.int64).reshape(-1)
+        return FewShotDataset(self.images[idx], tuple(self.class_names[i] for i in idx),
+                              tuple(self.groups[i] for i in idx))
+
+
+def as_class_array(images: np.ndarray, labels: np.ndarray, num_per_class: int | None = None,
+                   class_names: Sequence[str] | None = None) -> FewShotDataset:
+    """Turn a labelled set (MNIST-style) into the class-indexed layout.
+
+    Classes are the sorted distinct labels. Each class keeps its first
+    ``num_per_class`` examples in the order they appear; with ``num_per_class=None``
+    every class is truncated to the size of the smallest class (MNIST test: 892, the
+    count of digit 5), so that all classes have equally many examples.
+
+    Args:
+        images: ``[N, ...]`` (e.g. ``[N, 28, 28, 1]``).
+        labels: ``[N]`` integer labels.
+        num_per_class: examples kept per class; ``None`` for the smallest class count.
+        class_names: a name per distinct label (sorted order); default ``str(label)``.
+
+    Returns:
+        ``FewShotDataset`` with ``images [classes, num_per_class, ...]`` and each
+        class its own group.
+
+    Raises:
+        ValueError: a class has fewer than ``num_per_class`` examples, or the lengths
+            of ``images`` and ``labels`` differ.
+    """
+    images = np.asarray(images)
+    labels = np.asarray(labels).reshape(-1)
+    if len(images) != len(labels):
+        raise ValueError(f"{len(images)} images but {len(labels)} labels")
+    classes, counts = np.unique(labels, return_counts=True)
+    if num_per_class is None:
+        num_per_class = int(counts.min()) if len(counts) else 0
+    short = [(c, n) for c, n in zip(classes, counts) if n < num_per_class]
+    if short:
+        raise ValueError(f"num_per_class={num_per_class} but classes have fewer examples: "
+                         f"{', '.join(f'{c}: {n}' for c, n in short)}")
+    order = np.argsort(labels, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    idx = order[starts[:, None] + np.arange(num_per_class)[None, :]]
+    if class_names is None:
+        class_names = tuple(str(c) for c in classes)
+    elif len(class_names) != len(classes):
+        raise ValueError(f"{len(class_names)} class names for {len(classes)} classes")
+    names = tuple(class_names)
+    return FewShotDataset(images[idx], names, names)
+
+
+def _split_counts(num_groups: int, fractions: Sequence[float]) -> list[int]:
+    """Groups per split: largest-remainder rounding, at least one group for each
+    split with a positive fraction (where there are enough groups)."""
+    f = np.asarray(fractions, dtype=np.float64)
+    if f.ndim != 1 or np.any(f < 0) or f.sum() <= 0:
+        raise ValueError(f"fractions must be non-negative with a positive sum, got {fractions}")
+    f = f / f.sum()
+    exact = f * num_groups
+    counts = np.floor(exact).astype(int)
+    for i in np.argsort(-(exact - counts), kind="stable")[: num_groups - counts.sum()]:
+        counts[i] += 1
+    for i in np.flatnonzero((f > 0) & (counts == 0)):
+        donor = int(np.argmax(counts))
+        if counts[donor] > 1:
+            counts[donor] -= 1
+            counts[i] += 1
+    return counts.tolist()
+
+
+def split_by_group(dataset: FewShotDataset, fractions: Sequence[float] = (0.6, 0.2, 0.2),
+                   seed: int = 0) -> dict[str, FewShotDataset]:
+    """Split classes into train / val / test by group (Omniglot: by alphabet).
+
+    The distinct groups are shuffled with ``seed`` and dealt out in that order:
+    ``fractions`` are fractions of *groups* (rounded by largest remainder; a split
+    with a positive fraction gets at least one group when there are enough), so the
+    class counts of the splits follow the sizes of the groups they drew. Every class
+    of a group lands in the same split, so the splits are disjoint by class and by
+    group. Within a split, classes keep their order in ``dataset``.
+
+    Args:
+        dataset: the classes to split.
+        fractions: relative sizes of (train, val, test).
+        seed: seed of the group shuffle (a fixed seed gives a fixed split).
+
+    Returns:
+        ``{"train": ..., "val": ..., "test": ...}``.
+    """
+    if len(fractions) != len(SPLIT_NAMES):
+        raise ValueError(f"fractions must have {len(SPLIT_NAMES)} entries (train, val, test)")
+    groups = sorted(set(dataset.groups))
+    # An explicit, seeded generator (no global state): the split is a pure function of seed.
+    order = np.random.default_rng(seed).permutation(len(groups))
+    counts = _split_counts(len(groups), fractions)
+    bounds = np.cumsum([0, *counts])
+    out = {}
+    for name, lo, hi in zip(SPLIT_NAMES, bounds[:-1], bounds[1:]):
+        chosen = {groups[i] for i in order[lo:hi]}
+        out[name] = dataset.select([c for c, g in enumerate(dataset.groups) if g in chosen])
+    return out
+
+
+ROTATIONS = (0, 90, 180, 270)
+
+
+def with_rotations(dataset: FewShotDataset) -> FewShotDataset:
+    """Add the 90, 180 and 270 degree rotations of every class as new classes.
+
+    The standard Omniglot augmentation (Santoro et al. 2016; Vinyals et al. 2016;
+    Finn et al. 2017): a rotated character is a different character. The result has
+    ``4 * classes`` classes, in blocks: the originals first (``images[:classes]`` is
+    ``dataset.images``), then all rotated by 90 degrees (counter-clockwise), then
+    180, then 270. Names get a ``"/rot090"`` (etc.) suffix; groups are unchanged, so
+    a later :func:`split_by_group` keeps rotations with their alphabet.
+
+    Args:
+        dataset: square images ``[classes, examples, S, S, C]``.
+
+    Returns:
+        ``FewShotDataset`` with ``images [4 * classes, examples, S, S, C]``.
+    """
+    h, w = dataset.images.shape[2:4]
+    if h != w:
+        raise ValueError(f"rotations need square images, got {h}x{w}")
+    images = np.concatenate([np.rot90(dataset.images, k, axes=(2, 3)) for k in range(4)], axis=0)
+    names = tuple(n if r == 0 else f"{n}/rot{r:03d}" for r in ROTATIONS for n in dataset.class_names)
+    return FewShotDataset(np.ascontiguousarray(images), names, dataset.groups * len(ROTATIONS))
