@@ -23,11 +23,17 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import numpy as np
+from numpyro.primitives import Messenger
 
 __all__ = [
     "expected_calibration_error",
     "reliability_curve",
     "plot_reliability",
+    "to_datatree",
+    "from_samples",
+    "from_guide",
+    "from_mcmc",
+    "save_posterior",
 ]
 
 
@@ -146,3 +152,264 @@ def plot_reliability(curves: Mapping[str, tuple], ax=None):
     ax.set_ylabel("accuracy")
     ax.legend(fontsize="small", loc="upper left")
     return ax
+
+
+# --------------------------------------------------------------------------------------
+# ArviZ
+# --------------------------------------------------------------------------------------
+
+_SAMPLE_DIMS = ("chain", "draw")
+
+
+def to_datatree(
+    posterior: Mapping[str, Any],
+    *,
+    posterior_predictive: Mapping[str, Any] | None = None,
+    observed_data: Mapping[str, Any] | None = None,
+    log_likelihood: Mapping[str, Any] | None = None,
+    dims: Mapping[str, list[str]] | None = None,
+    coords: Mapping[str, Any] | None = None,
+    attrs: Mapping[str, Any] | None = None,
+):
+    """Assemble an ArviZ ``xarray.DataTree`` from arrays.
+
+    Args:
+        posterior: ``{name: [chain, draw, ...]}`` posterior draws.
+        posterior_predictive: ``{name: [chain, draw, ...]}`` replicated observations.
+        observed_data: ``{name: [...]}`` the observations (no sample dims).
+        log_likelihood: ``{name: [chain, draw, ...]}`` pointwise log-likelihood of the
+            observations (event dims summed).
+        dims: ``{name: [dim, ...]}`` names of the non-sample dims of each variable
+            (shared by all groups; a log-likelihood drops the trailing event dims).
+        coords: ``{dim: values}``; integer coordinates where absent.
+        attrs: global attributes of the tree (e.g. ``{"method": "nuts"}``).
+
+    Returns:
+        An ``xarray.DataTree`` with the groups that were given.
+    """
+    import arviz as az
+
+    groups = {"posterior": posterior, "posterior_predictive": posterior_predictive,
+              "log_likelihood": log_likelihood, "observed_data": observed_data}
+    data = {}
+    for group, values in groups.items():
+        if values is None:
+            continue
+        data[group] = {name: np.asarray(value) for name, value in values.items()}
+        if group != "observed_data":
+            for name, value in data[group].items():
+                if value.ndim < 2:
+                    raise ValueError(
+                        f"{group}[{name!r}] must have leading (chain, draw) dims, got shape {value.shape}"
+                    )
+    return az.from_dict(
+        data,
+        sample_dims=list(_SAMPLE_DIMS),
+        dims=dict(dims or {}),
+        coords=dict(coords or {}),
+        attrs={"/": dict(attrs)} if attrs else None,
+    )
+
+
+class _unobserve(Messenger):
+    """Handler: every observed site is resampled (the posterior predictive of the program)."""
+
+    def process_message(self, msg):
+        if msg["type"] == "sample" and msg["is_observed"]:
+            msg["value"] = None
+            msg["is_observed"] = False
+
+
+def _site_dims(name: str, site: Mapping[str, Any]) -> tuple[list[str], tuple[int, ...]]:
+    """Dim names of a traced site's value, and the axes to squeeze.
+
+    A batch dim that belongs to a plate is named after it; a batch dim of size 1 outside
+    any plate (a task-level site broadcast against ``plate("examples", dim=-1)``) is
+    squeezed; the others are ``{name}_dim_{i}``.
+    """
+    shape = np.shape(site["value"])
+    fn = site.get("fn")
+    event_ndim = len(getattr(fn, "event_shape", ())) if fn is not None else 0
+    batch_ndim = len(shape) - event_ndim
+    frames = {frame.dim: frame for frame in site.get("cond_indep_stack", ())}
+    names, squeeze, unnamed = [], [], 0
+    for i, size in enumerate(shape):
+        frame = frames.get(i - batch_ndim) if i < batch_ndim else None
+        if frame is not None and frame.size == size:
+            names.append(frame.name)
+        elif i < batch_ndim and size == 1:
+            squeeze.append(i)
+        else:
+            names.append(f"{name}_dim_{unnamed}")
+            unnamed += 1
+    return names, tuple(squeeze)
+
+
+def _trace_model(rng_key, model, sample: Mapping[str, Any], model_args, model_kwargs):
+    from numpyro import handlers
+
+    return handlers.trace(handlers.seed(handlers.substitute(model, data=dict(sample)), rng_key)).get_trace(
+        *model_args, **model_kwargs
+    )
+
+
+def _is_discrete_enumerated(site) -> bool:
+    return site["type"] == "sample" and not site["is_observed"] and site.get("infer", {}).get("enumerate")
+
+
+def from_samples(
+    rng_key,
+    model: Callable,
+    samples: Mapping[str, Any],
+    *model_args,
+    sample_ndims: int = 1,
+    attrs: Mapping[str, Any] | None = None,
+    **model_kwargs,
+):
+    """Any posterior given as draws of the model's latent sites, as an ArviZ DataTree.
+
+    The model is the same NumPyro program the posterior was fitted on, called with its
+    observations. From it come the ``observed_data``, the ``posterior_predictive`` (every
+    observed site resampled given each draw), the pointwise ``log_likelihood``
+    (:func:`numpyro.infer.util.log_likelihood`, masks applied) and the dim names: a batch
+    dim that belongs to a plate is named after it (``tasks``, ``examples``), others
+    ``{site}_dim_{i}``. Discrete latents that the model enumerates
+    (``infer={"enumerate": "parallel"}``) and the draws lack are drawn from their
+    conditional posterior first (:class:`numpyro.infer.Predictive` with
+    ``infer_discrete=True``), so they appear in ``posterior`` and the predictive is that
+    of the same tasks; the log-likelihood is then conditional on them.
+
+    Args:
+        rng_key: PRNG key for the predictive and discrete draws.
+        model: the NumPyro program.
+        samples: ``{site: [draw, ...]}`` (``sample_ndims=1``, one chain) or
+            ``{site: [chain, draw, ...]}`` (``sample_ndims=2``). Sites the model does not
+            sample (guide-internal ones) are dropped.
+        *model_args, **model_kwargs: the model's arguments, observations included.
+        sample_ndims: 1 or 2, the number of leading sample axes of ``samples``.
+        attrs: global attributes of the tree.
+
+    Returns:
+        ``xarray.DataTree`` with ``posterior``, ``posterior_predictive``,
+        ``log_likelihood`` and ``observed_data``.
+    """
+    import jax
+    from numpyro.infer import Predictive
+    from numpyro.infer.util import log_likelihood
+
+    if sample_ndims not in (1, 2):
+        raise ValueError(f"sample_ndims must be 1 or 2, got {sample_ndims}")
+    if not samples:
+        raise ValueError("samples is empty")
+    key_trace, key_discrete, key_pred = jax.random.split(rng_key, 3)
+    first = {k: np.asarray(v)[(0,) * sample_ndims] for k, v in samples.items()}
+    trace = _trace_model(key_trace, model, first, model_args, model_kwargs)
+    latent = [n for n, s in trace.items() if s["type"] == "sample" and not s["is_observed"]]
+    observed = [n for n, s in trace.items() if s["type"] == "sample" and s["is_observed"]]
+    deterministic = [n for n, s in trace.items() if s["type"] == "deterministic"]
+    samples = {k: v for k, v in samples.items() if k in latent}
+    if sample_ndims == 1:
+        samples = {k: np.asarray(v)[None] for k, v in samples.items()}
+    missing = [n for n in latent if n not in samples]
+    discrete = [n for n in missing if _is_discrete_enumerated(trace[n])]
+    if set(missing) - set(discrete):
+        raise ValueError(f"samples lack the model's latent sites {sorted(set(missing) - set(discrete))}")
+    samples = {k: jax.numpy.asarray(v) for k, v in samples.items()}
+    if discrete:
+        drawn = Predictive(model, samples, batch_ndims=2, infer_discrete=True, return_sites=discrete)(
+            key_discrete, *model_args, **model_kwargs
+        )
+        samples.update(drawn)
+    predictive = Predictive(_unobserve(model), samples, batch_ndims=2,
+                            return_sites=observed + deterministic)(key_pred, *model_args, **model_kwargs)
+    loglik = log_likelihood(model, samples, *model_args, batch_ndims=2, **model_kwargs)
+    dims, posterior = {}, {}
+    for n in latent:
+        dims[n], squeeze = _site_dims(n, trace[n])
+        posterior[n] = np.squeeze(np.asarray(samples[n]), axis=tuple(2 + a for a in squeeze))
+    for n in observed:
+        dims[n], _ = _site_dims(n, trace[n])
+    posterior.update({n: predictive[n] for n in deterministic})
+    return to_datatree(
+        posterior,
+        posterior_predictive={n: predictive[n] for n in observed},
+        observed_data={n: trace[n]["value"] for n in observed},
+        log_likelihood=loglik,
+        dims=dims,
+        attrs=attrs,
+    )
+
+
+def from_guide(
+    rng_key,
+    model: Callable,
+    guide: Callable,
+    params: Mapping[str, Any],
+    *model_args,
+    num_samples: int = 1000,
+    attrs: Mapping[str, Any] | None = None,
+    **model_kwargs,
+):
+    """An SVI guide's posterior (draws from ``guide`` at ``params``) as an ArviZ DataTree.
+
+    Works for any guide with NumPyro ``param`` sites: the library's plate-aware guides,
+    NumPyro's autoguides, an amortized guide for given tasks. The draws form one chain.
+
+    Args:
+        rng_key: PRNG key.
+        model: the NumPyro program the guide was fitted to.
+        guide: the guide; called as ``guide(*model_args, **model_kwargs)``.
+        params: the fitted parameters (e.g. ``svi.get_params(state)``).
+        *model_args, **model_kwargs: the model's arguments, observations included.
+        num_samples: number of posterior draws.
+        attrs: global attributes of the tree.
+
+    Returns:
+        ``xarray.DataTree`` (see :func:`from_samples`).
+    """
+    import jax
+    from numpyro.infer import Predictive
+
+    key_guide, key_rest = jax.random.split(rng_key)
+    draws = Predictive(guide, params=dict(params), num_samples=num_samples)(
+        key_guide, *model_args, **model_kwargs
+    )
+    return from_samples(key_rest, model, draws, *model_args, attrs=attrs, **model_kwargs)
+
+
+def from_mcmc(mcmc, *model_args, rng_key=None, attrs: Mapping[str, Any] | None = None, **model_kwargs):
+    """A finished :class:`numpyro.infer.MCMC` run as an ArviZ DataTree, chains kept.
+
+    Args:
+        mcmc: the run (its kernel's ``model`` is used).
+        *model_args, **model_kwargs: the model's arguments; the run's own when omitted.
+        rng_key: PRNG key for the posterior predictive (a fixed key when omitted).
+        attrs: global attributes of the tree.
+
+    Returns:
+        ``xarray.DataTree`` (see :func:`from_samples`); also a ``sample_stats`` group with
+        ``diverging`` when the kernel recorded it.
+    """
+    import jax
+
+    if not model_args and not model_kwargs:
+        model_args, model_kwargs = mcmc._args, mcmc._kwargs
+    model = mcmc.sampler.model
+    rng_key = jax.random.key(0) if rng_key is None else rng_key
+    samples = mcmc.get_samples(group_by_chain=True)
+    tree = from_samples(rng_key, model, samples, *model_args, sample_ndims=2, attrs=attrs, **model_kwargs)
+    extra = mcmc.get_extra_fields(group_by_chain=True)
+    if "diverging" in extra:
+        import arviz as az
+
+        tree["sample_stats"] = az.from_dict(
+            {"sample_stats": {"diverging": np.asarray(extra["diverging"])}}
+        )["sample_stats"]
+    return tree
+
+
+def save_posterior(tree, path: str | os.PathLike) -> Path:
+    """Write a DataTree as netCDF atomically (the file every experiment saves)."""
+    from metaprior.experiments._common import save_datatree
+
+    return save_datatree(tree, path)

@@ -1,0 +1,105 @@
+"""Case (b): a hierarchical Bayesian neural network on a few sinusoid tasks.
+
+Every task ``j`` has its own weights ``phi_j ~ N(theta, task_scale^2 I)`` of a small
+Equinox MLP (one hidden layer, ``tanh``), around a shared mean
+``theta ~ N(0, prior_scale^2 I)``; ``y_ij ~ N(f_{phi_j}(x_ij), noise_scale^2)``. The
+weights are one flat vector per task (``jax.flatten_util.ravel_pytree`` of the network),
+so NUTS, the guides and Laplace all see the same parameters.
+
+A one-hidden-layer network has exact symmetries (permuting hidden units, flipping the
+sign of a ``tanh`` unit), which would leave several chains in equivalent modes. The
+shared mean's hidden biases are therefore ordered (``b1_1 < ... < b1_H``, through
+NumPyro's ordered-vector transform) and its input weights positive; each task's weights
+stay unconstrained around that mean. Only the exact symmetries are removed; the model
+is otherwise the usual hierarchical BNN.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpyro
+import numpyro.distributions as dist
+from jax.flatten_util import ravel_pytree
+
+from metaprior.data.tasks import TaskBatch, check_task_batch
+from metaprior.models.nets import MLP
+
+__all__ = ["hierarchical_bnn_model", "make_bnn", "bnn_apply"]
+
+
+def make_bnn(num_hidden: int = 10, *, x_dim: int = 1) -> tuple[MLP, Callable[[jax.Array], MLP]]:
+    """A ``x_dim -> num_hidden -> 1`` tanh MLP and the map from a flat weight vector to it.
+
+    Returns:
+        ``(net, unravel)``; ``ravel_pytree(eqx.filter(net, eqx.is_array))[0]`` has
+        ``(x_dim + 2) * num_hidden + 1`` entries, ordered
+        ``[W1 (H x x_dim), b1 (H), W2 (1 x H), b2 (1)]``.
+    """
+    net = MLP(x_dim, 1, (num_hidden,), key=jax.random.key(0), activation=jnp.tanh)
+    params, static = eqx.partition(net, eqx.is_array)
+    _, unravel_params = ravel_pytree(params)
+    return net, lambda flat: eqx.combine(unravel_params(flat), static)
+
+
+def bnn_apply(unravel: Callable[[jax.Array], MLP], phi: jax.Array, x: jax.Array) -> jax.Array:
+    """Network outputs per task: ``phi: [T, P]``, ``x: [T, N, x_dim]`` -> ``[T, N]``."""
+
+    def per_task(flat, xt):
+        net = unravel(flat)
+        return jax.vmap(net)(xt)[:, 0]
+
+    return jax.vmap(per_task)(phi, x)
+
+
+def _mean_prior(num_hidden: int, x_dim: int, prior_scale: float):
+    """Prior of the shared mean with the exact symmetries removed (see the module note)."""
+    h = num_hidden
+    w1 = dist.HalfNormal(prior_scale).expand([h * x_dim]).to_event(1)
+    b1 = dist.TransformedDistribution(
+        dist.Normal(0.0, prior_scale).expand([h]).to_event(1), dist.transforms.OrderedTransform()
+    )
+    rest = dist.Normal(0.0, prior_scale).expand([h + 1]).to_event(1)
+    return w1, b1, rest
+
+
+def hierarchical_bnn_model(
+    batch: TaskBatch,
+    *,
+    num_hidden: int = 10,
+    prior_scale: float = 1.0,
+    task_scale: float = 0.3,
+    noise_scale: float = 0.3,
+) -> None:
+    """The hierarchical BNN as a NumPyro program.
+
+    Sites:
+        ``theta_w1`` ``[H * x_dim]`` (positive), ``theta_b1`` ``[H]`` (ordered),
+        ``theta_out`` ``[H + 1]``: the shared mean, concatenated as ``theta [P]``.
+        ``phi`` (sample, in ``plate("tasks")``): ``[tasks, 1, P]`` per-task weights.
+        ``y`` (sample, in ``plate("tasks")`` x ``plate("examples")``): ``[tasks, examples]``.
+
+    Args:
+        batch: ``TaskBatch(x [T, N, x_dim], y [T, N] or None, mask [T, N])``.
+        num_hidden: hidden units ``H``.
+        prior_scale: prior standard deviation of the shared mean.
+        task_scale: spread of task weights around the mean.
+        noise_scale: observation noise.
+    """
+    check_task_batch(batch, name="batch")
+    num_tasks, num_examples, x_dim = batch.x.shape
+    _, unravel = make_bnn(num_hidden, x_dim=x_dim)
+    w1_prior, b1_prior, rest_prior = _mean_prior(num_hidden, x_dim, prior_scale)
+    theta = jnp.concatenate([
+        numpyro.sample("theta_w1", w1_prior),
+        numpyro.sample("theta_b1", b1_prior),
+        numpyro.sample("theta_out", rest_prior),
+    ])
+    with numpyro.plate("tasks", num_tasks, dim=-2):
+        phi = numpyro.sample("phi", dist.Normal(theta, task_scale).to_event(1))
+        mean = bnn_apply(unravel, phi[:, 0, :], batch.x)
+        with numpyro.plate("examples", num_examples, dim=-1):
+            numpyro.sample("y", dist.Normal(mean, noise_scale).mask(batch.mask), obs=batch.y)
