@@ -125,7 +125,7 @@ def meta_learner(
             aux = None
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        info = MetaInfo(loss, optax.global_norm(grads), aux)
+        info = MetaInfo(loss, optax.tree.norm(grads), aux)
         return MetaState(state.step + 1, params, opt_state), info
 
     return MetaLearner(init, step)
@@ -156,6 +156,7 @@ def fit(
     progress: bool | None = None,
     desc: str = "meta-train",
     transform_batch: Callable[[PyTree], PyTree] | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> FitResult:
     """Run meta-training for ``num_steps`` steps.
 
@@ -181,6 +182,15 @@ def fit(
         desc: the progress bar's label.
         transform_batch: optional host-side hook applied to ``data`` once before training
             (e.g. placing it on a device mesh with ``jax.device_put``).
+        mesh: optional device mesh with one ``"tasks"`` axis
+            (:func:`metaprior.inference.sharding.task_mesh`). ``data`` and the
+            per-task leaves of the state (leading axis the number of tasks in ``data``:
+            per-task guide rows and their optimizer moments) are split along it, the
+            rest replicated; the batch a step works on is split along its tasks axis.
+            The step is the same function; only the layout differs, so results agree
+            with ``mesh=None`` up to floating-point reassociation. With several
+            processes (``sharding.initialize_distributed``) every process calls ``fit``
+            with the same arguments and process 0 writes the checkpoint.
 
     Returns:
         :class:`FitResult` with the final state and the per-step losses.
@@ -204,11 +214,19 @@ def fit(
         losses.append(history)
     if transform_batch is not None and data is not None:
         data = transform_batch(data)
+    layout = None
+    if mesh is not None:
+        from metaprior.inference import sharding
+
+        data, state, layout = sharding.place_on_mesh(mesh, data, state)
 
     def one(state: MetaState, data: PyTree) -> tuple[MetaState, MetaInfo]:
         batch_key, step_key = jax.random.split(_step_key(rng_key, state.step))
         batch = sample_batch(batch_key, data) if sample_batch is not None else data
-        return learner.step(step_key, state, batch)
+        if layout is None:
+            return learner.step(step_key, state, batch)
+        state, info = learner.step(step_key, state, layout.batch(batch))
+        return jax.lax.with_sharding_constraint(state, layout.state), info
 
     def chunk(state: MetaState, data: PyTree, length: int):
         def body(s, _):
@@ -248,7 +266,10 @@ def fit(
             bar.set_postfix(loss=f"{float(chunk_loss[-1]):.4g}", refresh=False)
             done = int(state.step)
             if ckpt_path is not None and (done - last_saved >= every or done == num_steps):
-                save_checkpoint(ckpt_path, state, np.concatenate(losses))
+                if layout is None:
+                    save_checkpoint(ckpt_path, state, np.concatenate(losses))
+                else:
+                    layout.save(ckpt_path, state, np.concatenate(losses))
                 last_saved = done
     finally:
         bar.close()

@@ -1,0 +1,182 @@
+"""SVI as plain functions of a parameter dict, for :mod:`metaprior.inference.meta`.
+
+NumPyro's ``SVI`` keeps parameters inside its own state; meta-learning wants them as a
+pytree it can differentiate, vmap and checkpoint. These helpers give:
+
+- :func:`init_params`: the initial (unconstrained) values of a model/guide pair's
+  ``param`` sites.
+- :func:`elbo_loss`: ``loss_fn(params, rng_key, batch)``, the negative ELBO with an
+  optional KL weight ``beta`` (``beta = 0`` is the "no KL" baseline; ``beta != 1`` the
+  beta-ELBO of the amortized-guide paper).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Literal
+
+import jax
+import jax.numpy as jnp
+from numpyro import handlers
+from numpyro.distributions import biject_to, constraints
+
+__all__ = ["init_params", "elbo_loss", "elbo_terms", "param_constraints"]
+
+
+def _param_sites(rng_key, model, guide, args, kwargs):
+    k_guide, k_model = jax.random.split(rng_key)
+    guide_tr = handlers.trace(handlers.seed(guide, k_guide)).get_trace(*args, **kwargs)
+    model_tr = handlers.trace(handlers.replay(handlers.seed(model, k_model), guide_tr)).get_trace(*args, **kwargs)
+    return guide_tr, model_tr
+
+
+def init_params(
+    rng_key: jax.Array,
+    model: Callable,
+    guide: Callable,
+    *args: Any,
+    which: Literal["all", "guide", "model"] = "all",
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """Initial values of the ``param`` sites, in unconstrained space.
+
+    Args:
+        rng_key: key for the guide's and model's initialisers.
+        model, guide: NumPyro programs called as ``fn(*args, **kwargs)``.
+        which: keep the guide's params, the model's, or both.
+
+    Returns:
+        ``{site_name: value}``; values may be pytrees (e.g. ``eqx_module`` params).
+    """
+    guide_tr, model_tr = _param_sites(rng_key, model, guide, args, kwargs)
+    traces = {"all": (guide_tr, model_tr), "guide": (guide_tr,), "model": (model_tr,)}[which]
+    params = {}
+    for tr in traces:
+        for name, site in tr.items():
+            if site["type"] != "param":
+                continue
+            constraint = site["kwargs"].get("constraint", constraints.real)
+            value = site["value"]
+            if constraint is not constraints.real:
+                value = jax.tree.map(biject_to(constraint).inv, value)
+            params[name] = value
+    return params
+
+
+def param_constraints(rng_key, model, guide, *args, **kwargs) -> dict[str, Any]:
+    """``{site_name: constraint}`` of every ``param`` site of the pair."""
+    guide_tr, model_tr = _param_sites(rng_key, model, guide, args, kwargs)
+    return {
+        name: site["kwargs"].get("constraint", constraints.real)
+        for tr in (guide_tr, model_tr)
+        for name, site in tr.items()
+        if site["type"] == "param"
+    }
+
+
+def _substitute(params: dict[str, Any]):
+    def fn(msg):
+        if msg["type"] != "param" or msg["name"] not in params:
+            return None
+        value = params[msg["name"]]
+        constraint = msg["kwargs"].get("constraint", constraints.real)
+        if constraint is constraints.real:
+            return value
+        return jax.tree.map(biject_to(constraint), value)
+
+    return fn
+
+
+def _site_log_prob(site) -> jax.Array:
+    value = site["value"]
+    if site.get("intermediates"):
+        log_prob = site["fn"].log_prob(value, site["intermediates"])
+    else:
+        log_prob = site["fn"].log_prob(value)
+    scale = site.get("scale")
+    if scale is not None:
+        log_prob = scale * log_prob
+    return jnp.sum(log_prob)
+
+
+def elbo_terms(
+    rng_key: jax.Array,
+    params: dict[str, Any],
+    model: Callable,
+    guide: Callable,
+    *args: Any,
+    **kwargs: Any,
+) -> tuple[jax.Array, jax.Array]:
+    """One-sample estimates of the two ELBO terms.
+
+    Returns:
+        ``(log_likelihood, log_prior_minus_log_q)``: the (plate-scaled) log density of the
+        observed sites, and ``log p(latents) - log q(latents)`` (a one-sample estimate of
+        ``-KL(q || p)``). The ELBO is their sum.
+    """
+    sub = _substitute(params)
+    k_guide, k_model = jax.random.split(rng_key)
+    guide_tr = handlers.trace(handlers.seed(handlers.substitute(guide, substitute_fn=sub), k_guide)).get_trace(
+        *args, **kwargs
+    )
+    model_fn = handlers.replay(handlers.seed(handlers.substitute(model, substitute_fn=sub), k_model), guide_tr)
+    model_tr = handlers.trace(model_fn).get_trace(*args, **kwargs)
+    loglik = jnp.zeros(())
+    log_ratio = jnp.zeros(())
+    for name, site in model_tr.items():
+        if site["type"] != "sample":
+            continue
+        if site["is_observed"]:
+            loglik = loglik + _site_log_prob(site)
+        else:
+            if name not in guide_tr:
+                raise ValueError(f"latent site {name!r} of the model is not sampled by the guide")
+            log_ratio = log_ratio + _site_log_prob(site)
+    for name, site in guide_tr.items():
+        if site["type"] == "sample" and not site["is_observed"]:
+            log_ratio = log_ratio - _site_log_prob(site)
+    return loglik, log_ratio
+
+
+def elbo_loss(
+    model: Callable,
+    guide: Callable,
+    *,
+    kl_weight: float = 1.0,
+    num_particles: int = 1,
+    model_kwargs: dict[str, Any] | None = None,
+    frozen: Iterable[str] = (),
+) -> Callable[[dict[str, Any], jax.Array, Any], jax.Array]:
+    """The negative (beta-weighted) ELBO as ``loss_fn(params, rng_key, batch)``.
+
+    ``loss = -E_q[ log p(y | latents) + kl_weight * (log p(latents) - log q(latents)) ]``,
+    averaged over ``num_particles`` reparameterised samples (vectorised). The model and
+    guide are called as ``fn(batch, **model_kwargs)``.
+
+    Args:
+        model, guide: NumPyro programs.
+        kl_weight: the weight ``beta`` of the KL term (1: the ELBO; 0: likelihood only,
+            the "no KL" baseline of Lacoste et al. 2018).
+        num_particles: Monte Carlo samples per step.
+        model_kwargs: static keyword arguments (e.g. ``subsample_size``).
+        frozen: names of params whose gradient is stopped (held at their given value).
+
+    Returns:
+        A jit-able function for :func:`metaprior.inference.meta.meta_learner`.
+    """
+    if num_particles < 1:
+        raise ValueError(f"num_particles must be >= 1, got {num_particles}")
+    kwargs = dict(model_kwargs or {})
+    frozen = tuple(frozen)
+
+    def loss_fn(params, rng_key, batch):
+        if frozen:
+            params = {k: (jax.lax.stop_gradient(v) if k in frozen else v) for k, v in params.items()}
+
+        def one(key):
+            loglik, log_ratio = elbo_terms(key, params, model, guide, batch, **kwargs)
+            return -(loglik + kl_weight * log_ratio)
+
+        keys = jax.random.split(rng_key, num_particles)
+        return jnp.mean(jax.vmap(one)(keys))
+
+    return loss_fn

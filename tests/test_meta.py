@@ -1,0 +1,111 @@
+"""The meta-training loop: determinism, resume, checkpoints, NaN handling, tracing."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from metaprior.inference.meta import (
+    NonFiniteLossError, fit, load_checkpoint, meta_learner, save_checkpoint,
+)
+
+
+def noisy_quadratic(params, rng_key, batch):
+    noise = 0.1 * jax.random.normal(rng_key, params["w"].shape)
+    return jnp.sum((params["w"] - batch + noise) ** 2)
+
+
+def sample_batch(rng_key, data):
+    return data + 0.01 * jax.random.normal(rng_key, data.shape)
+
+
+@pytest.fixture
+def learner():
+    return meta_learner(noisy_quadratic, optax.adam(0.05))
+
+
+def run(learner, steps, **kw):
+    return fit(jax.random.key(3), learner, {"w": jnp.zeros(4)}, steps, data=jnp.arange(4.0),
+               sample_batch=sample_batch, progress=False, **kw)
+
+
+def test_fits_and_is_deterministic(learner):
+    a, b = run(learner, 300), run(learner, 300)
+    np.testing.assert_array_equal(a.state.params["w"], b.state.params["w"])
+    np.testing.assert_allclose(a.state.params["w"], np.arange(4.0), atol=0.1)  # noise 0.1 per step
+    assert a.losses.shape == (300,) and int(a.state.step) == 300
+
+
+def test_steps_per_call_does_not_change_the_result(learner):
+    # keys are a function of the step index, so fusing steps is the same computation
+    a, b = run(learner, 30), run(learner, 30, steps_per_call=7)
+    np.testing.assert_allclose(a.state.params["w"], b.state.params["w"], rtol=1e-6)
+    np.testing.assert_allclose(a.losses, b.losses, rtol=1e-5)
+
+
+def test_resume_gives_same_parameters(learner, tmp_path):
+    ckpt = tmp_path / "ckpt.npz"
+    straight = run(learner, 40)
+    first = run(learner, 25, checkpoint=ckpt, checkpoint_every=10)
+    assert int(first.state.step) == 25
+    resumed = run(learner, 40, checkpoint=ckpt, checkpoint_every=10)
+    np.testing.assert_array_equal(resumed.state.params["w"], straight.state.params["w"])
+    np.testing.assert_array_equal(resumed.losses, straight.losses)
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.npz"]  # no temp files left behind
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    def loss(params, rng_key, batch):
+        # gradient -1: w grows by 0.05 a step and the loss turns NaN once w[0] > 0.5
+        return jnp.where(params["w"][0] > 0.5, jnp.nan, -jnp.sum(params["w"]))
+
+    def batch_fn(rng_key, data):
+        return data
+
+    learner = meta_learner(loss, optax.sgd(0.05))
+    ckpt = tmp_path / "ckpt.npz"
+    with pytest.raises(NonFiniteLossError, match=r"loss became nan at step \d+.*last good checkpoint"):
+        fit(jax.random.key(0), learner, {"w": jnp.zeros(2)}, 100, data=jnp.zeros(()), sample_batch=batch_fn,
+            checkpoint=ckpt, checkpoint_every=2, progress=False)
+    state, losses = load_checkpoint(ckpt, like=learner.init({"w": jnp.zeros(2)}))
+    assert np.all(np.isfinite(losses)) and float(state.params["w"][0]) <= 0.5 + 0.05
+    assert int(state.step) == len(losses) > 0
+
+
+def test_step_traces_once(tmp_path):
+    traces = []
+
+    def loss(params, rng_key, batch):
+        traces.append(1)  # runs only while tracing
+        return jnp.sum((params - batch) ** 2)
+
+    fit(jax.random.key(0), meta_learner(loss, optax.sgd(0.1)), jnp.zeros(3), 25, data=jnp.ones(3),
+        steps_per_call=5, progress=False)
+    assert len(traces) == 1
+
+
+def test_checkpoint_errors(learner, tmp_path):
+    state = learner.init({"w": jnp.zeros(4)})
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.npz", like=state)
+    bad = tmp_path / "corrupt.npz"
+    bad.write_bytes(b"not a zip file")
+    with pytest.raises(ValueError, match="unreadable or corrupt"):
+        load_checkpoint(bad, like=state)
+    good = tmp_path / "good.npz"
+    save_checkpoint(good, state)
+    with pytest.raises(ValueError, match="leaf .* expects"):
+        load_checkpoint(good, like=learner.init({"w": jnp.zeros(5)}))
+    with pytest.raises(ValueError, match="different state structure"):
+        load_checkpoint(good, like=learner.init({"v": jnp.zeros(4), "w": jnp.zeros(4)}))
+
+
+@pytest.mark.parametrize("kwargs, match", [(dict(num_steps=-1), "num_steps"), (dict(steps_per_call=0), "steps_per_call")])
+def test_bad_arguments(learner, kwargs, match):
+    args = dict(num_steps=3) | kwargs
+    with pytest.raises(ValueError, match=match):
+        fit(jax.random.key(0), learner, {"w": jnp.zeros(4)}, args.pop("num_steps"), data=jnp.zeros(4),
+            progress=False, **args)
