@@ -46,6 +46,7 @@ class HarmonicConfig:
     num_steps: int = 5000
     learning_rate: float = 1e-3
     local_learning_rate: float = 0.03
+    init_loc_scale: float = 1.0  # random initial task codes (see TaskNormalGuide.build)
     steps_per_call: int = 10
     eval_tasks: int = 100
     support_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 256)
@@ -85,8 +86,9 @@ def _check(config: HarmonicConfig) -> None:
 
 def _build_guide(config: HarmonicConfig, rng_key, model, batch, **kwargs):
     if config.guide == "iaf":
-        return TaskIAFGuide.build(rng_key, model, batch, num_flows=config.num_flows, **kwargs)
-    return TaskNormalGuide.build(rng_key, model, batch, **kwargs)
+        return TaskIAFGuide.build(rng_key, model, batch, num_flows=config.num_flows,
+                                  init_loc_scale=config.init_loc_scale, **kwargs)
+    return TaskNormalGuide.build(rng_key, model, batch, init_loc_scale=config.init_loc_scale, **kwargs)
 
 
 def meta_train(rng_key, config: HarmonicConfig, train: TaskBatch, *, kl_weight: float, desc: str,

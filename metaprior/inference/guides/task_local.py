@@ -60,6 +60,7 @@ class _TaskGuideBase(abc.ABC):
     plate_dim: int
     prefix: str
     init_scale: float
+    init_loc_scale: float = 0.0
 
     @property
     def latent_dim(self) -> int:
@@ -111,7 +112,7 @@ class _TaskGuideBase(abc.ABC):
     def _base_init(self, rng_key):
         d = self.latent_dim
         return {
-            "loc": jnp.zeros((self.num_tasks, d)),
+            "loc": self.init_loc_scale * jax.random.normal(rng_key, (self.num_tasks, d)),
             "log_scale": jnp.full((self.num_tasks, d), math.log(self.init_scale)),
         }
 
@@ -177,6 +178,13 @@ class _TaskGuideBase(abc.ABC):
         return values
 
 
+def _check_init(init_scale: float, init_loc_scale: float) -> None:
+    if not init_scale > 0:
+        raise ValueError(f"init_scale must be > 0, got {init_scale}")
+    if not init_loc_scale >= 0:
+        raise ValueError(f"init_loc_scale must be >= 0, got {init_loc_scale}")
+
+
 def _made_masks(dim: int, hidden: int) -> tuple[np.ndarray, np.ndarray]:
     """MADE masks (Germain et al. 2015) for inputs ordered 0..D-1.
 
@@ -202,7 +210,7 @@ class TaskNormalGuide(_TaskGuideBase):
 
     @classmethod
     def build(cls, rng_key: jax.Array, model: Callable, *args: Any, prefix: str = "q",
-              init_scale: float = 0.1, **kwargs: Any) -> "TaskNormalGuide":
+              init_scale: float = 0.1, init_loc_scale: float = 0.0, **kwargs: Any) -> "TaskNormalGuide":
         """Trace ``model(*args, **kwargs)`` once and lay out its local latents.
 
         Args:
@@ -210,11 +218,14 @@ class TaskNormalGuide(_TaskGuideBase):
             model: a NumPyro model with a ``plate("tasks")``.
             prefix: prefix of the param site names.
             init_scale: initial standard deviation of q.
+            init_loc_scale: initial means are drawn from ``N(0, init_loc_scale^2)``; 0 starts
+                every task at the origin. With many tasks visited rarely (subsampling),
+                random codes (e.g. 1.0, the prior's scale) let the shared network tell tasks
+                apart from the first step, as in auto-decoders.
         """
-        if not init_scale > 0:
-            raise ValueError(f"init_scale must be > 0, got {init_scale}")
+        _check_init(init_scale, init_loc_scale)
         sites, num_tasks, plate_dim = cls._layout(rng_key, model, args, kwargs)
-        return cls(sites, num_tasks, plate_dim, prefix, init_scale)
+        return cls(sites, num_tasks, plate_dim, prefix, init_scale, init_loc_scale)
 
     def _flow_init(self, rng_key):
         return {}
@@ -243,7 +254,7 @@ class TaskIAFGuide(_TaskGuideBase):
     @classmethod
     def build(cls, rng_key: jax.Array, model: Callable, *args: Any, num_flows: int = 2,
               hidden_dim: int = 32, prefix: str = "q", init_scale: float = 0.1,
-              **kwargs: Any) -> "TaskIAFGuide":
+              init_loc_scale: float = 0.0, **kwargs: Any) -> "TaskIAFGuide":
         """Trace ``model(*args, **kwargs)`` once and lay out its local latents.
 
         Args:
@@ -253,13 +264,13 @@ class TaskIAFGuide(_TaskGuideBase):
             hidden_dim: hidden units of each per-task MADE.
             prefix: prefix of the param site names.
             init_scale: initial standard deviation of the base Normal.
+            init_loc_scale: spread of the initial base means (see :class:`TaskNormalGuide`).
         """
         if num_flows < 0 or hidden_dim < 1:
             raise ValueError(f"need num_flows >= 0 and hidden_dim >= 1, got {num_flows}, {hidden_dim}")
-        if not init_scale > 0:
-            raise ValueError(f"init_scale must be > 0, got {init_scale}")
+        _check_init(init_scale, init_loc_scale)
         sites, num_tasks, plate_dim = cls._layout(rng_key, model, args, kwargs)
-        return cls(sites, num_tasks, plate_dim, prefix, init_scale, num_flows, hidden_dim)
+        return cls(sites, num_tasks, plate_dim, prefix, init_scale, init_loc_scale, num_flows, hidden_dim)
 
     def _flow_init(self, rng_key):
         d, h, k, t = self.latent_dim, self.hidden_dim, self.num_flows, self.num_tasks
