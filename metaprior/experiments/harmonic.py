@@ -46,7 +46,7 @@ class HarmonicConfig:
     num_steps: int = 5000
     learning_rate: float = 1e-3
     local_learning_rate: float = 0.03
-    init_loc_scale: float = 1.0  # random initial task codes (see TaskNormalGuide.build)
+    init_loc_scale: float = 0.0  # spread of initial task codes (see TaskNormalGuide.build)
     steps_per_call: int = 10
     eval_tasks: int = 100
     support_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 256)

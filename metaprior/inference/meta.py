@@ -16,7 +16,6 @@ from __future__ import annotations
 import io
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
@@ -24,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from metaprior._io import atomic_write_bytes
 
 __all__ = [
     "MetaState",
@@ -302,18 +303,7 @@ def save_checkpoint(path: str | os.PathLike, state: MetaState, losses: np.ndarra
     arrays["__losses__"] = np.asarray(losses if losses is not None else np.zeros((0,)), np.float32)
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(buffer.getvalue())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def load_checkpoint(path: str | os.PathLike, like: MetaState) -> tuple[MetaState, np.ndarray]:
