@@ -34,6 +34,7 @@ __all__ = [
     "from_guide",
     "from_mcmc",
     "save_posterior",
+    "predictive_scores",
 ]
 
 
@@ -257,6 +258,16 @@ def _is_discrete_enumerated(site) -> bool:
     return site["type"] == "sample" and not site["is_observed"] and site.get("infer", {}).get("enumerate")
 
 
+def _draw_discrete(rng_key, model, samples, sites, batch_ndims, model_args, model_kwargs):
+    """Draw enumerated discrete sites from their conditional posterior given each draw."""
+    from numpyro.infer import Predictive
+
+    return Predictive(model, samples, batch_ndims=batch_ndims, infer_discrete=True, return_sites=list(sites),
+                      parallel=True)(
+        rng_key, *model_args, **model_kwargs
+    )
+
+
 def from_samples(
     rng_key,
     model: Callable,
@@ -316,13 +327,10 @@ def from_samples(
         raise ValueError(f"samples lack the model's latent sites {sorted(set(missing) - set(discrete))}")
     samples = {k: jax.numpy.asarray(v) for k, v in samples.items()}
     if discrete:
-        drawn = Predictive(model, samples, batch_ndims=2, infer_discrete=True, return_sites=discrete)(
-            key_discrete, *model_args, **model_kwargs
-        )
-        samples.update(drawn)
-    predictive = Predictive(_unobserve(model), samples, batch_ndims=2,
+        samples.update(_draw_discrete(key_discrete, model, samples, discrete, 2, model_args, model_kwargs))
+    predictive = Predictive(_unobserve(model), samples, batch_ndims=2, parallel=True,
                             return_sites=observed + deterministic)(key_pred, *model_args, **model_kwargs)
-    loglik = log_likelihood(model, samples, *model_args, batch_ndims=2, **model_kwargs)
+    loglik = log_likelihood(model, samples, *model_args, batch_ndims=2, parallel=True, **model_kwargs)
     dims, posterior = {}, {}
     for n in latent:
         dims[n], squeeze = _site_dims(n, trace[n])
@@ -371,7 +379,7 @@ def from_guide(
     from numpyro.infer import Predictive
 
     key_guide, key_rest = jax.random.split(rng_key)
-    draws = Predictive(guide, params=dict(params), num_samples=num_samples)(
+    draws = Predictive(guide, params=dict(params), num_samples=num_samples, parallel=True)(
         key_guide, *model_args, **model_kwargs
     )
     return from_samples(key_rest, model, draws, *model_args, attrs=attrs, **model_kwargs)
@@ -413,3 +421,64 @@ def save_posterior(tree, path: str | os.PathLike) -> Path:
     from metaprior.experiments._common import save_datatree
 
     return save_datatree(tree, path)
+
+
+def predictive_scores(
+    rng_key,
+    model: Callable,
+    samples: Mapping[str, Any],
+    train_args: tuple,
+    test_args: tuple,
+    *,
+    level: float = 0.9,
+    **model_kwargs,
+) -> dict[str, float]:
+    """Held-out predictive NLL and central-interval coverage of a posterior given as draws.
+
+    The model is called on the held-out examples of the same tasks (``test_args``) with
+    each draw of the latents substituted. Enumerated discrete latents the draws lack are
+    first drawn given the training data (``train_args``), as in :func:`from_samples`.
+
+    Args:
+        rng_key: PRNG key.
+        model: the NumPyro program (one observed site).
+        samples: ``{site: [draws, ...]}`` latent draws.
+        train_args: the model's positional arguments with the training observations.
+        test_args: the same with held-out observations (same tasks, other examples).
+        level: central predictive interval level for the coverage.
+        **model_kwargs: the model's keyword arguments (both calls).
+
+    Returns:
+        ``{"nll": mean over held-out points of -log p(y* | data), "coverage": fraction
+        of held-out points inside the central ``level`` interval of the posterior
+        predictive}``; the predictive density is the Monte Carlo mixture
+        ``mean_s p(y* | latents_s)``; masked slots are left out.
+    """
+    import jax
+    from jax.scipy.special import logsumexp
+    from numpyro.infer import Predictive
+    from numpyro.infer.util import log_likelihood
+
+    key_trace, key_discrete, key_pred = jax.random.split(rng_key, 3)
+    samples = {k: jax.numpy.asarray(v) for k, v in samples.items()}
+    first = {k: v[0] for k, v in samples.items()}
+    trace = _trace_model(key_trace, model, first, test_args, model_kwargs)
+    observed = [n for n, s in trace.items() if s["type"] == "sample" and s["is_observed"]]
+    if len(observed) != 1:
+        raise ValueError(f"predictive_scores needs a model with one observed site, got {observed}")
+    (obs,) = observed
+    missing = [n for n, s in trace.items() if s["type"] == "sample" and not s["is_observed"] and n not in samples]
+    discrete = [n for n in missing if _is_discrete_enumerated(trace[n])]
+    if set(missing) - set(discrete):
+        raise ValueError(f"samples lack the model's latent sites {sorted(set(missing) - set(discrete))}")
+    if discrete:
+        samples = {**samples, **_draw_discrete(key_discrete, model, samples, discrete, 1, train_args, model_kwargs)}
+    y = np.asarray(trace[obs]["value"])
+    mask = np.broadcast_to(np.asarray(getattr(trace[obs]["fn"], "_mask", True)), y.shape)
+    loglik = np.asarray(log_likelihood(model, samples, *test_args, parallel=True, **model_kwargs)[obs], np.float64)
+    log_pred = np.asarray(logsumexp(loglik, axis=0)) - np.log(loglik.shape[0])
+    y_rep = np.asarray(Predictive(_unobserve(model), samples, return_sites=[obs], parallel=True)(
+        key_pred, *test_args, **model_kwargs)[obs])
+    lo, hi = np.quantile(y_rep, [(1 - level) / 2, (1 + level) / 2], axis=0)
+    inside = (y >= lo) & (y <= hi)
+    return {"nll": float(-log_pred[mask].mean()), "coverage": float(inside[mask].mean())}

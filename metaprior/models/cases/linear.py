@@ -27,12 +27,18 @@ __all__ = [
 ]
 
 
+def _task_rows(batch: TaskBatch, idx: jax.Array):
+    """The rows of the (sub)sampled tasks: ``x, y, mask`` at ``idx``."""
+    return batch.x[idx], None if batch.y is None else batch.y[idx], batch.mask[idx]
+
+
 def hierarchical_linear_model(
     batch: TaskBatch,
     *,
     prior_scale: float = 1.0,
     task_scale: float = 0.5,
     noise_scale: float = 0.5,
+    subsample_size: int | None = None,
 ) -> None:
     """Hierarchical linear regression as a NumPyro program.
 
@@ -46,15 +52,17 @@ def hierarchical_linear_model(
         prior_scale: prior standard deviation of ``mu``.
         task_scale: spread of task weights around ``mu``.
         noise_scale: observation noise.
+        subsample_size: tasks drawn per call (log-likelihood scaled, unbiased ELBO); all if None.
     """
     check_task_batch(batch, name="batch")
     num_tasks, num_examples, num_features = batch.x.shape
     mu = numpyro.sample("mu", dist.Normal(0.0, prior_scale).expand([num_features]).to_event(1))
-    with numpyro.plate("tasks", num_tasks, dim=-2):
+    with numpyro.plate("tasks", num_tasks, subsample_size=subsample_size, dim=-2) as idx:
         w = numpyro.sample("w", dist.Normal(mu, task_scale).to_event(1))
-        mean = jnp.einsum("tnd,td->tn", batch.x, w[:, 0, :])
+        x, y, mask = _task_rows(batch, idx)
+        mean = jnp.einsum("tnd,td->tn", x, w[:, 0, :])
         with numpyro.plate("examples", num_examples, dim=-1):
-            numpyro.sample("y", dist.Normal(mean, noise_scale).mask(batch.mask), obs=batch.y)
+            numpyro.sample("y", dist.Normal(mean, noise_scale).mask(mask), obs=y)
 
 
 def hierarchical_linear_tasks(

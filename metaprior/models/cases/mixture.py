@@ -21,6 +21,7 @@ import numpyro.distributions as dist
 from numpyro.infer.util import log_likelihood
 
 from metaprior.data.tasks import TaskBatch, check_task_batch
+from metaprior.models.cases.linear import _task_rows
 
 __all__ = ["task_mixture_model", "task_mixture_tasks", "cluster_probabilities"]
 
@@ -33,6 +34,7 @@ def task_mixture_model(
     num_clusters: int = 3,
     prior_scale: float = 2.0,
     concentration: float = 2.0,
+    subsample_size: int | None = None,
 ) -> None:
     """A mixture of linear-regression task clusters as a NumPyro program.
 
@@ -47,6 +49,7 @@ def task_mixture_model(
         num_clusters: ``K``.
         prior_scale: prior standard deviation of intercepts and slopes.
         concentration: symmetric Dirichlet concentration of the cluster weights.
+        subsample_size: tasks drawn per call (log-likelihood scaled, unbiased ELBO); all if None.
     """
     check_task_batch(batch, name="batch", x_dim=1)
     num_tasks, num_examples, _ = batch.x.shape
@@ -56,12 +59,13 @@ def task_mixture_model(
         dist.Normal(0.0, prior_scale).expand([k]).to_event(1), dist.transforms.OrderedTransform()))
     slope = numpyro.sample("slope", dist.Normal(0.0, prior_scale).expand([k]).to_event(1))
     noise = numpyro.sample("noise", dist.HalfNormal(1.0))
-    with numpyro.plate("tasks", num_tasks, dim=-2):
+    with numpyro.plate("tasks", num_tasks, subsample_size=subsample_size, dim=-2) as idx:
         c = numpyro.sample(CLUSTER_SITE, dist.Categorical(weights), infer={"enumerate": "parallel"})
         # c: [T, 1], or [K, 1, 1] while enumerated; the mean broadcasts to [..., T, N].
-        mean = intercept[c] + slope[c] * batch.x[..., 0]
+        x, y, mask = _task_rows(batch, idx)
+        mean = intercept[c] + slope[c] * x[..., 0]
         with numpyro.plate("examples", num_examples, dim=-1):
-            numpyro.sample("y", dist.Normal(mean, noise).mask(batch.mask), obs=batch.y)
+            numpyro.sample("y", dist.Normal(mean, noise).mask(mask), obs=y)
 
 
 def task_mixture_tasks(
