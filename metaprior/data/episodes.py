@@ -85,12 +85,26 @@ def _random_subset(rng_key: jax.Array, shape: tuple[int, ...], n: int, k: int) -
     """``[*shape, k]`` int32: for each leading index, ``k`` distinct values of ``0..n-1``,
     a uniformly random subset in uniformly random order.
 
-    The top-``k`` of i.i.d. random keys; keys are 31 random bits, so ties (which would
-    only bias the order among tied entries) have probability below ``n**2 / 2**32``.
+    Floyd's algorithm draws the subset in ``k`` steps whatever ``n`` (step ``i`` draws
+    ``t`` uniform in ``0..j`` with ``j = n - k + i`` and takes ``t``, or ``j`` if ``t``
+    was taken already); a random permutation (argsort of uniforms) then orders it.
+    The cost is ``O(k**2)`` per row instead of ``O(n)`` or a sort over ``n``, which
+    matters for thousands of classes.
+
+    References:
+        Bentley, Floyd (1987). Programming pearls: a sample of brilliance. CACM 30(9).
     """
-    keys = jax.lax.shift_right_logical(jax.random.bits(rng_key, (*shape, n), jnp.uint32),
-                                       jnp.uint32(1)).astype(jnp.int32)
-    return jax.lax.top_k(keys, k)[1].astype(jnp.int32)
+    k_subset, k_order = jax.random.split(rng_key)
+
+    def body(i, chosen):
+        j = n - k + i
+        t = jax.random.randint(jax.random.fold_in(k_subset, i), shape, 0, j + 1, dtype=jnp.int32)
+        taken = jnp.any(chosen == t[..., None], axis=-1)
+        return chosen.at[..., i].set(jnp.where(taken, j, t))
+
+    chosen = jax.lax.fori_loop(0, k, body, jnp.full((*shape, k), -1, jnp.int32))
+    order = jnp.argsort(jax.random.uniform(k_order, (*shape, k)), axis=-1)
+    return jnp.take_along_axis(chosen, order, axis=-1)
 
 
 def sample_episode_indices(rng_key: jax.Array, num_classes: int, num_examples: int,

@@ -238,11 +238,9 @@ def _runs_source(path: Path) -> dict[str, dict[str, bytes]]:
         for name, data in files.items():
             parts = PurePosixPath(name).parts
             if len(parts) >= 2 and parts[-1] == "class_labels.txt":
-                runs.setdefault(parts[-2], {})
-            if len(parts) >= 3 and parts[-2] in ("training", "test"):
+                runs.setdefault(parts[-2], {})["class_labels.txt"] = data
+            elif len(parts) >= 3 and parts[-2] in ("training", "test"):
                 runs.setdefault(parts[-3], {})[f"{parts[-2]}/{parts[-1]}"] = data
-            elif len(parts) >= 2 and parts[-1] == "class_labels.txt":
-                runs[parts[-2]]["class_labels.txt"] = data
         return runs
     run_dirs = [path] if (path / "class_labels.txt").is_file() else sorted(
         p for p in path.iterdir() if (p / "class_labels.txt").is_file())
