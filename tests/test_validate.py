@@ -76,22 +76,6 @@ def test_every_approximation_ranked_by_distance(linear_run):
     assert re.search(r"NUTS (healthy|\*\*NOT healthy\*\*)", text)
 
 
-def test_quick_run_covers_every_case(tmp_path):
-    # The CI-size run on the three other cases: NUTS (health reported, not required at
-    # this size), a guide of NumPyro, the library's plate-aware IAF, K-FAC Laplace on the
-    # BNN, and enumeration on the mixture.
-    config = dataclasses.replace(make_config("quick"), cases=("bnn", "latent", "mixture"))
-    metrics = run(jax.random.key(1), config, tmp_path)
-    for case in ("bnn", "latent", "mixture"):
-        assert {f"rhat_max_{case}", f"ess_bulk_min_{case}", f"nuts_healthy_{case}"} <= set(metrics)
-        assert np.isfinite(metrics[f"w1_{case}_autonormal"])
-        assert (tmp_path / f"marginals_{case}.png").exists()
-    assert np.isfinite(metrics["w1_bnn_laplace_kfac"]) and np.isfinite(metrics["w1_bnn_task_iaf"])
-    assert np.isfinite(metrics["w1_latent_task_iaf"])
-    assert 0 <= metrics["cluster_err_mixture_autonormal"] <= 1
-    assert "p(c=0)" in (tmp_path / "validation.md").read_text()
-
-
 def test_unknown_names_are_rejected(tmp_path):
     with pytest.raises(ValueError, match="unknown case"):
         run(jax.random.key(0), dataclasses.replace(make_config("quick"), cases=("nope",)), tmp_path)
