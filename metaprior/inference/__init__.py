@@ -8,3 +8,15 @@ __all__ = [*globals().get("__all__", ()),
            "laplace", "LaplacePosterior", "fit_laplace", "log_det", "predictive",
            "MAMLAux", "SupportQuery", "adapt", "ml_laplace", "ml_point"]
 # --- end of issue 4 block ---
+
+# --- NUTS baselines, ArviZ conversion, calibration (issue 8) ---
+from metaprior.inference.diagnostics import (  # noqa: E402
+    expected_calibration_error, from_guide, from_mcmc, from_samples, plot_reliability,
+    predictive_scores, reliability_curve, save_posterior, to_datatree)
+from metaprior.inference.mcmc import NutsHealth, default_chain_method, nuts_health, run_nuts  # noqa: E402
+
+__all__ = [*globals().get("__all__", ()),
+           "expected_calibration_error", "from_guide", "from_mcmc", "from_samples", "plot_reliability",
+           "predictive_scores", "reliability_curve", "save_posterior", "to_datatree",
+           "NutsHealth", "default_chain_method", "nuts_health", "run_nuts"]
+# --- end of issue 8 block ---

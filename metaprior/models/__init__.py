@@ -5,3 +5,15 @@ from metaprior.models.maml import maml_model, phi_site_names, task_networks, tas
 __all__ = [*globals().get("__all__", ()),
            "maml_model", "phi_site_names", "task_networks", "task_specific_filter"]
 # --- end of issue 4 block ---
+
+# --- Validation cases with known posteriors (issue 8) ---
+from metaprior.models.cases import (  # noqa: E402
+    GaussianPosterior, bnn_apply, cluster_probabilities, hierarchical_bnn_model,
+    hierarchical_linear_model, hierarchical_linear_posterior, hierarchical_linear_tasks, make_bnn,
+    task_mixture_model, task_mixture_tasks)
+
+__all__ = [*globals().get("__all__", ()),
+           "GaussianPosterior", "bnn_apply", "cluster_probabilities", "hierarchical_bnn_model",
+           "hierarchical_linear_model", "hierarchical_linear_posterior", "hierarchical_linear_tasks",
+           "make_bnn", "task_mixture_model", "task_mixture_tasks"]
+# --- end of issue 8 block ---
