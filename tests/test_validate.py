@@ -52,9 +52,12 @@ def test_nuts_agrees_with_closed_form_in_the_experiment(linear_run):
     # 2 chains x 500 draws: the W1 between NUTS and exact draws of the same Gaussian is
     # about 1 / sqrt(ESS) ~ 0.05 sd per scalar; 0.15 leaves room for 3x that.
     assert metrics["w1exact_linear_nuts"] < 0.15
-    # A full-rank Gaussian guide is the exact family here: after 1000 Adam steps it
-    # sits within 0.3 sd (SVI noise, few draws) while staying better than a flat prior.
-    assert metrics["w1exact_linear_automvn"] < 0.3
+    # And it is the reference for a reason: closer to the exact posterior than every
+    # approximation (the full run: 0.03 against 0.12 for the best guide).
+    guides = [k for k in metrics if k.startswith("w1exact_linear_") and k not in
+              ("w1exact_linear_nuts", "w1exact_linear_exact")]
+    assert len(guides) == 5
+    assert all(metrics["w1exact_linear_nuts"] < metrics[k] for k in guides)
 
 
 def test_every_approximation_ranked_by_distance(linear_run):
