@@ -7,7 +7,9 @@ with two hidden layers of 40 ReLU units; inner loop ``optax.sgd(0.01)`` (Finn et
 points per task during training, then evaluated on 600 new tasks with 10 inner steps.
 
 ``sinusoid-llama`` meta-trains with ML-LAPLACE (K-FAC log-determinant, ``tau`` and
-``eta`` of Grant et al. 2018) and predicts with the Laplace posterior of each new task:
+``eta`` of Grant et al. 2018; at the default size only for the last ``laplace_steps``
+steps, after ML-POINT, to keep the run to minutes on a CPU; ``--full`` uses it
+throughout) and predicts with the Laplace posterior of each new task:
 ``phi ~ N(phi_hat, H^{-1})`` with ``H`` the K-FAC curvature of the support
 log-likelihood ``N(y | f, sigma^2)`` plus ``tau_pred I``. The observation noise
 ``sigma`` and ``tau_pred`` are chosen by empirical Bayes on separate validation tasks
@@ -61,6 +63,11 @@ class SinusoidMAMLConfig:
     tau: float = 1e-3
     kron_damping: str = "factored"  # log-det of the training objective (see laplace.log_det)
     log_det_tasks: int = 5  # tasks per batch whose log-det enters the objective (unbiased)
+    # LLAMA only: the last ``laplace_steps`` steps optimise ML-LAPLACE, the ones before
+    # ML-POINT (identical but for the eta-weighted log-det, whose curvature dominates the
+    # cost of a step of this small network on a CPU). ``laplace_steps = num_steps`` is
+    # LLAMA throughout.
+    laplace_steps: int = 500
     steps_per_call: int = 200
     num_eval_tasks: int = 600
     num_val_tasks: int = 200
@@ -73,11 +80,11 @@ class SinusoidMAMLConfig:
 def make_config(method: str, size: str) -> SinusoidMAMLConfig:
     base = SinusoidMAMLConfig(method=method)
     if size == "quick":
-        return dataclasses.replace(base, num_steps=40, steps_per_call=20, num_eval_tasks=20,
+        return dataclasses.replace(base, num_steps=40, steps_per_call=20, laplace_steps=20, num_eval_tasks=20,
                                    num_val_tasks=10, num_eval_points=20, num_posterior_samples=20,
                                    sigma_grid=(0.1, 0.5), tau_grid=(1.0, 100.0))
     if size == "full":
-        return dataclasses.replace(base, num_steps=70000)
+        return dataclasses.replace(base, num_steps=70000, laplace_steps=70000, log_det_tasks=25)
     return base
 
 
@@ -110,12 +117,14 @@ def eval_tasks(rng_key, num_tasks: int, k: int, num_points: int, *, support_rang
     return SupportQuery(sx, sy, batch.x, batch.y), params
 
 
-def objective(config: SinusoidMAMLConfig):
+def objective(config: SinusoidMAMLConfig, method: str | None = None):
+    """The meta-objective of ``method`` (default ``config.method``)."""
     loss = mse_loss(vmap_apply)
     inner = optax.sgd(config.inner_lr)
-    if config.method == "maml":
+    method = config.method if method is None else method
+    if method == "maml":
         return ml_point(loss, inner, config.train_inner_steps, first_order=config.first_order)
-    if config.method == "llama":
+    if method == "llama":
         posterior_fn = functools.partial(
             laplace, apply_fn=vmap_apply, likelihood=_likelihood(TRAIN_SIGMA), structure="kfac",
             prior_precision=config.tau,
@@ -123,7 +132,7 @@ def objective(config: SinusoidMAMLConfig):
         return ml_laplace(loss, inner, config.train_inner_steps, posterior_fn, eta=config.eta,
                           log_det_fn=functools.partial(log_det, kron_damping=config.kron_damping),
                           log_det_tasks=config.log_det_tasks, first_order=config.first_order)
-    raise ValueError(f"method must be 'maml' or 'llama', got {config.method!r}")
+    raise ValueError(f"method must be 'maml' or 'llama', got {method!r}")
 
 
 def _adapt_all(theta, tasks: SupportQuery, config):
@@ -177,17 +186,30 @@ def run(rng_key: jax.Array, config: SinusoidMAMLConfig, out_dir: Path) -> dict[s
     """Meta-train one model per K in ``config.shots``; evaluate; plot; save posterior."""
     out_dir = Path(out_dir)
     k_init, k_train, k_eval, k_val, k_plot = jax.random.split(rng_key, 5)
-    learner = meta_learner(objective(config), optax.adam(config.meta_lr), has_aux=True)
+    # (method, steps) phases: MAML throughout; LLAMA's ML-LAPLACE for the last laplace_steps
+    if config.method == "llama":
+        n_lap = min(config.laplace_steps, config.num_steps)
+        phases = [("maml", config.num_steps - n_lap), ("llama", n_lap)]
+    else:
+        phases = [("maml", config.num_steps)]
+    phases = [(m, n) for m, n in phases if n > 0]
     metrics: dict[str, float] = {"train_steps": config.num_steps, "meta_batch": config.meta_batch}
+    if config.method == "llama":
+        metrics["laplace_steps"] = min(config.laplace_steps, config.num_steps)
     models, histories = {}, {}
     for k in config.shots:
-        net = MLP(1, 1, config.hidden, key=k_init)
+        params, losses = MLP(1, 1, config.hidden, key=k_init), []
         start = time.perf_counter()
-        result = fit(jax.random.fold_in(k_train, k), learner, net, config.num_steps,
-                     sample_batch=_train_tasks(k, config.meta_batch), steps_per_call=config.steps_per_call,
-                     desc=f"sinusoid-{config.method} K={k}")
+        for i, (method, steps) in enumerate(phases):
+            learner = meta_learner(objective(config, method), optax.adam(config.meta_lr), has_aux=True)
+            result = fit(jax.random.fold_in(jax.random.fold_in(k_train, k), i), learner, params, steps,
+                         sample_batch=_train_tasks(k, config.meta_batch),
+                         steps_per_call=min(config.steps_per_call, steps),
+                         desc=f"sinusoid-{config.method} K={k} ({method})")
+            params = result.state.params
+            losses.append(result.losses)
         metrics[f"train_time_k{k}_s"] = time.perf_counter() - start
-        models[k], histories[k] = result.state.params, result.losses
+        models[k], histories[k] = params, np.concatenate(losses)
 
     predict = jax.jit(functools.partial(point_predictions, config=config))
     sample_f = jax.jit(functools.partial(posterior_functions, config=config), static_argnums=(5,))
@@ -290,7 +312,7 @@ coverage90: LLAMA only; fraction of query points (K=10) inside the 90% posterior
   predictive interval (Laplace samples + observation noise); coverage90_k5 likewise
 nll_k5, nll_k10: LLAMA only; query predictive NLL per point (with _ci95)
 sigma_k*, tau_pred_k*: LLAMA only; noise and prior precision chosen on validation tasks
-train_time_k5_s, train_time_k10_s, train_steps, meta_batch
+train_time_k5_s, train_time_k10_s, train_steps, meta_batch, laplace_steps (LLAMA)
 """
 
 EXPERIMENTS = [
