@@ -20,3 +20,13 @@ __all__ = [*globals().get("__all__", ()),
            "predictive_scores", "reliability_curve", "save_posterior", "to_datatree",
            "NutsHealth", "default_chain_method", "nuts_health", "run_nuts"]
 # --- end of issue 8 block ---
+
+# --- Flipout and weight-noise estimators (issue 5) ---
+from metaprior.inference.flipout import (  # noqa: E402
+    LayerEstimator, apply_layer, categorical_expected_log_lik, flipout, per_example, sample_layer,
+    shared_sample, stochastic_forward)
+
+__all__ = [*globals().get("__all__", ()),
+           "LayerEstimator", "apply_layer", "categorical_expected_log_lik", "flipout", "per_example",
+           "sample_layer", "shared_sample", "stochastic_forward"]
+# --- end of issue 5 block ---

@@ -17,3 +17,13 @@ __all__ = [*globals().get("__all__", ()),
            "hierarchical_linear_model", "hierarchical_linear_posterior", "hierarchical_linear_tasks",
            "make_bnn", "task_mixture_model", "task_mixture_tasks"]
 # --- end of issue 8 block ---
+
+# --- Bayesian few-shot classifier with per-task weights (issue 5) ---
+from metaprior.models.bayes_classifier import (  # noqa: E402
+    LayeredForward, bayes_classifier, conv4_forward, is_weight_layer, layered_forward, mlp_forward,
+    shared_params, standard_normal_prior, weight_layers, weight_site_names)
+
+__all__ = [*globals().get("__all__", ()),
+           "LayeredForward", "bayes_classifier", "conv4_forward", "is_weight_layer", "layered_forward",
+           "mlp_forward", "shared_params", "standard_normal_prior", "weight_layers", "weight_site_names"]
+# --- end of issue 5 block ---

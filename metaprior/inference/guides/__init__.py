@@ -3,3 +3,16 @@
 from metaprior.inference.guides.task_local import LocalSite, TaskIAFGuide, TaskNormalGuide
 
 __all__ = ["LocalSite", "TaskIAFGuide", "TaskNormalGuide"]
+
+# --- Amortized LSTM guide for per-task network weights (issue 5) ---
+from metaprior.inference.guides.amortized import (  # noqa: E402
+    AmortizedInference, AmortizedInfo, AmortizedLSTMGuide, AmortizedParams, GaussianLayers,
+    amortized_meta_loss, episode_predictions, gaussian_kl, negative_elbo, numpyro_guide,
+    predictive_probs, refine, sample_weights, standard_normal, task_posterior)
+
+__all__ = [*globals().get("__all__", ()),
+           "AmortizedInference", "AmortizedInfo", "AmortizedLSTMGuide", "AmortizedParams",
+           "GaussianLayers", "amortized_meta_loss", "episode_predictions", "gaussian_kl",
+           "negative_elbo", "numpyro_guide", "predictive_probs", "refine", "sample_weights",
+           "standard_normal", "task_posterior"]
+# --- end of issue 5 block ---

@@ -1,0 +1,346 @@
+"""``metaprior run omniglot-amortized``: the amortized LSTM guide on Omniglot.
+
+Kim and Heo's amortized inference of per-task Bayesian network weights, on our
+Omniglot (the two small background sets, classes split by alphabet, training classes
+rotated; :func:`metaprior.data.omniglot_splits`):
+
+1. for each (ways, shots) in ``ways x shots``, meta-train the guide
+   (:class:`~metaprior.inference.guides.AmortizedLSTMGuide`) and the shared batch-norm
+   parameters of the Bayesian :class:`~metaprior.models.nets.Conv4` classifier
+   (:func:`~metaprior.models.bayes_classifier.bayes_classifier`, standard normal prior)
+   on the query negative ELBO after ``train_inner_steps`` inner steps, with Flipout
+   estimates of the expected log-likelihood (:mod:`metaprior.inference.flipout`);
+2. score each model on the same ``test_episodes`` test episodes with each number of
+   inner steps in ``eval_inner_steps`` (posterior predictive of ``num_samples`` weight
+   draws);
+3. for 5-way 1-shot, meta-train first-order MAML through the public functions of
+   ``omniglot-maml`` (:func:`metaprior.experiments.omniglot_maml.objective` and
+   :func:`~metaprior.experiments.omniglot_maml.point_probs`) on the same network and
+   budget, and plot the reliability of both on the same test episodes;
+4. save the posterior of a few test tasks (first conv and output layer) as ArviZ netCDF.
+
+Test episodes come from the unrotated test alphabets (48 characters with the split's
+seed 0), the same for every model and method of a (ways, shots) setting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from pathlib import Path
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from metaprior.data import omniglot_splits, sample_episodes
+from metaprior.experiments._common import mean_ci95, save_datatree, save_figure
+from metaprior.experiments._registry import Experiment
+from metaprior.experiments.omniglot_maml import OmniglotMAMLConfig, point_probs
+from metaprior.experiments.omniglot_maml import objective as maml_objective
+from metaprior.inference.diagnostics import expected_calibration_error, from_samples, reliability_curve
+from metaprior.inference.flipout import apply_layer, categorical_expected_log_lik, flipout
+from metaprior.inference.guides.amortized import (
+    AmortizedInference,
+    AmortizedLSTMGuide,
+    AmortizedParams,
+    amortized_meta_loss,
+    episode_predictions,
+    numpyro_guide,
+    standard_normal,
+    task_posterior,
+)
+from metaprior.inference.meta import fit, meta_learner
+from metaprior.models.bayes_classifier import (
+    bayes_classifier,
+    conv4_forward,
+    shared_params,
+    weight_layers,
+    weight_site_names,
+)
+from metaprior.models.nets import Conv4
+
+
+@dataclasses.dataclass(frozen=True)
+class OmniglotAmortizedConfig:
+    """Configuration; ``make_config`` gives the quick / default / full sizes.
+
+    Attributes:
+        ways, shots: the settings trained (one model per pair).
+        train_inner_steps: inner steps during meta-training (all models).
+        eval_inner_steps: inner steps at test time (each model is scored with each).
+        filters: width of the Bayesian Conv4 and of the embedding Conv4.
+        hidden_size, noise_size: the guide's LSTM.
+        beta: KL weight; inner_lr: inner SGD step on ``(loc, log_var)``.
+        num_steps, task_batch, queries, learning_rate: meta-training.
+        task_batch_size: tasks run together (``None``: vmap all; 1: one at a time, the
+            faster choice for convolutions on CPU).
+        test_episodes, test_queries, num_samples: evaluation (posterior draws per task).
+        maml_inner_steps, maml_first_order: the MAML baseline (5-way 1-shot only; inner
+            steps in training and at test time).
+        posterior_tasks, posterior_draws: the saved posterior.
+    """
+
+    image_size: int = 28
+    split_seed: int = 0
+    ways: tuple[int, ...] = (5, 20)
+    shots: tuple[int, ...] = (1, 5)
+    train_inner_steps: int = 5
+    eval_inner_steps: tuple[int, ...] = (1, 5)
+    filters: int = 64
+    hidden_size: int = 128
+    noise_size: int = 16
+    init_log_var: float = -10.0
+    beta: float = 1e-3
+    inner_lr: float = 0.4
+    num_steps: int = 20000
+    task_batch: int = 32
+    queries: int = 15
+    learning_rate: float = 1e-3
+    task_batch_size: int = 0
+    steps_per_call: int = 10
+    test_episodes: int = 600
+    test_queries: int = 15
+    num_samples: int = 10
+    maml_inner_steps: int = 5
+    maml_first_order: bool = True
+    posterior_tasks: int = 3
+    posterior_draws: int = 50
+
+
+def make_config(size: str) -> OmniglotAmortizedConfig:
+    if size == "quick":
+        return OmniglotAmortizedConfig(
+            ways=(5,), shots=(1,), train_inner_steps=1, eval_inner_steps=(1,), filters=4, hidden_size=16,
+            noise_size=4, num_steps=2, task_batch=2, queries=2, task_batch_size=1, steps_per_call=1,
+            test_episodes=4, test_queries=2, num_samples=2, maml_inner_steps=1, posterior_tasks=2,
+            posterior_draws=4,
+        )
+    if size == "default":
+        return OmniglotAmortizedConfig(
+            filters=16, hidden_size=64, num_steps=300, task_batch=4, queries=5, task_batch_size=1,
+            train_inner_steps=1, test_episodes=100, test_queries=5, num_samples=4,
+        )
+    if size == "full":
+        return OmniglotAmortizedConfig()
+    raise ValueError(f"unknown size {size!r}")
+
+
+def _task_batch_size(config: OmniglotAmortizedConfig) -> int | None:
+    return None if config.task_batch_size <= 0 else config.task_batch_size
+
+
+def conv4_logits(model: Conv4, layers: tuple, x: jax.Array) -> jax.Array:
+    """Logits of the Bayesian Conv4 at fixed weight ``layers``: ``x [N, H, W, C] -> [N, ways]``."""
+    return conv4_forward(model, x, lambda i, h: apply_layer(layers[i], h))
+
+
+def inference_spec(config: OmniglotAmortizedConfig, net: Conv4, num_inner_steps: int) -> AmortizedInference:
+    """Flipout likelihood, standard normal prior, SGD inner loop."""
+    return AmortizedInference(
+        expected_log_lik=categorical_expected_log_lik(conv4_forward, flipout),
+        prior=standard_normal(weight_layers(net)),
+        beta=config.beta,
+        inner_optimizer=optax.sgd(config.inner_lr),
+        num_inner_steps=num_inner_steps,
+    )
+
+
+def init_params(rng_key, config: OmniglotAmortizedConfig, ways: int) -> tuple[AmortizedParams, Conv4]:
+    """The guide for a ``ways``-way Conv4 and the shared model parameters; also the template net."""
+    k_net, k_embed, k_guide = jax.random.split(rng_key, 3)
+    size = (config.image_size, config.image_size, 1)
+    net = Conv4(ways, filters=config.filters, image_size=config.image_size, key=k_net)
+    embed = Conv4(None, filters=config.filters, image_size=config.image_size, key=k_embed)
+    guide = AmortizedLSTMGuide(weight_layers(net), embed, num_classes=ways, input_shape=size, key=k_guide,
+                               hidden_size=config.hidden_size, noise_size=config.noise_size,
+                               init_log_var=config.init_log_var)
+    return AmortizedParams(guide, shared_params(net)), net
+
+
+def meta_train(rng_key, config: OmniglotAmortizedConfig, images, ways: int, shots: int):
+    """Meta-train the guide for one (ways, shots); returns ``(params, net, FitResult)``."""
+    k_init, k_fit = jax.random.split(rng_key)
+    params, net = init_params(k_init, config, ways)
+    loss = amortized_meta_loss(inference_spec(config, net, config.train_inner_steps),
+                               task_batch_size=_task_batch_size(config))
+    optimizer = optax.chain(optax.clip_by_global_norm(10.0), optax.adam(config.learning_rate))
+    sampler = lambda k, d: sample_episodes(k, d, config.task_batch, ways, shots, config.queries)
+    result = fit(k_fit, meta_learner(loss, optimizer, has_aux=True), params, config.num_steps, data=images,
+                 sample_batch=sampler, steps_per_call=config.steps_per_call,
+                 desc=f"amortized {ways}w{shots}s K={config.train_inner_steps}")
+    return result.state.params, net, result
+
+
+def predict(rng_key, config: OmniglotAmortizedConfig, params, net, episodes, num_inner_steps: int,
+            chunk: int = 50) -> np.ndarray:
+    """Posterior predictive probabilities ``[episodes, queries, ways]``, in chunks of episodes."""
+    fn = eqx.filter_jit(functools.partial(
+        episode_predictions, inference=inference_spec(config, net, num_inner_steps), logits_fn=conv4_logits,
+        num_samples=config.num_samples, task_batch_size=_task_batch_size(config)))
+    out = []
+    for start in range(0, episodes.query_x.shape[0], chunk):
+        part = jax.tree.map(lambda a: a[start:start + chunk], episodes)
+        out.append(np.asarray(fn(jax.random.fold_in(rng_key, start), params, part)))
+    return np.concatenate(out)
+
+
+def maml_config(config: OmniglotAmortizedConfig, ways: int, shots: int) -> OmniglotMAMLConfig:
+    """The MAML baseline of ``omniglot-maml`` (issue 4) at this experiment's budget."""
+    return OmniglotMAMLConfig(
+        method="maml", filters=config.filters, image_size=config.image_size, ways=ways, train_shots=shots,
+        train_queries=config.queries, meta_batch=config.task_batch, num_steps=config.num_steps,
+        meta_lr=config.learning_rate, inner_lr=config.inner_lr, train_inner_steps=config.maml_inner_steps,
+        eval_inner_steps=config.maml_inner_steps, first_order=config.maml_first_order,
+        steps_per_call=config.steps_per_call)
+
+
+def train_maml(rng_key, config: OmniglotAmortizedConfig, images, ways: int, shots: int):
+    """MAML (first-order by default) through :func:`metaprior.experiments.omniglot_maml.objective`;
+    returns ``(theta, maml_config, FitResult)``."""
+    k_net, k_fit = jax.random.split(rng_key)
+    mcfg = maml_config(config, ways, shots)
+    theta = Conv4(ways, filters=config.filters, image_size=config.image_size, key=k_net)
+    params, static = eqx.partition(theta, eqx.is_array)
+    loss = lambda p, key, batch: maml_objective(mcfg)(eqx.combine(p, static), key, batch)
+    optimizer = optax.chain(optax.clip_by_global_norm(10.0), optax.adam(config.learning_rate))
+    sampler = lambda k, d: sample_episodes(k, d, config.task_batch, ways, shots, config.queries)
+    result = fit(k_fit, meta_learner(loss, optimizer, has_aux=True), params, config.num_steps, data=images,
+                 sample_batch=sampler, steps_per_call=config.steps_per_call, desc=f"MAML {ways}w{shots}s")
+    return eqx.combine(result.state.params, static), mcfg, result
+
+
+def predict_maml(theta, mcfg: OmniglotMAMLConfig, episodes, chunk: int = 50) -> np.ndarray:
+    """MAML's adapted softmax probabilities ``[episodes, queries, ways]``
+    (:func:`metaprior.experiments.omniglot_maml.point_probs`)."""
+    fn = eqx.filter_jit(functools.partial(point_probs, config=mcfg))
+    out = []
+    for start in range(0, episodes.query_x.shape[0], chunk):
+        out.append(np.asarray(fn(theta, jax.tree.map(lambda a: a[start:start + chunk], episodes))))
+    return np.concatenate(out)
+
+
+def posterior_tree(rng_key, config: OmniglotAmortizedConfig, params, net, episodes, num_inner_steps: int):
+    """ArviZ DataTree of a few test tasks' posteriors (first conv and output layer kept)."""
+    k_post, k_draw = jax.random.split(rng_key)
+    tasks = jax.tree.map(lambda a: a[:config.posterior_tasks], episodes)
+    inference = inference_spec(config, net, num_inner_steps)
+    keys = jax.random.split(k_post, config.posterior_tasks)
+    q = jax.jit(jax.vmap(lambda k, sx, sy: task_posterior(k, params, sx, sy, inference)))(
+        keys, tasks.support_x, tasks.support_y)
+    names = weight_site_names(weight_layers(net))
+    from numpyro.infer import Predictive
+
+    draws = Predictive(numpyro_guide(q, names), num_samples=config.posterior_draws)(k_draw)
+    model_net = eqx.combine(params.model, net)  # shapes from the template, batch norm from params
+    tree = from_samples(k_draw, bayes_classifier, draws, tasks.query_x, tasks.query_y, net=model_net,
+                        attrs={"experiment": "omniglot-amortized", "inner_steps": num_inner_steps,
+                               "kept": "layer0 (first conv) and the output layer"})
+    keep = set(names[0]) | set(names[-1])
+    posterior = tree["posterior"].to_dataset()
+    tree["posterior"] = posterior.drop_vars([v for v in posterior.data_vars if v not in keep])
+    return tree
+
+
+def _key(ways: int, shots: int) -> str:
+    return f"{ways}w{shots}s"
+
+
+def run(rng_key, config: OmniglotAmortizedConfig, out_dir: Path) -> dict[str, float]:
+    k_train, k_test, k_pred, k_maml, k_post = jax.random.split(rng_key, 5)
+    splits = omniglot_splits(config.image_size, rotations=True, seed=config.split_seed)
+    train = jnp.asarray(splits["train"].images)
+    test = splits["test"]
+    metrics: dict[str, float] = {
+        "num_train_classes": splits["train"].num_classes,
+        "num_test_classes": test.num_classes,
+        "train_inner_steps": config.train_inner_steps,
+        "num_steps": config.num_steps,
+        "filters": config.filters,
+        "beta": config.beta,
+    }
+    test_images = jnp.asarray(test.images)
+    curves, reliability, train_time = {}, {}, 0.0
+    for ways in config.ways:
+        for shots in config.shots:
+            name = _key(ways, shots)
+            episodes = sample_episodes(jax.random.fold_in(k_test, 100 * ways + shots), test_images,
+                                       config.test_episodes, ways, shots, config.test_queries)
+            t0 = time.perf_counter()
+            params, net, result = meta_train(jax.random.fold_in(k_train, 100 * ways + shots), config,
+                                             train, ways, shots)
+            seconds = time.perf_counter() - t0
+            train_time += seconds
+            metrics[f"train_time_s_{name}"] = seconds
+            metrics[f"final_loss_{name}"] = float(np.mean(result.losses[-config.steps_per_call:]))
+            curves[name] = result.losses
+            labels = np.asarray(episodes.query_y)
+            for steps in config.eval_inner_steps:
+                t0 = time.perf_counter()
+                probs = predict(k_pred, config, params, net, episodes, steps)
+                metrics[f"eval_time_s_{name}_steps{steps}"] = time.perf_counter() - t0
+                acc = (probs.argmax(-1) == labels).mean(-1)
+                metrics[f"acc_{name}_steps{steps}"], metrics[f"acc_{name}_steps{steps}_ci95"] = mean_ci95(acc)
+                if ways == 5 and shots == 1:
+                    metrics[f"ece_{name}_steps{steps}"] = expected_calibration_error(probs, labels)
+                    reliability[f"amortized K={steps}"] = reliability_curve(probs, labels)
+            if ways == 5 and shots == 1:
+                save_datatree(posterior_tree(k_post, config, params, net, episodes, max(config.eval_inner_steps)),
+                              out_dir / "posterior.nc")
+                t0 = time.perf_counter()
+                theta, mcfg, maml_result = train_maml(k_maml, config, train, ways, shots)
+                metrics["maml_train_time_s"] = time.perf_counter() - t0
+                probs = predict_maml(theta, mcfg, episodes)
+                acc = (probs.argmax(-1) == labels).mean(-1)
+                metrics[f"acc_maml_{name}"], metrics[f"acc_maml_{name}_ci95"] = mean_ci95(acc)
+                metrics[f"ece_maml_{name}"] = expected_calibration_error(probs, labels)
+                reliability[f"MAML K={config.maml_inner_steps}"] = reliability_curve(probs, labels)
+                curves["MAML 5w1s"] = maml_result.losses
+    metrics["train_time_s"] = train_time
+    plot(config, curves, reliability, out_dir)
+    return metrics
+
+
+def plot(config: OmniglotAmortizedConfig, curves, reliability, out_dir: Path) -> None:
+    """``reliability.png`` (5-way 1-shot, guide vs MAML) and ``training.png`` (loss curves)."""
+    import matplotlib.pyplot as plt
+
+    from metaprior.inference.diagnostics import plot_reliability
+
+    if reliability:
+        fig, ax = plt.subplots(figsize=(4.4, 4.2))
+        plot_reliability(reliability, ax=ax)
+        ax.set_title(f"Omniglot 5-way 1-shot, {config.test_episodes} test episodes")
+        save_figure(fig, out_dir, "reliability.png")
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for name, losses in curves.items():
+        w = max(1, len(losses) // 50)
+        ax.plot(np.convolve(losses, np.ones(w) / w, mode="valid"), lw=1, label=name)
+    ax.set_xlabel("meta-training step")
+    ax.set_ylabel("meta-loss (smoothed)")
+    ax.legend(fontsize="small")
+    save_figure(fig, out_dir, "training.png")
+
+
+METRICS_DOC = """
+acc_{W}w{S}s_steps{K}, *_ci95: test accuracy over test_episodes episodes (95% CI half-width),
+    W-way S-shot, K inner steps at test time (models trained with train_inner_steps)
+ece_5w1s_steps{K}: expected calibration error (15 bins), 5-way 1-shot
+acc_maml_5w1s, ece_maml_5w1s (+ _ci95): first-order MAML, same net, budget and episodes
+train_time_s, train_time_s_{W}w{S}s, maml_train_time_s, eval_time_s_*: seconds
+num_steps, train_inner_steps, filters, beta: the budget and settings used
+final_loss_{W}w{S}s: mean meta-loss over the last steps_per_call steps
+"""
+
+EXPERIMENTS = [
+    Experiment(
+        name="omniglot-amortized",
+        description="Amortized LSTM guide for Bayesian Conv4 weights with Flipout on Omniglot (Kim & Heo)",
+        make_config=make_config,
+        run=run,
+        metrics_doc=METRICS_DOC,
+    )
+]
