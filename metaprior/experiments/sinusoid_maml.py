@@ -80,7 +80,8 @@ class SinusoidMAMLConfig:
 def make_config(method: str, size: str) -> SinusoidMAMLConfig:
     base = SinusoidMAMLConfig(method=method)
     if size == "quick":
-        return dataclasses.replace(base, num_steps=40, steps_per_call=20, laplace_steps=20, num_eval_tasks=20,
+        return dataclasses.replace(base, shots=(10,), num_steps=40, steps_per_call=20, laplace_steps=20,
+                                   num_eval_tasks=20,
                                    num_val_tasks=10, num_eval_points=20, num_posterior_samples=20,
                                    sigma_grid=(0.1, 0.5), tau_grid=(1.0, 100.0))
     if size == "full":
