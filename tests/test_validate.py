@@ -41,8 +41,8 @@ def test_flatten_draws_names():
 @pytest.fixture(scope="module")
 def linear_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("validate")
-    config = dataclasses.replace(make_config("quick"), cases=("linear",), num_warmup=300, num_samples=500,
-                                 num_steps=1000, num_draws=1000)
+    config = dataclasses.replace(make_config("quick"), cases=("linear",), methods=(), num_warmup=300,
+                                 num_samples=500, num_steps=1000, num_draws=1000)
     metrics = run(jax.random.key(0), config, out)
     return metrics, out
 
