@@ -264,6 +264,12 @@ def test_episode_predictions_are_probabilities(rng_key):
                                                      num_samples=3))(params, e)
     assert probs.shape == (2, WAYS * QUERIES, WAYS)
     np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
+    # Several numbers of inner steps in one pass: [steps, tasks, queries, classes].
+    several = jax.jit(lambda p, e: episode_predictions(rng_key, p, e, _inference(net, mlp_forward), logits_fn,
+                                                       num_samples=3, inner_steps=(0, 2)))(params, e)
+    assert several.shape == (2, 2, WAYS * QUERIES, WAYS)
+    np.testing.assert_allclose(several.sum(-1), 1.0, rtol=1e-5)
+    assert not np.allclose(several[0], several[1])
 
 
 # ------------------------------------------------------------------------------ NumPyro

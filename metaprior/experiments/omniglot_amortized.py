@@ -37,7 +37,7 @@ import numpy as np
 import optax
 
 from metaprior.data import omniglot_splits, sample_episodes
-from metaprior.experiments._common import mean_ci95, save_datatree, save_figure
+from metaprior.experiments._common import mean_ci95, save_datatree, save_figure, write_metrics
 from metaprior.experiments._registry import Experiment
 from metaprior.experiments.omniglot_maml import OmniglotMAMLConfig, point_probs
 from metaprior.experiments.omniglot_maml import objective as maml_objective
@@ -175,17 +175,18 @@ def meta_train(rng_key, config: OmniglotAmortizedConfig, images, ways: int, shot
     return result.state.params, net, result
 
 
-def predict(rng_key, config: OmniglotAmortizedConfig, params, net, episodes, num_inner_steps: int,
-            chunk: int = 50) -> np.ndarray:
-    """Posterior predictive probabilities ``[episodes, queries, ways]``, in chunks of episodes."""
+def predict(rng_key, config: OmniglotAmortizedConfig, params, net, episodes, chunk: int = 50) -> np.ndarray:
+    """Posterior predictive probabilities ``[len(eval_inner_steps), episodes, queries, ways]``
+    after each number of inner steps (one compiled program), in chunks of episodes."""
     fn = eqx.filter_jit(functools.partial(
-        episode_predictions, inference=inference_spec(config, net, num_inner_steps), logits_fn=conv4_logits,
-        num_samples=config.num_samples, task_batch_size=_task_batch_size(config)))
+        episode_predictions, inference=inference_spec(config, net, max(config.eval_inner_steps)),
+        logits_fn=conv4_logits, num_samples=config.num_samples, inner_steps=tuple(sorted(config.eval_inner_steps)),
+        task_batch_size=_task_batch_size(config)))
     out = []
     for start in range(0, episodes.query_x.shape[0], chunk):
         part = jax.tree.map(lambda a: a[start:start + chunk], episodes)
         out.append(np.asarray(fn(jax.random.fold_in(rng_key, start), params, part)))
-    return np.concatenate(out)
+    return np.concatenate(out, axis=1)
 
 
 def maml_config(config: OmniglotAmortizedConfig, ways: int, shots: int) -> OmniglotMAMLConfig:
@@ -278,10 +279,10 @@ def run(rng_key, config: OmniglotAmortizedConfig, out_dir: Path) -> dict[str, fl
             metrics[f"final_loss_{name}"] = float(np.mean(result.losses[-config.steps_per_call:]))
             curves[name] = result.losses
             labels = np.asarray(episodes.query_y)
-            for steps in config.eval_inner_steps:
-                t0 = time.perf_counter()
-                probs = predict(k_pred, config, params, net, episodes, steps)
-                metrics[f"eval_time_s_{name}_steps{steps}"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            all_probs = predict(k_pred, config, params, net, episodes)
+            metrics[f"eval_time_s_{name}"] = time.perf_counter() - t0
+            for steps, probs in zip(sorted(config.eval_inner_steps), all_probs):
                 acc = (probs.argmax(-1) == labels).mean(-1)
                 metrics[f"acc_{name}_steps{steps}"], metrics[f"acc_{name}_steps{steps}_ci95"] = mean_ci95(acc)
                 if ways == 5 and shots == 1:
@@ -299,8 +300,10 @@ def run(rng_key, config: OmniglotAmortizedConfig, out_dir: Path) -> dict[str, fl
                 metrics[f"ece_maml_{name}"] = expected_calibration_error(probs, labels)
                 reliability[f"MAML K={config.maml_inner_steps}"] = reliability_curve(probs, labels)
                 curves["MAML 5w1s"] = maml_result.losses
+            # Partial results survive an interrupted run; the CLI rewrites the file at the end.
+            write_metrics(out_dir / "metrics.json", {**metrics, "train_time_s": train_time, "partial": 1})
+            plot(config, curves, reliability, out_dir)
     metrics["train_time_s"] = train_time
-    plot(config, curves, reliability, out_dir)
     return metrics
 
 
@@ -330,7 +333,8 @@ acc_{W}w{S}s_steps{K}, *_ci95: test accuracy over test_episodes episodes (95% CI
     W-way S-shot, K inner steps at test time (models trained with train_inner_steps)
 ece_5w1s_steps{K}: expected calibration error (15 bins), 5-way 1-shot
 acc_maml_5w1s, ece_maml_5w1s (+ _ci95): first-order MAML, same net, budget and episodes
-train_time_s, train_time_s_{W}w{S}s, maml_train_time_s, eval_time_s_*: seconds
+train_time_s, train_time_s_{W}w{S}s, maml_train_time_s, eval_time_s_{W}w{S}s: seconds
+    (eval: all eval_inner_steps in one pass over the test episodes)
 num_steps, train_inner_steps, filters, beta: the budget and settings used
 final_loss_{W}w{S}s: mean meta-loss over the last steps_per_call steps
 """

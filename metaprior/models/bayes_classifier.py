@@ -25,7 +25,7 @@ References:
     C. Finn, P. Abbeel, S. Levine. "Model-Agnostic Meta-Learning for Fast Adaptation of
     Deep Networks." ICML 2017.
     Kim and Heo, "Amortized Inference of Bayesian Neural Network Parameters for Solving
-    Meta-learning Problems" (the model of their Sec. 3: per-task weights, Gaussian prior).
+    Meta-learning Problems" (per-task network weights with a Gaussian prior).
 """
 
 from __future__ import annotations

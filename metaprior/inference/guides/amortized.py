@@ -36,7 +36,7 @@ References:
     Kim and Heo, "Amortized Inference of Bayesian Neural Network Parameters for Solving
     Meta-learning Problems" (LSTM-generated per-layer variational parameters from a
     support encoding, inner refinement, KL weight beta).
-    S. Ravi, A. Beatson. "Amortized Bayesian Meta-Learning." ICLR 2019, Eq. 7 (query
+    S. Ravi, A. Beatson. "Amortized Bayesian Meta-Learning." ICLR 2019 (query
     likelihood plus KL of the support-conditioned posterior as the meta-objective).
     D. P. Kingma, M. Welling. "Auto-Encoding Variational Bayes." ICLR 2014, App. B (KL
     between diagonal Gaussians).
@@ -372,13 +372,17 @@ def task_posterior(
     """
     k_guide, k_inner = jax.random.split(rng_key)
     q0 = params.guide(k_guide, support_x, support_y)
+    loss = _support_loss(params, support_x, support_y, inference)
+    return refine(k_inner, q0, loss, inference.inner_optimizer, inference.num_inner_steps)
 
-    def support_loss(key, q):
+
+def _support_loss(params: AmortizedParams, support_x, support_y, inference: AmortizedInference):
+    def loss(key, q):
         return negative_elbo(key, q, support_x, support_y, expected_log_lik=inference.expected_log_lik,
                              model_params=params.model, prior=_prior(params, inference),
                              beta=inference.beta)[0]
 
-    return refine(k_inner, q0, support_loss, inference.inner_optimizer, inference.num_inner_steps)
+    return loss
 
 
 def _over_tasks(fn: Callable, args: tuple, task_batch_size: int | None):
@@ -398,7 +402,7 @@ def amortized_meta_loss(
     for :func:`metaprior.inference.meta.meta_learner` with ``has_aux=True``.
 
     For each task: the posterior from its support set (:func:`task_posterior`), then the
-    query-set :func:`negative_elbo` under it (Ravi and Beatson 2019, Eq. 7, with the KL
+    query-set :func:`negative_elbo` under it (Ravi and Beatson 2019, with the KL
     weighted by ``beta``); the loss is the mean over tasks.
 
     Args:
@@ -467,6 +471,7 @@ def episode_predictions(
     logits_fn: Callable[[PyTree, PyTree, jax.Array], jax.Array],
     *,
     num_samples: int,
+    inner_steps: Sequence[int] | None = None,
     task_batch_size: int | None = None,
 ) -> jax.Array:
     """Posterior predictive probabilities of every query of a batch of episodes.
@@ -475,21 +480,38 @@ def episode_predictions(
         rng_key: PRNG key.
         params: the meta-parameters.
         episodes: ``support_x [T, Ns, ...]``, ``support_y [T, Ns]``, ``query_x [T, Nq, ...]``.
-        inference: the :class:`AmortizedInference` spec (its ``num_inner_steps`` is used).
+        inference: the :class:`AmortizedInference` spec.
         logits_fn: ``(model_params, layers, x) -> [N, classes]`` (deterministic weights).
         num_samples: posterior draws per task.
+        inner_steps: ``None`` predicts after ``inference.num_inner_steps`` steps. A
+            sequence (ascending, e.g. ``(1, 5)``) predicts after each of these numbers of
+            steps in one pass: the refinement continues from one to the next (for SGD
+            the same in distribution as separate runs of ``refine``; a stateful inner
+            optimizer restarts its state at each of them).
         task_batch_size: as in :func:`amortized_meta_loss`.
 
     Returns:
-        ``[T, Nq, classes]`` probabilities.
+        ``[T, Nq, classes]`` probabilities, or ``[len(inner_steps), T, Nq, classes]``.
     """
+    steps = (inference.num_inner_steps,) if inner_steps is None else tuple(inner_steps)
+    if any(b < a for a, b in zip(steps, steps[1:])) or steps[0] < 0:
+        raise ValueError(f"inner_steps must be non-negative and ascending, got {steps}")
+
     def one(key, sx, sy, qx):
-        k_post, k_pred = jax.random.split(key)
-        q = task_posterior(k_post, params, sx, sy, inference)
-        return predictive_probs(k_pred, q, qx, lambda w, x: logits_fn(params.model, w, x), num_samples)
+        k_guide, k_inner, k_pred = jax.random.split(key, 3)
+        q = params.guide(k_guide, sx, sy)
+        loss = _support_loss(params, sx, sy, inference)
+        out, done = [], 0
+        for num in steps:
+            q = refine(jax.random.fold_in(k_inner, done), q, loss, inference.inner_optimizer, num - done)
+            done = num
+            out.append(predictive_probs(k_pred, q, qx, lambda w, x: logits_fn(params.model, w, x), num_samples))
+        return jnp.stack(out)
 
     keys = jax.random.split(rng_key, episodes.support_x.shape[0])
-    return _over_tasks(one, (keys, episodes.support_x, episodes.support_y, episodes.query_x), task_batch_size)
+    probs = _over_tasks(one, (keys, episodes.support_x, episodes.support_y, episodes.query_x), task_batch_size)
+    probs = jnp.moveaxis(probs, 1, 0)                      # [steps, T, Nq, classes]
+    return probs[0] if inner_steps is None else probs
 
 
 def numpyro_guide(q: GaussianLayers, site_names: Sequence[Sequence[str]]) -> Callable[..., None]:
