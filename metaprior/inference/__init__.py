@@ -1,4 +1,16 @@
 
+# --- Synthetic-gradient amortized inference, SIB's inner loop (issue 7) ---
+from metaprior.inference.synthetic_gradients import (  # noqa: E402
+    DiagGaussian, SyntheticGradientInfo, SyntheticGradientState, SyntheticGradientVI,
+    diag_gaussian_kl, reparameterize, run_synthetic_gradient_vi, sample_noise, synthetic_gradient,
+    synthetic_gradient_vi)
+
+__all__ = [*globals().get("__all__", ()),
+           "DiagGaussian", "SyntheticGradientInfo", "SyntheticGradientState", "SyntheticGradientVI",
+           "diag_gaussian_kl", "reparameterize", "run_synthetic_gradient_vi", "sample_noise",
+           "synthetic_gradient", "synthetic_gradient_vi"]
+# --- end of issue 7 block ---
+
 # --- MAML as empirical Bayes, LLAMA, Laplace posteriors (issue 4) ---
 from metaprior.inference import laplace  # noqa: E402  (the subpackage: full / diag / kfac)
 from metaprior.inference.laplace import LaplacePosterior, fit_laplace, log_det, predictive  # noqa: E402

@@ -27,3 +27,15 @@ __all__ = [*globals().get("__all__", ()),
            "LayeredForward", "bayes_classifier", "conv4_forward", "is_weight_layer", "layered_forward",
            "mlp_forward", "shared_params", "standard_normal_prior", "weight_layers", "weight_site_names"]
 # --- end of issue 5 block ---
+
+# --- SIB: empirical Bayes with synthetic gradients (issue 7) ---
+from metaprior.models.sib import (  # noqa: E402
+    SIBParams, cosine_logits, embed_classes, init_sib_params, pretrain_loss,
+    sample_classification_batch, sib_guide, sib_loss, sib_model, sib_posterior, sib_predict,
+    support_initializer)
+
+__all__ = [*globals().get("__all__", ()),
+           "SIBParams", "cosine_logits", "embed_classes", "init_sib_params", "pretrain_loss",
+           "sample_classification_batch", "sib_guide", "sib_loss", "sib_model", "sib_posterior",
+           "sib_predict", "support_initializer"]
+# --- end of issue 7 block ---

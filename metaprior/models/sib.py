@@ -1,0 +1,353 @@
+"""Empirical Bayes meta-learning with synthetic gradients (SIB, Hu et al. 2020).
+
+The model, per task ``i`` of a batch of few-shot episodes (features ``f(x)`` of a
+fixed, pretrained network):
+
+    w_i ~ p_psi(w) = N(m_psi, diag(s_psi^2))        classifier weights [ways, features]
+    y_ij | w_i ~ Categorical(softmax(s * cos(w_i, f(x_ij))))     query labels
+
+``psi`` (prior mean and scale per feature, shared by the classes) is point-estimated
+by empirical Bayes, together with the amortized inference: ``q_theta_i(w_i)`` is a
+diagonal Gaussian whose parameters come from ``T`` steps of the synthetic-gradient
+inner loop (:mod:`metaprior.inference.synthetic_gradients`, equation (9)) started at
+``theta^0 = lambda(support)``:
+
+- ``lambda``: the per-class mean of the (normalised) support features scaled per
+  dimension by a learned vector, with a learned initial log-scale;
+- ``xi``: a 3-layer MLP (hidden size ``8 * ways``) mapping each query prediction
+  ``y_hat_ij`` (logits) to an estimate of ``dL/dy_hat_ij``; it sees only the
+  unlabelled query inputs, so inference is transductive.
+
+Meta-training maximises the ELBO of the query labels (:func:`sib_loss`, NumPyro's
+``TraceMeanField_ELBO``: closed-form KL) by back-propagating through the ``T`` steps.
+The feature network is pretrained first by ordinary classification on the
+meta-training classes (:func:`pretrain_loss`) and then kept fixed
+(:func:`embed_classes`), so meta-training runs on precomputed features.
+
+References:
+    Hu, S. X., Moreno, P. G., Xiao, Y., Shen, X., Obozinski, G., Lawrence, N. D.,
+    Damianou, A. (2020). Empirical Bayes Transductive Meta-Learning with Synthetic
+    Gradients. ICLR 2020. The model, equation (9) and Algorithm 1.
+    Gidaris, S. and Komodakis, N. (2018). Dynamic Few-Shot Visual Learning without
+    Forgetting. CVPR 2018 (the cosine-similarity classifier).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpyro
+import numpyro.distributions as dist
+import optax
+from numpyro.infer import Predictive, TraceMeanField_ELBO
+
+from metaprior.data.episodes import Episodes
+from metaprior.inference.synthetic_gradients import (
+    DiagGaussian,
+    run_synthetic_gradient_vi,
+    synthetic_gradient_vi,
+)
+from metaprior.models.nets import MLP, Conv4
+
+__all__ = [
+    "SIBParams",
+    "init_sib_params",
+    "cosine_logits",
+    "support_initializer",
+    "sib_posterior",
+    "sib_model",
+    "sib_guide",
+    "sib_loss",
+    "sib_predict",
+    "pretrain_loss",
+    "sample_classification_batch",
+    "embed_classes",
+]
+
+
+class SIBParams(eqx.Module):
+    """Meta-parameters of SIB (a pytree of arrays).
+
+    Attributes:
+        prior_loc: ``[features]`` mean of ``p_psi`` (shared by the classes).
+        prior_log_scale: ``[features]`` log standard deviation of ``p_psi``.
+        init_scale: ``[features]`` per-dimension scale of ``lambda``'s class means.
+        init_log_scale: ``[features]`` log standard deviation of ``q^0``.
+        log_logit_scale: scalar, log of the cosine classifier's temperature ``s``.
+        synthetic_gradient: ``xi``, an :class:`~metaprior.models.nets.MLP`
+            ``[ways] -> [ways]`` with two hidden layers of ``8 * ways`` units.
+    """
+
+    prior_loc: jax.Array
+    prior_log_scale: jax.Array
+    init_scale: jax.Array
+    init_log_scale: jax.Array
+    log_logit_scale: jax.Array
+    synthetic_gradient: MLP
+
+
+def init_sib_params(
+    rng_key: jax.Array,
+    num_features: int,
+    num_ways: int,
+    *,
+    init_std: float = 0.1,
+    logit_scale: float = 10.0,
+) -> SIBParams:
+    """Initial meta-parameters.
+
+    The prior starts at ``N(0, 1)`` per coordinate (``lambda`` works in units where a
+    coordinate is O(1)), ``q^0``'s scale at ``init_std`` and the classifier's
+    temperature at ``logit_scale`` (10, as in the authors' code). ``xi``'s output layer
+    starts at zero, so before meta-training the inner loop only descends the KL.
+
+    Args:
+        rng_key: key for ``xi``'s hidden layers.
+        num_features: feature dimension ``D``.
+        num_ways: classes per task ``k`` (``xi`` is ``k -> 8k -> 8k -> k``).
+        init_std: initial standard deviation of ``q^0``.
+        logit_scale: initial cosine-classifier temperature.
+    """
+    xi = MLP(num_ways, num_ways, (8 * num_ways, 8 * num_ways), key=rng_key)
+    last = xi.layers[-1]
+    xi = eqx.tree_at(lambda m: (m.layers[-1].weight, m.layers[-1].bias), xi,
+                     (jnp.zeros_like(last.weight), jnp.zeros_like(last.bias)))
+    zeros = jnp.zeros((num_features,))
+    return SIBParams(
+        prior_loc=zeros,
+        prior_log_scale=zeros,
+        init_scale=jnp.ones((num_features,)),
+        init_log_scale=jnp.full((num_features,), math.log(init_std)),
+        log_logit_scale=jnp.asarray(math.log(logit_scale)),
+        synthetic_gradient=xi,
+    )
+
+
+def _normalize(x: jax.Array) -> jax.Array:
+    return x * jax.lax.rsqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True) + 1e-12)
+
+
+def cosine_logits(w: jax.Array, features: jax.Array, log_logit_scale: jax.Array) -> jax.Array:
+    """``s * cos(w_k, f_j)`` for every example and class.
+
+    Args:
+        w: ``[..., ways, features]`` classifier weights.
+        features: ``[..., examples, features]``.
+        log_logit_scale: scalar ``log s``.
+
+    Returns:
+        ``[..., examples, ways]`` logits.
+    """
+    cos = jnp.einsum("...nd,...kd->...nk", _normalize(features), _normalize(w))
+    return jnp.exp(log_logit_scale) * cos
+
+
+def support_initializer(params: SIBParams, support_x: jax.Array, support_y: jax.Array,
+                        num_ways: int) -> DiagGaussian:
+    """``lambda(support)``: ``theta^0`` of one task.
+
+    ``loc_k = init_scale * sqrt(D) * mean_{j: y_j = k} f_j / |f_j|`` (each coordinate
+    O(1)); ``log_scale_k = init_log_scale``.
+
+    Args:
+        params: the meta-parameters.
+        support_x: ``[ways * shots, features]``.
+        support_y: ``[ways * shots]`` labels in ``0..ways-1``.
+        num_ways: ``k``.
+
+    Returns:
+        A :class:`DiagGaussian` with ``loc`` and ``log_scale`` of shape ``[ways, features]``.
+
+    References:
+        Hu et al. (2020), the initialisation network ``lambda`` of Algorithm 1.
+    """
+    onehot = jax.nn.one_hot(support_y, num_ways, dtype=support_x.dtype)  # [S, K]
+    f = _normalize(support_x) * math.sqrt(support_x.shape[-1])
+    means = onehot.T @ f / jnp.maximum(onehot.sum(0), 1.0)[:, None]      # [K, D]
+    loc = params.init_scale * means
+    return DiagGaussian(loc, jnp.broadcast_to(params.init_log_scale, loc.shape))
+
+
+def _prior(params: SIBParams) -> DiagGaussian:
+    return DiagGaussian(params.prior_loc, params.prior_log_scale)
+
+
+def sib_posterior(
+    rng_key: jax.Array,
+    params: SIBParams,
+    episodes: Episodes,
+    *,
+    num_ways: int,
+    num_steps: int,
+    inner_optimizer: optax.GradientTransformation,
+    num_samples: int = 1,
+) -> DiagGaussian:
+    """``theta^T`` of every task: ``lambda(support)`` then ``num_steps`` steps of equation (9).
+
+    Query labels are never read (transductive: only ``query_x``).
+
+    Args:
+        rng_key: key for the inner loop's noise (split over tasks).
+        params: the meta-parameters.
+        episodes: the batch (``query_y`` ignored).
+        num_ways: ``k``.
+        num_steps: ``T``.
+        inner_optimizer: ``optax.sgd(eta)`` for equation (9).
+        num_samples: Monte Carlo draws of ``w`` per inner step.
+
+    Returns:
+        :class:`DiagGaussian` with ``loc`` and ``log_scale`` ``[tasks, ways, features]``.
+    """
+    algorithm = synthetic_gradient_vi(
+        predict_fn=lambda w, qx: cosine_logits(w, qx, params.log_logit_scale),
+        synthetic_gradient_fn=jax.vmap(params.synthetic_gradient),   # xi on each query
+        init_fn=lambda support: support_initializer(params, *support, num_ways),
+        prior=_prior(params),
+        optimizer=inner_optimizer,
+        num_samples=num_samples,
+    )
+
+    def one_task(key, support_x, support_y, query_x):
+        posterior, _ = run_synthetic_gradient_vi(key, algorithm, (support_x, support_y), query_x, num_steps)
+        return posterior
+
+    keys = jax.random.split(rng_key, episodes.query_x.shape[0])
+    return jax.vmap(one_task)(keys, episodes.support_x, episodes.support_y, episodes.query_x)
+
+
+def sib_model(params: SIBParams, episodes: Episodes, *, num_ways: int) -> None:
+    """The empirical-Bayes model of the query labels (observed when ``query_y`` is given).
+
+    ``episodes`` is a :class:`~metaprior.data.Episodes` in feature space
+    (:func:`~metaprior.data.sample_episodes` on :func:`embed_classes` output):
+    ``support_x [tasks, ways*shots, features]``, ``query_x [tasks, queries, features]``;
+    the model reads only ``query_x`` and ``query_y`` (the support set enters through the
+    guide's ``lambda``).
+
+    Sites: ``w`` ``[tasks, 1, ways, features]`` (plate ``tasks`` at dim -2, event
+    ``[ways, features]``); ``probs`` (deterministic) ``[tasks, queries, ways]``; ``y``
+    ``[tasks, queries]`` (plate ``examples`` at dim -1).
+    """
+    num_tasks, num_queries, num_features = episodes.query_x.shape
+    shape = (num_ways, num_features)
+    prior = dist.Normal(jnp.broadcast_to(params.prior_loc, shape),
+                        jnp.broadcast_to(jnp.exp(params.prior_log_scale), shape)).to_event(2)
+    with numpyro.plate("tasks", num_tasks, dim=-2):
+        w = numpyro.sample("w", prior)
+        logits = cosine_logits(jnp.squeeze(w, -3), episodes.query_x, params.log_logit_scale)
+        with numpyro.plate("examples", num_queries, dim=-1):
+            numpyro.deterministic("probs", jax.nn.softmax(logits, -1))
+            numpyro.sample("y", dist.Categorical(logits=logits), obs=episodes.query_y)
+
+
+def sib_guide(
+    params: SIBParams,
+    episodes: Episodes,
+    *,
+    num_ways: int,
+    num_steps: int,
+    inner_optimizer: optax.GradientTransformation,
+    num_samples: int = 1,
+) -> None:
+    """``q_theta^T(w_i)`` per task, ``theta^T`` from :func:`sib_posterior` (site ``w``
+    ``[tasks, 1, ways, features]``). Bind ``num_steps`` / ``inner_optimizer`` with
+    :func:`functools.partial` before handing it to an ELBO or ``Predictive``."""
+    posterior = sib_posterior(
+        numpyro.prng_key(), params, episodes, num_ways=num_ways, num_steps=num_steps,
+        inner_optimizer=inner_optimizer, num_samples=num_samples,
+    )
+    loc = posterior.loc[:, None]
+    scale = jnp.exp(posterior.log_scale)[:, None]
+    with numpyro.plate("tasks", episodes.query_x.shape[0], dim=-2):
+        numpyro.sample("w", dist.Normal(loc, scale).to_event(2))
+
+
+def sib_loss(
+    params: SIBParams,
+    rng_key: jax.Array,
+    episodes: Episodes,
+    *,
+    num_ways: int,
+    num_steps: int,
+    inner_optimizer: optax.GradientTransformation,
+    num_samples: int = 1,
+) -> jax.Array:
+    """Negative ELBO of the query labels per task (``TraceMeanField_ELBO``, closed-form
+    KL), the meta-training objective; signature fits :func:`metaprior.inference.meta.meta_learner`.
+
+    References:
+        Hu et al. (2020), Algorithm 1.
+    """
+    guide = functools.partial(sib_guide, num_steps=num_steps, inner_optimizer=inner_optimizer,
+                              num_samples=num_samples)
+    loss = TraceMeanField_ELBO().loss(rng_key, {}, sib_model, guide, params, episodes, num_ways=num_ways)
+    return loss / episodes.query_x.shape[0]
+
+
+def sib_predict(
+    rng_key: jax.Array,
+    params: SIBParams,
+    episodes: Episodes,
+    *,
+    num_ways: int,
+    num_steps: int,
+    inner_optimizer: optax.GradientTransformation,
+    num_draws: int = 16,
+) -> jax.Array:
+    """Posterior predictive class probabilities of the queries, ``[tasks, queries, ways]``.
+
+    Averages ``softmax`` over ``num_draws`` draws of ``w ~ q_theta^T`` (each draw
+    reruns the inner loop with its own noise). ``query_y`` is ignored.
+    """
+    guide = functools.partial(sib_guide, num_ways=num_ways, num_steps=num_steps,
+                              inner_optimizer=inner_optimizer)
+    predictive = Predictive(sib_model, guide=guide, num_samples=num_draws, return_sites=["probs"])
+    draws = predictive(rng_key, params, episodes._replace(query_y=None), num_ways=num_ways)
+    return jnp.mean(draws["probs"], axis=0)
+
+
+# ---------------------------------------------------------------- feature network
+
+
+def sample_classification_batch(rng_key: jax.Array, images: jax.Array, batch_size: int
+                                ) -> tuple[jax.Array, jax.Array]:
+    """Uniformly random labelled images for pretraining, ``(x [B, H, W, C], y [B])``.
+
+    Args:
+        rng_key: key.
+        images: ``[classes, examples, H, W, C]``.
+        batch_size: ``B``.
+    """
+    k_class, k_example = jax.random.split(rng_key)
+    y = jax.random.randint(k_class, (batch_size,), 0, images.shape[0])
+    e = jax.random.randint(k_example, (batch_size,), 0, images.shape[1])
+    return images[y, e], y
+
+
+def pretrain_loss(net: Conv4, rng_key: jax.Array, batch: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """Mean softmax cross-entropy of a :class:`~metaprior.models.nets.Conv4` with a head
+    over the meta-training classes (ordinary classification pretraining)."""
+    del rng_key
+    x, y = batch
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(net(x), y))
+
+
+def embed_classes(net: Conv4, images: jax.Array) -> jax.Array:
+    """Features of a class-indexed image array with the pretrained network, ``[classes,
+    examples, features]``.
+
+    ``Conv4`` normalises with the statistics of its batch, so each batch here holds one
+    example of every class (``lax.map`` over the examples axis): the statistics are
+    those of a class-balanced batch, as in pretraining, and a feature does not depend
+    on which episode its image later lands in.
+
+    Args:
+        net: the pretrained network (its head, if any, is not used).
+        images: ``[classes, examples, H, W, C]``.
+    """
+    per_example = jax.lax.map(net.features, jnp.swapaxes(images, 0, 1))   # [E, C, D]
+    return jnp.swapaxes(per_example, 0, 1)
