@@ -35,8 +35,10 @@ __all__ = [*globals().get("__all__", ()),
 
 # --- Flipout and weight-noise estimators (issue 5) ---
 from metaprior.inference.flipout import (  # noqa: E402
-    LayerEstimator, apply_layer, categorical_expected_log_lik, flipout, per_example, sample_layer,
+    LayerEstimator, apply_layer, categorical_expected_log_lik, per_example, sample_layer,
     shared_sample, stochastic_forward)
+# ``metaprior.inference.flipout`` stays the module (``flipout.flipout`` is the estimator):
+# re-exporting the function under the module's name would shadow the module.
 
 __all__ = [*globals().get("__all__", ()),
            "LayerEstimator", "apply_layer", "categorical_expected_log_lik", "flipout", "per_example",

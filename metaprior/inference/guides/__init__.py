@@ -1,8 +1,17 @@
 """Guides: plate-aware task-local guides (IAF, Normal), and more from later modules."""
 
+from metaprior.inference.guides.auxiliary import AuxiliaryGuide, AuxiliarySite, latent_elbo, local_reparam_conv2d
 from metaprior.inference.guides.task_local import LocalSite, TaskIAFGuide, TaskNormalGuide
 
-__all__ = ["LocalSite", "TaskIAFGuide", "TaskNormalGuide"]
+__all__ = [
+    "AuxiliaryGuide",
+    "AuxiliarySite",
+    "LocalSite",
+    "TaskIAFGuide",
+    "TaskNormalGuide",
+    "latent_elbo",
+    "local_reparam_conv2d",
+]
 
 # --- Amortized LSTM guide for per-task network weights (issue 5) ---
 from metaprior.inference.guides.amortized import (  # noqa: E402

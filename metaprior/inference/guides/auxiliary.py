@@ -161,10 +161,9 @@ class AuxiliaryGuide:
     def _site_init(self, rng_key: jax.Array, site: AuxiliarySite) -> dict[str, Any]:
         shape = (site.num, *site.event_shape)
         raw = self.init_log_scale if self.scale_param == "log_scale" else self.init_logit_alpha
-        return {
-            f"{site.name}_loc": self.init_loc_scale * jax.random.normal(rng_key, shape),
-            self._scale_name(site): jnp.full(shape, raw),
-        }
+        loc = self.init_loc_scale * jax.random.normal(rng_key, shape)
+        # strongly typed, like the optimizer's updates: no recompilation after step one
+        return {f"{site.name}_loc": loc, self._scale_name(site): jnp.full(shape, raw, dtype=loc.dtype)}
 
     def init_params(self, rng_key: jax.Array) -> dict[str, Any]:
         """All of this guide's parameters (see the class docstring for the names)."""
@@ -216,9 +215,12 @@ def _encoder_params(encoder) -> Any:
     return params
 
 
+def _lax_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), "VALID", dimension_numbers=("NCHW", "OIHW", "NCHW"))
+
+
 def local_reparam_conv2d(rng_key: jax.Array, x: jax.Array, loc: jax.Array, scale: jax.Array, *,
-                         dimension_numbers: tuple[str, str, str] = ("NCHW", "OIHW", "NCHW"),
-                         padding: str | Sequence[tuple[int, int]] = "VALID",
+                         conv: Callable[[jax.Array, jax.Array], jax.Array] = _lax_conv,
                          eps: float = 1e-12) -> jax.Array:
     """A convolution with Gaussian kernels, by the local reparameterisation trick.
 
@@ -231,16 +233,15 @@ def local_reparam_conv2d(rng_key: jax.Array, x: jax.Array, loc: jax.Array, scale
 
     Args:
         rng_key: key for the output noise.
-        x: input (default layout ``[N, C_in, H, W]``).
-        loc, scale: kernel mean and standard deviation (default ``[C_out, C_in, k, k]``).
-        dimension_numbers, padding: as for ``jax.lax.conv_general_dilated`` (stride 1).
+        x: input, e.g. ``[N, C_in, H, W]``.
+        loc, scale: kernel mean and standard deviation, e.g. ``[C_out, C_in, k, k]``.
+        conv: the (linear, bias-free) convolution ``conv(x, kernel)``; by default a
+            'VALID', stride-1 ``lax.conv_general_dilated`` in NCHW / OIHW layout.
         eps: added to the variance before the square root (keeps its gradient finite).
 
     Returns:
         One sample of the pre-activations, the shape of ``conv(x, loc)``.
     """
-    conv = lambda a, k: jax.lax.conv_general_dilated(  # noqa: E731
-        a, k, (1, 1), padding, dimension_numbers=dimension_numbers)
     mean = conv(x, loc)
     var = conv(x * x, scale * scale)
     return mean + jnp.sqrt(var + eps) * jax.random.normal(rng_key, mean.shape, mean.dtype)
