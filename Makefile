@@ -10,6 +10,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 PYTEST_ARGS ?=
+# test workers (pytest-xdist); 0 runs in one process
+PYTEST_WORKERS ?= 2
 
 .PHONY: demo test setup clean
 
@@ -27,7 +29,7 @@ demo: $(STAMP)
 	$(BIN)/metaprior run harmonic --out runs/harmonic $(ARGS)
 
 test: $(STAMP)
-	METAPRIOR_DATA=$${METAPRIOR_DATA:-$(abspath ../shared/data)} $(BIN)/python -m pytest $(PYTEST_ARGS)
+	METAPRIOR_DATA=$${METAPRIOR_DATA:-$(abspath ../shared/data)} $(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

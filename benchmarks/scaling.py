@@ -17,11 +17,12 @@ Two harmonic steps are measured side by side in (a):
 - ``dense``: the library path, ``meta_learner(elbo_loss(...), optax.adam)``. The
   ELBO reads only the ``B`` subsampled tasks, but the gradient of the per-task guide
   table is a dense ``[N, ...]`` array and Adam updates every row, every step.
-- ``rows``: the same objective on the ``B`` gathered rows only (the model run on the
-  gathered task batch, the guide laid out for ``B`` tasks, both scaled by ``N / B``,
-  which is exactly the subsampled ELBO because every latent of these guides is inside
-  the tasks plate), Adam applied to the gathered rows and their moments, scattered
-  back in place (state donated to the step).
+- ``rows``: :func:`metaprior.inference.local.task_batch_learner` (what ``metaprior run
+  harmonic`` uses), here without E-steps: the same objective on the ``B`` gathered rows
+  only (the model run on the gathered task batch, the guide laid out for ``B`` tasks,
+  both scaled by ``N / B``, which is exactly the subsampled ELBO because every latent of
+  these guides is inside the tasks plate), one Adam state per task row, gathered and
+  scattered back in place (state donated to the step).
 
 Time: median over ``--repeats`` rounds of ``--steps`` steps each; rounds visit the
 configurations of a sweep in turn, so a change of machine load hits all of them
@@ -168,36 +169,11 @@ def matmul_peak(*, sizes=(512, 1024, 2048), repeats: int = 5, log) -> dict:
 # --------------------------------------------------------------------------- harmonic
 
 
-def _take_rows(tree, idx, num_rows):
-    return jax.tree.map(lambda a: a[idx] if jnp.ndim(a) >= 1 and a.shape[0] == num_rows else a, tree)
-
-
-def _put_rows(full, rows, idx, num_rows):
-    return jax.tree.map(
-        lambda a, r: a.at[idx].set(r) if jnp.ndim(a) >= 1 and a.shape[0] == num_rows else r, full, rows)
-
-
-def _subsample(rng_key, size: int, subsample_size: int) -> jax.Array:
-    """``subsample_size`` distinct indices of ``range(size)`` (partial Fisher-Yates, as NumPyro's
-    plate does on CPU): O(size) to lay out the range, O(subsample_size) swaps."""
-    keys = jax.random.split(rng_key, subsample_size)
-
-    def body(val, i):
-        top = size - 1 - i
-        j = jax.random.randint(keys[i], (), 0, top + 1)
-        return val.at[jnp.stack([top, j])].set(val[jnp.stack([j, top])]), None
-
-    val, _ = jax.lax.scan(body, jnp.arange(size), jnp.arange(subsample_size))
-    return val[size - subsample_size:]
-
-
 def harmonic_step(num_tasks: int, task_batch: int, width: int, *, kind: str = "dense", latent_dim: int = 8,
                   num_flows: int = 2, num_layers: int = 12, num_examples: int = 50) -> Callable[[], Compiled]:
     """The harmonic experiment's meta-training step at the given sizes (issue-2 defaults)."""
 
     def make() -> Compiled:
-        from numpyro import handlers
-
         from metaprior.data.tasks import harmonic_tasks
         from metaprior.inference.guides import TaskIAFGuide
         from metaprior.inference.local import guide_for_num_tasks
@@ -220,31 +196,14 @@ def harmonic_step(num_tasks: int, task_batch: int, width: int, *, kind: str = "d
             state = learner.init(params)
             return _compile(lambda s, key, data: learner.step(key, s, data)[0], state, data, donate=False)
 
-        # kind == "rows": the same objective on the B gathered rows, updated in place.
-        prefix = guide.prefix + "_"
-        scale = num_tasks / task_batch
-        guide_b = guide_for_num_tasks(guide, task_batch)
-        loss_b = elbo_loss(handlers.scale(model, scale=scale), handlers.scale(guide_b, scale=scale))
-        glob = {n: v for n, v in params.items() if not n.startswith(prefix)}
-        table = {n: v for n, v in params.items() if n.startswith(prefix)}
-        opt = optax.adam(1e-3)
-        state = (glob, table, opt.init(glob), opt.init(table))
+        # kind == "rows": the library's row-sparse step (task_batch_learner, no E-steps):
+        # the same objective on the B gathered rows, their Adam moments scattered back.
+        from metaprior.inference.local import task_batch_learner
 
-        def step(state, key, data):
-            glob, table, og, ot = state
-            k_idx, k_loss = jax.random.split(key)
-            idx = _subsample(k_idx, num_tasks, task_batch)
-            batch = jax.tree.map(lambda a: a[idx], data)
-            rows = _take_rows(table, idx, num_tasks)
-            grads = jax.grad(lambda g, r: loss_b({**g, **r}, k_loss, batch), argnums=(0, 1))(glob, rows)
-            upd, og = opt.update(grads[0], og, glob)
-            glob = optax.apply_updates(glob, upd)
-            ot_rows = _take_rows(ot, idx, num_tasks)
-            upd, ot_rows = opt.update(grads[1], ot_rows, rows)
-            rows = optax.apply_updates(rows, upd)
-            return glob, _put_rows(table, rows, idx, num_tasks), og, _put_rows(ot, ot_rows, idx, num_tasks)
-
-        return _compile(step, state, data, donate=True)
+        learner = task_batch_learner(model, guide, task_batch=task_batch, optimizer=optax.adam(1e-3),
+                                     local_optimizer=optax.adam(1e-3))
+        state = learner.init(params)
+        return _compile(lambda s, key, data: learner.step(key, s, data)[0], state, data, donate=True)
 
     return make
 
@@ -254,7 +213,7 @@ def harmonic_step(num_tasks: int, task_batch: int, width: int, *, kind: str = "d
 
 def maml_step(num_tasks: int, task_batch: int, filters: int, *, ways: int = 5, shots: int = 1, queries: int = 15,
               inner_steps: int = 1, image_size: int = 28, num_classes: int = 100,
-              examples_per_class: int = 20) -> Callable[[], Compiled]:
+              examples_per_class: int = 20, conv_impl: str = "shift") -> Callable[[], Compiled]:
     """One MAML meta-step of the Conv4 net (issue 4) on a meta-training set of ``num_tasks``
     fixed episodes (class and example indices into an image array); each step draws
     ``task_batch`` of them. Images are random: only the cost is measured."""
@@ -263,6 +222,7 @@ def maml_step(num_tasks: int, task_batch: int, filters: int, *, ways: int = 5, s
         import numpyro.distributions as dist
 
         from metaprior.data.episodes import sample_episode_indices
+        from metaprior.inference.local import subsample_indices
         from metaprior.inference.maml import SupportQuery, ml_point, nll_loss
         from metaprior.inference.meta import meta_learner
         from metaprior.models.nets import Conv4
@@ -270,7 +230,7 @@ def maml_step(num_tasks: int, task_batch: int, filters: int, *, ways: int = 5, s
         k = jax.random.split(jax.random.key(1), 4)
         images = jax.random.uniform(k[0], (num_classes, examples_per_class, image_size, image_size, 1))
         tasks = sample_episode_indices(k[1], num_classes, examples_per_class, num_tasks, ways, shots, queries)
-        net = Conv4(ways, filters=filters, image_size=image_size, key=k[2])
+        net = Conv4(ways, filters=filters, image_size=image_size, conv_impl=conv_impl, key=k[2])
         objective = ml_point(nll_loss(lambda n, x: n(x), lambda logits: dist.Categorical(logits=logits)),
                              optax.sgd(0.4), inner_steps)
         learner = meta_learner(objective, optax.adam(1e-3), has_aux=True)
@@ -278,7 +238,7 @@ def maml_step(num_tasks: int, task_batch: int, filters: int, *, ways: int = 5, s
 
         def sample_batch(key, data):
             images, tasks = data
-            idx = _subsample(key, num_tasks, task_batch)
+            idx = subsample_indices(key, num_tasks, task_batch)
             cls, ex = tasks.classes[idx], tasks.examples[idx]  # [B, ways], [B, ways, shots+queries]
             x = images[cls[:, :, None], ex]  # [B, ways, shots+queries, H, W, 1]
             y = jnp.broadcast_to(labels, (task_batch, ways, shots + queries))
@@ -354,6 +314,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=2, help="steps per timing round")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test")
     p.add_argument("--replot", action="store_true", help="only redraw the plots from --out")
+    p.add_argument("--maml-conv", choices=("lax", "shift"), default="shift",
+                   help="Conv4 conv_impl of the MAML step (shift: batched matmuls; lax: XLA's grouped conv)")
     args = p.parse_args(argv)
     if args.replot:
         report = json.loads(args.out.read_text())
@@ -371,7 +333,7 @@ def main(argv: list[str] | None = None) -> dict:
     task_counts = [100, 1000] if q else [100, 1000, 10000, 100000]
     report: dict = {
         "command": "python benchmarks/scaling.py" + (" --quick" if q else "")
-                   + f" --repeats {args.repeats} --steps {args.steps}",
+                   + f" --repeats {args.repeats} --steps {args.steps} --maml-conv {args.maml_conv}",
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpu_count": os.cpu_count(), "device": str(jax.devices()[0]),
                     "device_kind": jax.devices()[0].device_kind, "jax": jax.__version__,
@@ -428,7 +390,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     maml: dict = {"config": {"centre_num_tasks": n_mid, "task_batch": mb, "filters": mf, "ways": 5, "shots": 1,
                              "queries": 15, "inner_steps": 1, "second_order": True,
-                             "image_size": m_extra.get("image_size", 28)}}
+                             "image_size": m_extra.get("image_size", 28), "conv_impl": args.maml_conv}}
+    m_extra = {**m_extra, "conv_impl": args.maml_conv}
     configs, axes = {}, {"num_tasks": {}, "task_batch": {}, "width": {}}
     for n in task_counts:
         name = f"N{n}_B{mb}_F{mf}"

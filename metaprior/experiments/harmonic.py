@@ -23,8 +23,8 @@ from metaprior.data.tasks import TaskBatch, harmonic_fn, harmonic_tasks
 from metaprior.experiments._common import mean_ci95, save_datatree, save_figure
 from metaprior.experiments._registry import Experiment
 from metaprior.inference.guides import TaskIAFGuide, TaskNormalGuide
-from metaprior.inference.local import fit_local
-from metaprior.inference.meta import fit, meta_learner
+from metaprior.inference.local import fit_local, guide_for_num_tasks, task_batch_learner
+from metaprior.inference.meta import fit
 from metaprior.inference.svi import elbo_loss, init_params
 from metaprior.models.task_latent import make_task_latent_net, task_latent_model, task_latent_predict
 
@@ -46,6 +46,7 @@ class HarmonicConfig:
     num_steps: int = 5000
     learning_rate: float = 1e-3
     local_learning_rate: float = 0.03
+    local_steps: int = 5  # E-step iterations on the drawn tasks' guides per meta-step
     init_loc_scale: float = 0.0  # spread of initial task codes (see TaskNormalGuide.build)
     steps_per_call: int = 10
     eval_tasks: int = 100
@@ -93,21 +94,26 @@ def _build_guide(config: HarmonicConfig, rng_key, model, batch, **kwargs):
 
 def meta_train(rng_key, config: HarmonicConfig, train: TaskBatch, *, kl_weight: float, desc: str,
                checkpoint: Path | None = None):
-    """Meta-train the network and per-task guides; returns ``(net, FitResult)``."""
+    """Meta-train the network and per-task guides; returns ``(net, FitResult)``.
+
+    Variational EM over task batches (:func:`~metaprior.inference.local.task_batch_learner`):
+    each step refreshes the drawn tasks' guides with ``local_steps`` steps, then moves the
+    network and those guides along the subsampled ELBO's gradient.
+    """
     k_net, k_guide, k_init, k_fit = jax.random.split(rng_key, 4)
     net = make_task_latent_net(k_net, config.latent_dim, width=config.width, num_layers=config.num_layers)
     model = partial(task_latent_model, net=net, latent_dim=config.latent_dim)
-    kwargs = {"subsample_size": config.task_batch}
-    guide = _build_guide(config, k_guide, model, train, **kwargs)
-    params = init_params(k_init, model, guide, train, **kwargs)
-    loss = elbo_loss(model, guide, kl_weight=kl_weight, model_kwargs=kwargs)
-    # Each task's guide parameters get a gradient only when the task is in the batch
-    # (task_batch / num_tasks of the steps), so they need a larger step than the network.
-    labels = {k: ("net" if k == "net$params" else "local") for k in params}
-    optimizer = optax.multi_transform(
-        {"net": optax.adam(config.learning_rate), "local": optax.adam(config.local_learning_rate)}, labels
+    # Lay the guide out on two tasks (its layout depends on site shapes only) and stretch
+    # it to all of them: building on the full set would run the network on every task.
+    proto = jax.tree.map(lambda a: a[:2], train)
+    guide = guide_for_num_tasks(_build_guide(config, k_guide, model, proto), train.x.shape[0])
+    params = init_params(k_init, model, guide, train, subsample_size=config.task_batch)
+    learner = task_batch_learner(
+        model, guide, task_batch=config.task_batch, optimizer=optax.adam(config.learning_rate),
+        local_optimizer=optax.adam(config.local_learning_rate), local_steps=config.local_steps,
+        kl_weight=kl_weight,
     )
-    result = fit(k_fit, meta_learner(loss, optimizer), params, config.num_steps, data=train,
+    result = fit(k_fit, learner, params, config.num_steps, data=train,
                  steps_per_call=config.steps_per_call, desc=desc, checkpoint=checkpoint)
     trained = _with_params(net, result.state.params["net$params"])
     return trained, result

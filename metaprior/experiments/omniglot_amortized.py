@@ -91,6 +91,7 @@ class OmniglotAmortizedConfig:
     train_inner_steps: int = 5
     eval_inner_steps: tuple[int, ...] = (1, 5)
     filters: int = 64
+    conv_impl: str = "shift"  # per-task weights: batched matmuls, not XLA's grouped conv (nets.ShiftConv2d)
     hidden_size: int = 128
     noise_size: int = 16
     init_log_var: float = -10.0
@@ -153,7 +154,7 @@ def init_params(rng_key, config: OmniglotAmortizedConfig, ways: int) -> tuple[Am
     """The guide for a ``ways``-way Conv4 and the shared model parameters; also the template net."""
     k_net, k_embed, k_guide = jax.random.split(rng_key, 3)
     size = (config.image_size, config.image_size, 1)
-    net = Conv4(ways, filters=config.filters, image_size=config.image_size, key=k_net)
+    net = Conv4(ways, filters=config.filters, image_size=config.image_size, conv_impl=config.conv_impl, key=k_net)
     embed = Conv4(None, filters=config.filters, image_size=config.image_size, key=k_embed)
     guide = AmortizedLSTMGuide(weight_layers(net), embed, num_classes=ways, input_shape=size, key=k_guide,
                                hidden_size=config.hidden_size, noise_size=config.noise_size,
@@ -204,7 +205,8 @@ def train_maml(rng_key, config: OmniglotAmortizedConfig, images, ways: int, shot
     returns ``(theta, maml_config, FitResult)``."""
     k_net, k_fit = jax.random.split(rng_key)
     mcfg = maml_config(config, ways, shots)
-    theta = Conv4(ways, filters=config.filters, image_size=config.image_size, key=k_net)
+    theta = Conv4(ways, filters=config.filters, image_size=config.image_size, conv_impl=config.conv_impl,
+                  key=k_net)
     params, static = eqx.partition(theta, eqx.is_array)
     loss = lambda p, key, batch: maml_objective(mcfg)(eqx.combine(p, static), key, batch)
     optimizer = optax.chain(optax.clip_by_global_norm(10.0), optax.adam(config.learning_rate))

@@ -54,6 +54,7 @@ class OmniglotMAMLConfig:
 
     method: str = "maml"  # "maml" (ML-POINT) or "llama" (ML-LAPLACE)
     filters: int = 32
+    conv_impl: str = "shift"  # per-task kernels: batched matmuls, not XLA's grouped conv (see nets.ShiftConv2d)
     image_size: int = 28
     ways: int = 5
     train_shots: int = 1
@@ -178,7 +179,8 @@ def run(rng_key: jax.Array, config: OmniglotMAMLConfig, out_dir: Path) -> dict[s
     splits = omniglot_splits(image_size=config.image_size, rotations=True, seed=config.split_seed)
     train = jnp.asarray(splits["train"].images)
     k_init, k_train, k_val, k_test, k_post = jax.random.split(rng_key, 5)
-    net = Conv4(config.ways, filters=config.filters, image_size=config.image_size, key=k_init)
+    net = Conv4(config.ways, filters=config.filters, image_size=config.image_size, conv_impl=config.conv_impl,
+                key=k_init)
     learner = meta_learner(objective(config), optax.adam(config.meta_lr), has_aux=True)
     sampler = functools.partial(_train_batch, config=config)
     start = time.perf_counter()

@@ -12,7 +12,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-__all__ = ["MLP", "ResidualMLP", "BatchStatNorm", "Conv4", "conv4_output_size"]
+__all__ = ["MLP", "ResidualMLP", "BatchStatNorm", "ShiftConv2d", "Conv4", "conv4_output_size"]
 
 
 class MLP(eqx.Module):
@@ -104,6 +104,36 @@ def conv4_output_size(image_size: int, num_blocks: int = 4) -> int:
     return size
 
 
+class ShiftConv2d(eqx.nn.Conv2d):
+    """``eqx.nn.Conv2d`` computed as a sum of shifted matrix products, one per kernel tap.
+
+    ``y[:, i, j] = sum_{a, b} W[:, :, a, b] @ x_pad[:, i + a, j + b]`` (+ bias): the same
+    numbers as the convolution (float32 round-off aside), from pad, slice and ``dot``
+    only. Under ``vmap`` over per-task kernels (MAML's adapted weights, per-task weight
+    samples) XLA turns a convolution into a grouped one, which its CPU backend runs
+    ~14x slower than these batched matrix products (measured: ``benchmarks/conv_impl.py``);
+    with one shared kernel XLA's own convolution is ~2x faster, so that stays the default
+    of :class:`Conv4` (``conv_impl="lax"``). Any order of derivatives, ``jvp`` included.
+    Strided, dilated, grouped or non-zero-padded layers fall back to the parent.
+    """
+
+    def __call__(self, x: jax.Array, *, key: jax.Array | None = None) -> jax.Array:
+        if (self.groups != 1 or tuple(self.stride) != (1, 1) or tuple(self.dilation) != (1, 1)
+                or self.padding_mode != "ZEROS" or x.ndim != 3):
+            return super().__call__(x, key=key)
+        (top, bottom), (left, right) = self.padding
+        xp = jnp.pad(x, ((0, 0), (top, bottom), (left, right)))
+        kh, kw = self.kernel_size
+        height, width = xp.shape[1] - kh + 1, xp.shape[2] - kw + 1
+        out = 0.0
+        for a in range(kh):
+            for b in range(kw):
+                out = out + jnp.einsum("oc,chw->ohw", self.weight[:, :, a, b], xp[:, a : a + height, b : b + width])
+        if self.use_bias:
+            out = out + self.bias
+        return out
+
+
 class Conv4(eqx.Module):
     """The standard few-shot conv net: ``num_blocks`` x [3x3 conv, batch norm, ReLU,
     2x2 max-pool], then a linear head (Vinyals et al. 2016; Finn et al. 2017).
@@ -112,7 +142,9 @@ class Conv4(eqx.Module):
     With ``out_size=None`` it returns the flattened features ``[N, features]``.
 
     Attributes:
-        convs: the conv layers (weights ``[filters, in, 3, 3]``, bias ``[filters]``).
+        convs: the conv layers (weights ``[filters, in, 3, 3]``, bias ``[filters]``);
+            ``conv_impl="shift"`` makes them :class:`ShiftConv2d` (fast under ``vmap`` over
+            per-task weights on CPU), ``"lax"`` (default) plain ``eqx.nn.Conv2d``.
         norms: :class:`BatchStatNorm` per block (scale, shift).
         head: final :class:`equinox.nn.Linear` or ``None``.
     """
@@ -122,11 +154,14 @@ class Conv4(eqx.Module):
     head: eqx.nn.Linear | None
 
     def __init__(self, out_size: int | None, *, in_channels: int = 1, filters: int = 64,
-                 image_size: int = 28, num_blocks: int = 4, key: jax.Array):
+                 image_size: int = 28, num_blocks: int = 4, conv_impl: str = "lax", key: jax.Array):
+        if conv_impl not in ("lax", "shift"):
+            raise ValueError(f"conv_impl must be 'lax' or 'shift', got {conv_impl!r}")
+        conv_cls = ShiftConv2d if conv_impl == "shift" else eqx.nn.Conv2d
         keys = jax.random.split(key, num_blocks + 1)
         chans = (in_channels,) + (filters,) * num_blocks
         self.convs = tuple(
-            eqx.nn.Conv2d(a, b, kernel_size=3, padding=1, key=k)
+            conv_cls(a, b, kernel_size=3, padding=1, key=k)
             for a, b, k in zip(chans[:-1], chans[1:], keys[:-1])
         )
         self.norms = tuple(BatchStatNorm(filters) for _ in range(num_blocks))
