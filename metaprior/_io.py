@@ -1,4 +1,5 @@
-"""Atomic file writes shared by checkpoints, saved priors and experiment outputs."""
+"""Atomic file writes shared by checkpoints, saved priors and experiment outputs, and the
+matching checked read of a tagged ``.npz``."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["atomic_write_bytes", "atomic_path"]
+__all__ = ["atomic_write_bytes", "atomic_path", "read_tagged_npz"]
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -47,3 +48,26 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+def read_tagged_npz(path: str | os.PathLike, fmt: str, *, label: str, hint: str = "") -> dict:
+    """All arrays of an ``.npz`` written with a ``__format__`` tag, read without pickle.
+
+    Raises:
+        FileNotFoundError: no file at ``path`` (``"{label} {path} does not exist"``).
+        ValueError: the file is unreadable or corrupt (message ends with ``hint``), or
+            its ``__format__`` tag is not ``fmt``.
+    """
+    import numpy as np
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{label} {path} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except Exception as err:  # zipfile.BadZipFile, ValueError, OSError, EOFError ...
+        raise ValueError(f"{label} {path} is unreadable or corrupt ({err}){hint}") from err
+    if arrays.get("__format__", np.array("")).item() != fmt:
+        raise ValueError(f"{path} is not a {fmt} file")
+    return arrays

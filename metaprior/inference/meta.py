@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from metaprior._io import atomic_write_bytes
+from metaprior._io import atomic_write_bytes, read_tagged_npz
 
 __all__ = [
     "MetaState",
@@ -323,15 +323,7 @@ def load_checkpoint(path: str | os.PathLike, like: MetaState) -> tuple[MetaState
             match ``like`` (different model or optimizer); the message says which leaf.
     """
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
-    except Exception as err:  # zipfile.BadZipFile, ValueError, OSError, EOFError ...
-        raise ValueError(f"checkpoint {path} is unreadable or corrupt ({err}); delete it to start over") from err
-    if arrays.get("__format__", np.array("")).item() != _FORMAT:
-        raise ValueError(f"{path} is not a {_FORMAT} file")
+    arrays = read_tagged_npz(path, _FORMAT, label="checkpoint", hint="; delete it to start over")
     like_leaves, treedef = jax.tree.flatten(like)
     if arrays["__treedef__"].item() != _structure(treedef):
         raise ValueError(

@@ -63,7 +63,7 @@ import numpyro
 import numpyro.distributions as dist
 from numpyro.contrib.module import eqx_module
 
-from metaprior._io import atomic_write_bytes
+from metaprior._io import atomic_write_bytes, read_tagged_npz
 from metaprior.models.nets import MLP
 
 __all__ = [
@@ -489,15 +489,7 @@ class DeepWeightPrior(eqx.Module):
     def load_with_metadata(cls, path: str | os.PathLike) -> tuple[DeepWeightPrior, dict[str, Any]]:
         """:meth:`load`, also returning the ``metadata`` dict given to :meth:`save`."""
         path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"deep weight prior {path} does not exist")
-        try:
-            with np.load(path, allow_pickle=False) as f:
-                arrays = {k: f[k] for k in f.files}
-        except Exception as err:  # zipfile.BadZipFile, ValueError, OSError, EOFError ...
-            raise ValueError(f"{path} is unreadable or corrupt ({err})") from err
-        if arrays.get("__format__", np.array("")).item() != _FORMAT:
-            raise ValueError(f"{path} is not a {_FORMAT} file")
+        arrays = read_tagged_npz(path, _FORMAT, label="deep weight prior")
         configs = json.loads(arrays["__config__"].item())
         skeleton = cls([KernelVAE(key=jax.random.key(0), **c) for c in configs])
         params, static = eqx.partition(skeleton, eqx.is_array)
