@@ -7,7 +7,13 @@ Four small cases with a trustworthy reference posterior (see
   against the closed form.
 - ``bnn`` (b): a hierarchical Bayesian MLP (one hidden layer) on a few sinusoid tasks.
 - ``latent`` (c): the task-latent model of "Learning a Rich Prior" at a tiny size, with
-  the network ``alpha`` fitted first and then held fixed.
+  the network ``alpha`` fitted first and then held fixed, on tasks simulated from that
+  fixed model. With alpha fixed the tasks are independent and each posterior over
+  ``z_j`` has a few dimensions, so two-level grid quadrature gives an exact reference
+  (:func:`metaprior.inference.mcmc.grid_posterior`), and NUTS starts from each task's
+  best of many MAP restarts (:func:`metaprior.inference.mcmc.restart_init`): the
+  likelihood's noise is at most 0.101 by construction, so ``z`` has narrow local modes
+  that chains started at random never leave.
 - ``mixture`` (d): task clusters with each task's cluster index enumerated exactly
   (``TraceEnum_ELBO`` for SVI, enumeration inside NUTS).
 
@@ -57,15 +63,24 @@ class ValidateConfig:
         num_steps: SVI steps of every guide (and of the MAP under the Laplace methods).
         learning_rate: Adam step size of every guide.
         num_draws: draws taken from each approximation.
+        num_restarts: random starts per task of the ``*_restarts`` guides (new-task
+            inference, :func:`metaprior.inference.local.fit_local`, ``num_steps / 5``
+            steps each, 4 particles).
         num_heldout: held-out examples per task (predictive NLL and coverage).
         check_health: whether NUTS must meet ``rhat_max`` and ``ess_min`` (the run still
             finishes; the table says which cases failed and ``nuts_healthy`` is 0).
         *_tasks, *_examples: size of each case.
-        latent_family: ``"sinusoid"`` or ``"harmonic"`` tasks for case (c) (both families
-            of the harmonic issue; at this size both give a posterior over ``z`` with
-            separated narrow modes that NUTS chains do not cross, so (c) is reported as
-            not healthy: see ``benchmarks/README.md``).
-        latent_noise: observation noise of the case-(c) tasks.
+        latent_family: ``"sinusoid"`` or ``"harmonic"``: the tasks alpha is fitted on, and
+            the inputs of the case-(c) tasks.
+        latent_data: ``"model"`` (default): the case-(c) targets are simulated from the
+            fixed-alpha model at ``z_j ~ N(0, I)``; ``"family"``: the family's own targets
+            (then the posterior over ``z`` has several comparable narrow modes per task,
+            which NUTS chains do not cross: see ``benchmarks/README.md``).
+        latent_noise: observation noise of the family's targets.
+        latent_restarts: MAP restarts per task behind NUTS's starting points (0: NumPyro's
+            default random initialisation).
+        latent_grid: coarse grid cells per axis of the quadrature reference (0: none;
+            only for ``latent_dim <= 2``).
     """
 
     cases: tuple[str, ...] = CASES
@@ -77,6 +92,7 @@ class ValidateConfig:
     num_steps: int = 5000
     learning_rate: float = 0.01
     num_draws: int = 4000
+    num_restarts: int = 16
     num_heldout: int = 10
     check_health: bool = True
     rhat_max: float = 1.01
@@ -87,9 +103,12 @@ class ValidateConfig:
     bnn_examples: int = 8
     bnn_hidden: int = 10
     latent_family: str = "sinusoid"
+    latent_data: str = "model"
     latent_noise: float = 0.05
     latent_tasks: int = 4
-    latent_examples: int = 2
+    latent_examples: int = 8
+    latent_restarts: int = 64
+    latent_grid: int = 400
     latent_dim: int = 2
     latent_width: int = 32
     latent_layers: int = 2
@@ -106,6 +125,7 @@ def make_config(size: str) -> ValidateConfig:
             num_chains=2, num_warmup=150, num_samples=150, num_steps=200, num_draws=200,
             check_health=False, linear_tasks=4, bnn_tasks=3, bnn_examples=6, bnn_hidden=6,
             latent_tasks=3, latent_width=16, latent_pretrain_tasks=32, latent_pretrain_steps=100,
+            latent_restarts=8, latent_grid=100,
             mixture_tasks=12,
         )
     return ValidateConfig()
@@ -129,6 +149,8 @@ class Case(NamedTuple):
         local_sites: latent sites inside ``plate("tasks")``.
         exact: exact posterior draws ``{site: [draws, ...]}`` where known.
         note: one line for the table.
+        nuts_init: ``(rng_key, num_chains) -> (init_params, info)`` where chains must not
+            start at random (``info``: extra metrics), else ``None``.
     """
 
     name: str
@@ -140,9 +162,14 @@ class Case(NamedTuple):
     local_sites: tuple[str, ...]
     exact: dict | None = None
     note: str = ""
+    nuts_init: Callable | None = None
 
 
 GUIDES = ("autonormal", "automvn", "autoiaf", "task_normal", "task_iaf")
+# New-task inference (metaprior.inference.local.fit_local): the plate-aware guide fitted to
+# each task on its own from several random starts, the best kept by ELBO. Only for models
+# whose tasks share no latent (the prior held fixed), i.e. case (c).
+RESTART_GUIDES = {"task_normal_restarts": "TaskNormalGuide", "task_iaf_restarts": "TaskIAFGuide"}
 LAPLACE = ("laplace_full", "laplace_diag", "laplace_kfac")
 
 
@@ -190,10 +217,15 @@ def _fixed_alpha(model: Callable, params: dict) -> Callable:
 
 
 def _case_latent(rng_key, cfg: ValidateConfig) -> Case:
-    from metaprior.data.tasks import harmonic_tasks, sinusoid_tasks
+    from numpyro.infer import Predictive
+
+    from metaprior.data.tasks import TaskBatch, harmonic_tasks, sinusoid_tasks
+    from metaprior.inference.mcmc import grid_posterior, per_task_log_joint, restart_init
     from metaprior.models.task_latent import make_task_latent_net, task_latent_model
 
-    k_net, k_pre, k_fit, k_data = jax.random.split(rng_key, 4)
+    if cfg.latent_data not in ("model", "family"):
+        raise ValueError(f"latent_data must be 'model' or 'family', got {cfg.latent_data!r}")
+    k_net, k_pre, k_fit, k_data, k_sim, k_grid = jax.random.split(rng_key, 6)
     net = make_task_latent_net(k_net, cfg.latent_dim, width=cfg.latent_width, num_layers=cfg.latent_layers)
     kwargs = {"net": net, "latent_dim": cfg.latent_dim}
     if cfg.latent_family == "harmonic":
@@ -210,11 +242,45 @@ def _case_latent(rng_key, cfg: ValidateConfig) -> Case:
     svi = SVI(task_latent_model, guide, optax.adam(3e-3), Trace_ELBO())
     fit = svi.run(k_fit, cfg.latent_pretrain_steps, pre, progress_bar=False, **kwargs)
     alpha = {k: v for k, v in fit.params.items() if k.startswith("net")}
+    model = _fixed_alpha(task_latent_model, alpha)
     batch = tasks(k_data, cfg.latent_tasks, cfg.latent_examples + cfg.num_heldout)
+    if cfg.latent_data == "model":  # targets from the fixed model itself, at z_j ~ N(0, I)
+        simulated = Predictive(model, num_samples=1)(k_sim, TaskBatch(batch.x, None, batch.mask), **kwargs)
+        batch = TaskBatch(batch.x, simulated["y"][0], batch.mask)
     train, test = _split(batch, cfg.latent_examples)
-    return Case("latent", _fixed_alpha(task_latent_model, alpha), train, test, kwargs, GUIDES, ("z",), None,
-                f"{cfg.latent_tasks} {cfg.latent_family} tasks x {cfg.latent_examples} points, z in R^{cfg.latent_dim}, "
-                f"alpha fixed after {cfg.latent_pretrain_steps} SVI steps on {cfg.latent_pretrain_tasks} tasks")
+
+    exact = None
+    if cfg.latent_grid > 0 and cfg.latent_dim <= 2:
+        # alpha fixed: the tasks are independent, each posterior over z_j is a density on
+        # R^d, d <= 2, integrated on a grid (every mode, however many).
+        per_task = []
+        for j, key in enumerate(jax.random.split(k_grid, cfg.latent_tasks)):
+            def log_density(z, j=j):
+                m = z.shape[0]
+                one = TaskBatch(jnp.broadcast_to(train.x[j], (m, *train.x.shape[1:])),
+                                jnp.broadcast_to(train.y[j], (m, *train.y.shape[1:])),
+                                jnp.broadcast_to(train.mask[j], (m, *train.mask.shape[1:])))
+                return per_task_log_joint(model, one, values={"z": z[:, None, :]}, **kwargs)
+
+            draws, _ = grid_posterior(key, log_density, cfg.latent_dim, cfg.num_draws, coarse=cfg.latent_grid)
+            per_task.append(draws)
+        exact = {"z": np.stack(per_task, 1)[:, :, None, :].astype(np.float32)}
+
+    nuts_init = None
+    if cfg.latent_restarts > 0:
+        def nuts_init(key, num_chains):
+            found = restart_init(key, model, train, site="z", num_chains=num_chains,
+                                 num_starts=cfg.latent_restarts, **kwargs)
+            return found.init_params, {"mode_gap_min": float(np.min(found.gap))}
+
+    source = "simulated from the fixed model" if cfg.latent_data == "model" else f"{cfg.latent_family} targets"
+    return Case("latent", model, train, test, kwargs, GUIDES + tuple(RESTART_GUIDES), ("z",), exact,
+                f"{cfg.latent_tasks} {cfg.latent_family}-input tasks x {cfg.latent_examples} points ({source}), "
+                f"z in R^{cfg.latent_dim}, alpha fixed after {cfg.latent_pretrain_steps} SVI steps on "
+                f"{cfg.latent_pretrain_tasks} tasks" + (", exact = grid quadrature" if exact is not None else "")
+                + (f", NUTS chains start at the best of {cfg.latent_restarts} MAP restarts per task"
+                   if nuts_init is not None else ""),
+                nuts_init)
 
 
 def _case_mixture(rng_key, cfg: ValidateConfig) -> Case:
@@ -255,6 +321,19 @@ def _svi_draws(rng_key, case: Case, guide, cfg: ValidateConfig, discrete: list[s
         raise FloatingPointError(f"{case.name}: SVI loss is {fit.losses[-1]}")
     return Predictive(guide, params=fit.params, num_samples=cfg.num_draws, parallel=True)(
         k_draw, case.train, **case.kwargs)
+
+
+def _restart_draws(rng_key, case: Case, cfg: ValidateConfig, cls_name: str, continuous: list[str]) -> dict:
+    from metaprior.inference import guides as lib_guides
+    from metaprior.inference.local import fit_local
+
+    k_build, k_fit, k_draw = jax.random.split(rng_key, 3)
+    guide = getattr(lib_guides, cls_name).build(k_build, case.model, case.train, **case.kwargs)
+    fit = fit_local(k_fit, case.model, guide, case.train, num_steps=cfg.num_steps // 5,
+                    num_restarts=cfg.num_restarts, model_kwargs=case.kwargs)
+    draws = Predictive(fit.guide, params=fit.params, num_samples=cfg.num_draws, parallel=True)(
+        k_draw, case.train, **case.kwargs)
+    return {k: v for k, v in draws.items() if k in continuous}
 
 
 def _task_guide(rng_key, case: Case, cls_name: str, continuous: list[str], discrete: list[str]):
@@ -328,6 +407,8 @@ def fit_method(rng_key, case: Case, method: str, cfg: ValidateConfig, cache: dic
         guide = _task_guide(rng_key, case, "TaskNormalGuide", continuous, discrete)
     elif method == "task_iaf":
         guide = _task_guide(rng_key, case, "TaskIAFGuide", continuous, discrete)
+    elif method in RESTART_GUIDES:
+        return _restart_draws(rng_key, case, cfg, RESTART_GUIDES[method], continuous)
     else:
         raise ValueError(f"unknown method {method!r}")
     draws = _svi_draws(rng_key, case, guide, cfg, discrete)
@@ -387,9 +468,10 @@ def run(rng_key, config: ValidateConfig, out_dir: Path) -> dict[str, float]:
     unknown = set(config.cases) - set(CASES)
     if unknown:
         raise ValueError(f"unknown case(s) {sorted(unknown)}; known: {CASES}")
-    unknown = set(config.methods) - {"exact", *GUIDES, *LAPLACE}
+    known = ("exact", *GUIDES, *RESTART_GUIDES, *LAPLACE)
+    unknown = set(config.methods) - set(known)
     if unknown:
-        raise ValueError(f"unknown method(s) {sorted(unknown)}; known: exact, {', '.join(GUIDES + LAPLACE)}")
+        raise ValueError(f"unknown method(s) {sorted(unknown)}; known: {', '.join(known)}")
     metrics: dict[str, float] = {}
     report: list[dict] = []
     for i, name in enumerate(config.cases):
@@ -400,9 +482,13 @@ def run(rng_key, config: ValidateConfig, out_dir: Path) -> dict[str, float]:
         setup_s = time.perf_counter() - start
 
         start = time.perf_counter()
+        init_params = None
+        if case.nuts_init is not None:
+            init_params, info = case.nuts_init(jax.random.fold_in(k_nuts, 1), config.num_chains)
+            metrics.update({f"{key}_{name}": value for key, value in info.items()})
         mcmc = run_nuts(k_nuts, case.model, case.train, num_chains=config.num_chains,
                         num_warmup=config.num_warmup, num_samples=config.num_samples,
-                        target_accept_prob=config.target_accept_prob, **case.kwargs)
+                        target_accept_prob=config.target_accept_prob, init_params=init_params, **case.kwargs)
         nuts_s = time.perf_counter() - start
         health = nuts_health(mcmc)
         _log(f"{name}/nuts: {nuts_s:.1f} s, max R-hat {health.rhat_max:.4f}, min bulk ESS {health.ess_bulk_min:.0f}")
@@ -579,7 +665,9 @@ rhat_max_{case}, ess_bulk_min_{case}, divergences_{case}, nuts_healthy_{case}: N
 nuts_healthy: 1 when every case met R-hat <= 1.01 and bulk ESS >= 400
 w1_{case}_{method}: mean 1-D Wasserstein distance to NUTS per scalar, in NUTS sds
 mean_err_{case}_{method}, sd_ratio_{case}_{method}: mean error (NUTS sds), sd ratio (geo. mean)
-w1exact_linear_{method}: the same distance to the closed-form posterior (nuts included)
+w1exact_{case}_{method}: the same distance to the exact posterior (nuts included): the closed
+  form on linear, grid quadrature on latent
+mode_gap_min_latent: nats between each task's best MAP restart and the next mode found (min)
 nll_{case}_{method}, coverage90_{case}_{method}: held-out predictive NLL and 90% coverage
 cluster_err_mixture_{method}: max |p(c_j=k) - p_NUTS(c_j=k)| over tasks and clusters
 cases: linear (a), bnn (b), latent (c), mixture (d)"""

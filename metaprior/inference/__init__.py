@@ -25,12 +25,15 @@ __all__ = [*globals().get("__all__", ()),
 from metaprior.inference.diagnostics import (  # noqa: E402
     expected_calibration_error, from_guide, from_mcmc, from_samples, plot_reliability,
     predictive_scores, reliability_curve, save_posterior, to_datatree)
-from metaprior.inference.mcmc import NutsHealth, default_chain_method, nuts_health, run_nuts  # noqa: E402
+from metaprior.inference.mcmc import (  # noqa: E402
+    NutsHealth, RestartInit, default_chain_method, grid_posterior, nuts_health, per_task_log_joint, restart_init,
+    run_nuts)
 
 __all__ = [*globals().get("__all__", ()),
            "expected_calibration_error", "from_guide", "from_mcmc", "from_samples", "plot_reliability",
            "predictive_scores", "reliability_curve", "save_posterior", "to_datatree",
-           "NutsHealth", "default_chain_method", "nuts_health", "run_nuts"]
+           "NutsHealth", "RestartInit", "default_chain_method", "grid_posterior", "nuts_health",
+           "per_task_log_joint", "restart_init", "run_nuts"]
 # --- end of issue 8 block ---
 
 # --- Flipout and weight-noise estimators (issue 5) ---
