@@ -121,7 +121,7 @@ class ValidateConfig:
 def make_config(size: str) -> ValidateConfig:
     if size == "quick":
         return ValidateConfig(
-            methods=("exact", "autonormal", "task_iaf", "laplace_kfac"),
+            methods=("exact", "autonormal", "laplace_kfac"),  # the task guides: tests/test_guides.py
             num_chains=2, num_warmup=150, num_samples=150, num_steps=200, num_draws=200,
             check_health=False, linear_tasks=4, bnn_tasks=3, bnn_examples=6, bnn_hidden=6,
             latent_tasks=3, latent_width=16, latent_pretrain_tasks=32, latent_pretrain_steps=100,
