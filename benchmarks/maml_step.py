@@ -36,8 +36,8 @@ from metaprior.models.nets import Conv4
 HERE = Path(__file__).resolve().parent
 
 
-def jax_step_seconds(tasks, ways, shots, queries, inner_steps, filters, repeats):
-    net = Conv4(ways, filters=filters, key=jax.random.key(0))
+def jax_step_seconds(tasks, ways, shots, queries, inner_steps, filters, repeats, conv_impl="shift"):
+    net = Conv4(ways, filters=filters, conv_impl=conv_impl, key=jax.random.key(0))
     loss = nll_loss(lambda n, x: n(x), lambda f: dist.Categorical(logits=f))
     learner = meta_learner(ml_point(loss, optax.sgd(0.4), inner_steps), optax.adam(1e-3), has_aux=True)
     k1, k2 = jax.random.split(jax.random.key(1))
@@ -72,11 +72,14 @@ def main(argv=None):
     p.add_argument("--inner-steps", type=int, nargs="+", default=[1, 5])
     p.add_argument("--filters", type=int, default=32)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--conv-impl", choices=["shift", "lax"], default="shift",
+                   help="JAX conv layers: per-task kernels as shifted matmuls (the experiments' choice) or XLA conv")
     p.add_argument("--out", type=Path, default=HERE / "results" / "maml_step.json")
     a = p.parse_args(argv)
     rows = []
     for k in a.inner_steps:
-        times, compile_s = jax_step_seconds(a.tasks, a.ways, a.shots, a.queries, k, a.filters, a.repeats)
+        times, compile_s = jax_step_seconds(a.tasks, a.ways, a.shots, a.queries, k, a.filters, a.repeats,
+                                            a.conv_impl)
         row = {"inner_steps": k, "jax_median_s": float(np.median(times)), "jax_seconds": times,
                "jax_compile_s": compile_s}
         if a.peer_python:
@@ -91,7 +94,8 @@ def main(argv=None):
         rows.append(row)
         print(json.dumps({k2: v for k2, v in row.items() if not k2.endswith("seconds")}), flush=True)
     result = {"benchmark": "maml_step", "tasks": a.tasks, "ways": a.ways, "shots": a.shots,
-              "queries": a.queries, "filters": a.filters, "repeats": a.repeats, "rows": rows,
+              "queries": a.queries, "filters": a.filters, "repeats": a.repeats, "conv_impl": a.conv_impl,
+              "rows": rows,
               "jax": jax.__version__, "machine": f"{platform.machine()} {platform.processor()}".strip(),
               "command": " ".join([Path(sys.executable).name, *sys.argv])}
     a.out.parent.mkdir(parents=True, exist_ok=True)
