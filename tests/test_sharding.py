@@ -333,16 +333,21 @@ def _four_devices(out: str) -> None:
     plain = fit(key, meta_learner(loss_plain, optax.adam(1e-2)), params, 6, data=data, progress=False)
     meshed = fit(key, meta_learner(loss_plate, optax.adam(1e-2)), params, 6, data=data, progress=False,
                  mesh=mesh)
-    state = meshed.state
-    report["fit_elbo"] = {
-        "losses_plain": plain.losses.tolist(), "losses_mesh": meshed.losses.tolist(),
-        "param_rel_err": _rel_err(state.params, plain.state.params),
-        "state_per_task_specs": sorted({str(v.sharding.spec) for n, v in state.params.items()
-                                        if np.shape(v)[:1] == (num_tasks,)}),
-        "opt_state_split_leaves": sum(
-            1 for leaf in jax.tree.leaves(state.opt_state)
-            if np.shape(leaf)[:1] == (num_tasks,) and _rows(leaf) == [num_tasks // 4] * 4),
-    }
+    def compare_fits(plain, meshed, opt_state):
+        """Losses and parameters of both runs, how the meshed run's per-task state is laid
+        out, and how many per-task leaves of ``opt_state`` are split in four."""
+        return {
+            "losses_plain": plain.losses.tolist(), "losses_mesh": meshed.losses.tolist(),
+            "param_rel_err": _rel_err(meshed.state.params, plain.state.params),
+            "state_per_task_specs": sorted({str(v.sharding.spec) for n, v in meshed.state.params.items()
+                                            if np.shape(v)[:1] == (num_tasks,)}),
+            "split_leaves": sum(
+                1 for leaf in jax.tree.leaves(opt_state)
+                if np.shape(leaf)[:1] == (num_tasks,) and _rows(leaf) == [num_tasks // 4] * 4),
+        }
+
+    report["fit_elbo"] = compare_fits(plain, meshed, meshed.state.opt_state)
+    report["fit_elbo"]["opt_state_split_leaves"] = report["fit_elbo"].pop("split_leaves")
 
     # ---- the library's row-sparse step (task_batch_learner, with E-steps) on and off a mesh
     from metaprior.inference.local import task_batch_learner
@@ -352,17 +357,9 @@ def _four_devices(out: str) -> None:
         model_kwargs={k: v for k, v in kwargs.items() if k != "subsample_size"})
     plain = fit(key, rows_learner, params, 6, data=data, progress=False)
     meshed = fit(key, rows_learner, params, 6, data=data, progress=False, mesh=mesh)
-    state = meshed.state
-    report["fit_rows"] = {
-        "losses_plain": plain.losses.tolist(), "losses_mesh": meshed.losses.tolist(),
-        "param_rel_err": _rel_err(state.params, plain.state.params),
-        "state_per_task_specs": sorted({str(v.sharding.spec) for n, v in state.params.items()
-                                        if np.shape(v)[:1] == (num_tasks,)}),
-        "row_opt_split_leaves": sum(
-            1 for leaf in jax.tree.leaves(state.opt_state.rows)
-            if np.shape(leaf)[:1] == (num_tasks,) and _rows(leaf) == [num_tasks // 4] * 4),
-        "row_opt_leaves": len(jax.tree.leaves(state.opt_state.rows)),
-    }
+    report["fit_rows"] = compare_fits(plain, meshed, meshed.state.opt_state.rows)
+    report["fit_rows"]["row_opt_split_leaves"] = report["fit_rows"].pop("split_leaves")
+    report["fit_rows"]["row_opt_leaves"] = len(jax.tree.leaves(meshed.state.opt_state.rows))
 
     # ---- a MAML-shaped step: tasks drawn by a sampler, vmap over tasks
     num_tasks, batch_size = 64, 8
