@@ -24,6 +24,7 @@ from metaprior.inference.synthetic_gradients import (
 )
 from metaprior.models.nets import Conv4
 from metaprior.models.sib import (
+    SyntheticGradientNet,
     cosine_logits,
     embed_classes,
     init_sib_params,
@@ -256,6 +257,29 @@ def test_model_and_guide_site_shapes(rng_key, params, episodes):
     prior_trace = numpyro.handlers.trace(numpyro.handlers.seed(sib_model, rng_key)).get_trace(
         params, episodes._replace(query_y=None), num_ways=WAYS)
     assert not prior_trace["y"]["is_observed"] and prior_trace["y"]["value"].shape == (TASKS, n)
+
+
+@pytest.mark.parametrize("query_norm", [True, False])
+def test_xi_is_permutation_equivariant_over_queries(rng_key, query_norm):
+    # Exact invariance: relabelling the queries relabels xi's outputs the same way.
+    k_net, k_pert, k_x, k_perm = jax.random.split(rng_key, 4)
+    xi = SyntheticGradientNet(WAYS, 8 * WAYS, query_norm=query_norm, key=k_net)
+    np.testing.assert_array_equal(xi(jnp.ones((4, WAYS))), 0.0)  # output layer starts at zero
+    leaves, treedef = jax.tree.flatten(xi)
+    keys = jax.random.split(k_pert, len(leaves))
+    xi = jax.tree.unflatten(treedef, [x + 0.3 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+    logits = 3.0 * jax.random.normal(k_x, (9, WAYS))
+    perm = jax.random.permutation(k_perm, 9)
+    np.testing.assert_allclose(xi(logits[perm]), xi(logits)[perm], rtol=1e-5, atol=1e-6)
+    # With query_norm a query's estimate depends on the rest of the set; without, it does not.
+    alone = xi(logits[:1])[0]
+    in_set = xi(logits)[0]
+    if query_norm:
+        assert float(jnp.max(jnp.abs(alone - in_set))) > 1e-3
+    else:
+        np.testing.assert_allclose(alone, in_set, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="queries, ways"):
+        xi(logits[0])
 
 
 def test_posterior_never_reads_query_labels(rng_key, params, episodes):

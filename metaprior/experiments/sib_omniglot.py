@@ -69,6 +69,9 @@ class SIBOmniglotConfig:
     # the KL part of each step pulls every class towards the shared prior mean.
     inner_lr: float = 0.01
     init_std: float = 0.1
+    # xi's hidden layers batch-normalised over each task's queries, as in the authors'
+    # dni_linear (False: xi sees each query's logits alone). benchmarks/README.md "SIB".
+    xi_query_norm: bool = True
     task_batch: int = 32
     num_steps: int = 3000
     learning_rate: float = 1e-3
@@ -115,7 +118,8 @@ def meta_train(rng_key, config: SIBOmniglotConfig, features, shots: int, num_ste
                checkpoint: Path | None = None):
     """SIB meta-training on embedded training classes ``[classes, examples, features]``."""
     k_init, k_fit = jax.random.split(rng_key)
-    params = init_sib_params(k_init, features.shape[-1], config.ways, init_std=config.init_std)
+    params = init_sib_params(k_init, features.shape[-1], config.ways, init_std=config.init_std,
+                             query_norm=config.xi_query_norm)
     loss = functools.partial(sib_loss, **_inference_kwargs(config, num_steps))
     optimizer = optax.chain(optax.clip_by_global_norm(10.0), optax.adam(config.learning_rate))
     sampler = lambda k, d: sample_episodes(k, d, config.task_batch, config.ways, shots, config.queries)

@@ -24,12 +24,12 @@ __all__ = [
 
 # --- SIB: empirical Bayes with synthetic gradients (issue 7) ---
 from metaprior.models.sib import (  # noqa: E402
-    SIBParams, cosine_logits, embed_classes, init_sib_params, pretrain_loss,
+    SIBParams, SyntheticGradientNet, cosine_logits, embed_classes, init_sib_params, pretrain_loss,
     sample_classification_batch, sib_guide, sib_loss, sib_model, sib_posterior, sib_predict,
     support_initializer)
 
 __all__ = [*globals().get("__all__", ()),
-           "SIBParams", "cosine_logits", "embed_classes", "init_sib_params", "pretrain_loss",
+           "SIBParams", "SyntheticGradientNet", "cosine_logits", "embed_classes", "init_sib_params", "pretrain_loss",
            "sample_classification_batch", "sib_guide", "sib_loss", "sib_model", "sib_posterior",
            "sib_predict", "support_initializer"]
 # --- end of issue 7 block ---

@@ -15,8 +15,9 @@ inner loop (:mod:`metaprior.inference.synthetic_gradients`, equation (9)) starte
 - ``lambda``: the per-class mean of the (normalised) support features scaled per
   dimension by a learned vector, with a learned initial log-scale;
 - ``xi``: a 3-layer MLP (hidden size ``8 * ways``) mapping each query prediction
-  ``y_hat_ij`` (logits) to an estimate of ``dL/dy_hat_ij``; it sees only the
-  unlabelled query inputs, so inference is transductive.
+  ``y_hat_ij`` (logits) to an estimate of ``dL/dy_hat_ij``, its hidden layers
+  normalised over the task's queries (:class:`SyntheticGradientNet`); it sees only
+  the unlabelled query inputs, so inference is transductive.
 
 Meta-training maximises the ELBO of the query labels (:func:`sib_loss`, NumPyro's
 ``TraceMeanField_ELBO``: closed-form KL) by back-propagating through the ``T`` steps.
@@ -51,10 +52,11 @@ from metaprior.inference.synthetic_gradients import (
     run_synthetic_gradient_vi,
     synthetic_gradient_vi,
 )
-from metaprior.models.nets import MLP, Conv4
+from metaprior.models.nets import Conv4
 
 __all__ = [
     "SIBParams",
+    "SyntheticGradientNet",
     "init_sib_params",
     "cosine_logits",
     "support_initializer",
@@ -69,6 +71,49 @@ __all__ = [
 ]
 
 
+class SyntheticGradientNet(eqx.Module):
+    """``xi``: logits of a task's queries ``[queries, ways] -> [queries, ways]``.
+
+    Three linear layers ``k -> h -> h -> k`` with ReLU. With ``query_norm=True`` each
+    hidden layer is batch-normalised over the task's queries (statistics of this task's
+    unlabelled set, learned scale and shift), as the authors' ``dni_linear`` is
+    (BatchNorm1d kept in training mode at test time). Each query's estimated gradient
+    then depends on the whole query set (how the task's predictions are spread over
+    the classes), not on its own logits alone. With ``query_norm=False`` it is a plain
+    per-query MLP. The output layer starts at zero.
+
+    References:
+        Hu et al. (2020), Algorithm 1 and the authors' code (``networks.dni_linear``).
+    """
+
+    layers: tuple[eqx.nn.Linear, eqx.nn.Linear, eqx.nn.Linear]
+    norm_scale: tuple[jax.Array, jax.Array]
+    norm_shift: tuple[jax.Array, jax.Array]
+    query_norm: bool = eqx.field(static=True)
+
+    def __init__(self, num_ways: int, hidden: int, *, query_norm: bool = True, key: jax.Array):
+        k1, k2, k3 = jax.random.split(key, 3)
+        last = eqx.nn.Linear(hidden, num_ways, key=k3)
+        last = eqx.tree_at(lambda m: (m.weight, m.bias), last,
+                           (jnp.zeros_like(last.weight), jnp.zeros_like(last.bias)))
+        self.layers = (eqx.nn.Linear(num_ways, hidden, key=k1), eqx.nn.Linear(hidden, hidden, key=k2), last)
+        self.norm_scale = (jnp.ones((hidden,)), jnp.ones((hidden,)))
+        self.norm_shift = (jnp.zeros((hidden,)), jnp.zeros((hidden,)))
+        self.query_norm = query_norm
+
+    def __call__(self, logits: jax.Array) -> jax.Array:
+        if logits.ndim != 2:
+            raise ValueError(f"xi takes one task's logits [queries, ways], got shape {logits.shape}")
+        h = logits
+        for layer, scale, shift in zip(self.layers[:2], self.norm_scale, self.norm_shift):
+            h = jax.nn.relu(jax.vmap(layer)(h))
+            if self.query_norm:
+                mean = jnp.mean(h, axis=0)
+                var = jnp.var(h, axis=0)
+                h = (h - mean) * jax.lax.rsqrt(var + 1e-5) * scale + shift
+        return jax.vmap(self.layers[2])(h)
+
+
 class SIBParams(eqx.Module):
     """Meta-parameters of SIB (a pytree of arrays).
 
@@ -78,8 +123,8 @@ class SIBParams(eqx.Module):
         init_scale: ``[features]`` per-dimension scale of ``lambda``'s class means.
         init_log_scale: ``[features]`` log standard deviation of ``q^0``.
         log_logit_scale: scalar, log of the cosine classifier's temperature ``s``.
-        synthetic_gradient: ``xi``, an :class:`~metaprior.models.nets.MLP`
-            ``[ways] -> [ways]`` with two hidden layers of ``8 * ways`` units.
+        synthetic_gradient: ``xi``, a :class:`SyntheticGradientNet`
+            ``[queries, ways] -> [queries, ways]`` with two hidden layers of ``8 * ways`` units.
     """
 
     prior_loc: jax.Array
@@ -87,7 +132,7 @@ class SIBParams(eqx.Module):
     init_scale: jax.Array
     init_log_scale: jax.Array
     log_logit_scale: jax.Array
-    synthetic_gradient: MLP
+    synthetic_gradient: SyntheticGradientNet
 
 
 def init_sib_params(
@@ -97,6 +142,7 @@ def init_sib_params(
     *,
     init_std: float = 0.1,
     logit_scale: float = 10.0,
+    query_norm: bool = True,
 ) -> SIBParams:
     """Initial meta-parameters.
 
@@ -111,11 +157,12 @@ def init_sib_params(
         num_ways: classes per task ``k`` (``xi`` is ``k -> 8k -> 8k -> k``).
         init_std: initial standard deviation of ``q^0``.
         logit_scale: initial cosine-classifier temperature.
+        query_norm: normalise ``xi``'s hidden layers over each task's queries
+            (:class:`SyntheticGradientNet`); ``False`` makes ``xi`` act on each query alone.
     """
-    xi = MLP(num_ways, num_ways, (8 * num_ways, 8 * num_ways), key=rng_key)
-    last = xi.layers[-1]
-    xi = eqx.tree_at(lambda m: (m.layers[-1].weight, m.layers[-1].bias), xi,
-                     (jnp.zeros_like(last.weight), jnp.zeros_like(last.bias)))
+    if num_ways < 2:
+        raise ValueError(f"num_ways must be at least 2, got {num_ways}")
+    xi = SyntheticGradientNet(num_ways, 8 * num_ways, query_norm=query_norm, key=rng_key)
     zeros = jnp.zeros((num_features,))
     return SIBParams(
         prior_loc=zeros,
@@ -204,7 +251,7 @@ def sib_posterior(
     """
     algorithm = synthetic_gradient_vi(
         predict_fn=lambda w, qx: cosine_logits(w, qx, params.log_logit_scale),
-        synthetic_gradient_fn=jax.vmap(params.synthetic_gradient),   # xi on each query
+        synthetic_gradient_fn=params.synthetic_gradient,   # xi on the task's query logits
         init_fn=lambda support: support_initializer(params, *support, num_ways),
         prior=_prior(params),
         optimizer=inner_optimizer,
