@@ -401,6 +401,37 @@ def test_sample_networks_work_with_filter_vmap(mlp_data, rng_key):
     np.testing.assert_allclose(out, L.predictive(rng_key, post, x, apply_fn=L.vmap_apply, num_samples=4), rtol=1e-6)
 
 
+def test_glm_predictive_is_the_linearised_network(mlp_data, rng_key):
+    # pred_type="glm": each sample is f(x; phi_hat) + J (phi_s - phi_hat) with the dense
+    # Jacobian J of the outputs, for the very same weight draws that "nn" uses.
+    net, x, y = mlp_data
+    post = posterior(net, x, y, "kfac", prior_precision=2.0)
+    glm = L.predictive(rng_key, post, x, apply_fn=L.vmap_apply, num_samples=5, pred_type="glm")
+    flat_mean, unravel = ravel_pytree(post.mean)
+    f = lambda flat: L.vmap_apply(eqx.combine(unravel(flat), post.rest), x)  # noqa: E731
+    jac = jax.jacobian(f)(flat_mean)  # [N, C, P]
+    draws = jax.vmap(lambda p: ravel_pytree(p)[0])(L.sample_params(rng_key, post, 5))  # [S, P]
+    expected = f(flat_mean)[None] + jnp.einsum("ncp,sp->snc", jac, draws - flat_mean)
+    np.testing.assert_allclose(glm, expected, rtol=1e-4, atol=1e-5)
+    # the network is not linear in its weights, so the two predictives differ ...
+    nn = L.predictive(rng_key, post, x, apply_fn=L.vmap_apply, num_samples=5)
+    assert float(jnp.max(jnp.abs(nn - glm))) > 1e-3
+
+
+def test_glm_predictive_equals_nn_for_a_model_linear_in_its_weights(rng_key):
+    # ... but for a single linear layer they are the same function of the same draws.
+    k1, k2, k3 = jax.random.split(rng_key, 3)
+    layer = eqx.nn.Linear(3, 2, key=k1)
+    x = jax.random.normal(k2, (7, 3))
+    y = jax.random.randint(k3, (7,), 0, 2)
+    post = posterior(layer, x, y, "kfac", prior_precision=0.5)
+    nn = L.predictive(rng_key, post, x, apply_fn=L.vmap_apply, num_samples=6)
+    glm = L.predictive(rng_key, post, x, apply_fn=L.vmap_apply, num_samples=6, pred_type="glm")
+    np.testing.assert_allclose(glm, nn, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="pred_type"):
+        L.predictive(rng_key, post, x, apply_fn=L.vmap_apply, num_samples=2, pred_type="probit")
+
+
 def test_fisher_mc_is_unbiased_for_exact(mlp_data, rng_key):
     # E over sampled outputs of the MC Fisher is the exact Fisher (full structure).
     net, x, y = mlp_data

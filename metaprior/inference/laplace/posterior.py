@@ -198,14 +198,30 @@ def predictive(
     *,
     apply_fn: Callable[[PyTree, jax.Array], jax.Array],
     num_samples: int,
+    pred_type: str = "nn",
 ) -> jax.Array:
     """Monte Carlo predictive: network outputs ``[S, N, C]`` under sampled weights.
 
     Push them through the likelihood for predictive samples or probabilities (e.g.
     ``softmax(f).mean(0)`` for classification).
+
+    Args:
+        pred_type: ``"nn"`` runs the network at each sampled ``phi_s``. ``"glm"`` runs
+            its linearisation at the mode instead, ``f(x; phi_hat) + J(x) (phi_s - phi_hat)``
+            (one ``jax.linearize``, then a Jacobian-vector product per sample): the
+            generalised-linear-model predictive of Immer et al. (2021), the default of
+            laplace-torch. The Laplace posterior is the exact posterior of that
+            linearised model, so its samples stay centred on the mode's outputs; sampling
+            the network itself (``"nn"``) moves the mean and is known to underfit.
     """
+    if pred_type not in ("nn", "glm"):
+        raise ValueError(f"pred_type must be 'nn' or 'glm', got {pred_type!r}")
     params = sample_params(rng_key, posterior, num_samples)
-    return jax.vmap(lambda p: apply_fn(eqx.combine(p, posterior.rest), x))(params)
+    if pred_type == "nn":
+        return jax.vmap(lambda p: apply_fn(eqx.combine(p, posterior.rest), x))(params)
+    f_hat, jvp = jax.linearize(lambda p: apply_fn(eqx.combine(p, posterior.rest), x), posterior.mean)
+    deltas = jax.tree.map(lambda s, m: s - m[None], params, posterior.mean)
+    return f_hat[None] + jax.vmap(jvp)(deltas)
 
 
 def log_marginal_likelihood(
