@@ -213,6 +213,7 @@ def run(rng_key: jax.Array, config: OmniglotMAMLConfig, out_dir: Path) -> dict[s
         "final_train_loss": float(np.mean(result.losses[-max(1, len(result.losses) // 10):])),
     }
 
+    tau_pred, pred_type = None, "nn"
     if config.method == "llama":
         val = jnp.asarray(splits["val"].images)
         best = None
@@ -255,8 +256,7 @@ def run(rng_key: jax.Array, config: OmniglotMAMLConfig, out_dir: Path) -> dict[s
     ax.set_title(f"omniglot-{config.method}: reliability (test episodes)")
     save_figure(fig, out_dir, "reliability.png")
     save_figure(_training_figure(result.losses), out_dir, "training.png")
-    save_posterior(_posterior_tree(k_post, config, theta, test, metrics.get("tau_pred"),
-                                   "glm" if metrics.get("pred_glm") else "nn"), out_dir / "posterior.nc")
+    save_posterior(_posterior_tree(k_post, config, theta, test, tau_pred, pred_type), out_dir / "posterior.nc")
     return metrics
 
 

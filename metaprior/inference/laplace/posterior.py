@@ -217,9 +217,13 @@ def predictive(
     if pred_type not in ("nn", "glm"):
         raise ValueError(f"pred_type must be 'nn' or 'glm', got {pred_type!r}")
     params = sample_params(rng_key, posterior, num_samples)
+
+    def outputs(p):
+        return apply_fn(eqx.combine(p, posterior.rest), x)
+
     if pred_type == "nn":
-        return jax.vmap(lambda p: apply_fn(eqx.combine(p, posterior.rest), x))(params)
-    f_hat, jvp = jax.linearize(lambda p: apply_fn(eqx.combine(p, posterior.rest), x), posterior.mean)
+        return jax.vmap(outputs)(params)
+    f_hat, jvp = jax.linearize(outputs, posterior.mean)
     deltas = jax.tree.map(lambda s, m: s - m[None], params, posterior.mean)
     return f_hat[None] + jax.vmap(jvp)(deltas)
 
