@@ -4,6 +4,10 @@ Reproduces the toy experiment of Lacoste et al. (2018): meta-train the task-late
 model on harmonic tasks with the ELBO ("kl") and without its KL term ("nokl", the
 paper's baseline), then, with the network fixed, fit q(z | support) on unseen tasks
 for support sizes 1..256 and score the posterior predictive on held-out points.
+
+Meta-training keeps a checkpoint per model in the output folder (``meta_kl.ckpt``,
+``meta_nokl.ckpt``): a run stopped part-way resumes there when started again with the
+same ``--out``, and a finished one with a larger ``--steps`` trains on from it.
 """
 
 from __future__ import annotations
@@ -238,7 +242,10 @@ def run(rng_key, config: HarmonicConfig, out_dir: Path) -> dict[str, float]:
     nets, results = {}, {}
     for tag, key, weight in (("kl", k_kl, 1.0), ("nokl", k_nokl, 0.0)):
         start = time.perf_counter()
-        nets[tag], res = meta_train(key, config, train, kl_weight=weight, desc=f"meta-train ({tag})")
+        # a checkpoint per model in the output folder: a stopped run resumes there (the
+        # same seed and config give the same parameters as an uninterrupted run)
+        nets[tag], res = meta_train(key, config, train, kl_weight=weight, desc=f"meta-train ({tag})",
+                                    checkpoint=out_dir / f"meta_{tag}.ckpt")
         metrics[f"train_time_{tag}_s"] = time.perf_counter() - start
         metrics[f"final_loss_{tag}"] = float(np.mean(res.losses[-max(1, len(res.losses) // 20):]))
         start = time.perf_counter()
