@@ -76,7 +76,11 @@ def make_config(size: str) -> HarmonicConfig:
             width=64, num_layers=6, num_steps=1500, eval_tasks=50, adapt_steps=100, adapt_restarts=2,
         )
     if size == "full":
-        return HarmonicConfig()
+        # the paper's network and data. Even given the true task parameters, this network
+        # still has held-out MSE 0.31 after 20,000 steps (benchmarks/harmonic_oracle.py),
+        # so the full run trains far longer than the class default. Hours on a 2-core CPU;
+        # it checkpoints into --out and resumes.
+        return HarmonicConfig(num_steps=100_000)
     raise ValueError(f"unknown size {size!r}")
 
 
