@@ -274,7 +274,7 @@ def run(rng_key, config: HarmonicConfig, out_dir: Path) -> dict[str, float]:
 METRICS_DOC = """
 mse_{kl,nokl}_n{N}: mean over eval tasks of the held-out MSE of the posterior predictive mean (N = support size), plus _ci95
 nll_{kl,nokl}_n{N}: mean held-out predictive NLL per point (mixture over posterior samples of z), plus _ci95
-train_time_{kl,nokl}_s, train_time_s: meta-training wall time; eval_time_{kl,nokl}_s: new-task inference time
+train_time_{kl,nokl}_s, train_time_s: meta-training wall time of this invocation (a resumed run counts only the steps it ran); eval_time_{kl,nokl}_s: new-task inference time
 final_loss_{kl,nokl}: mean negative ELBO (or NLL) over the last 5% of steps
 kl_beats_nokl_mse_all_n: 1.0 if the KL model's MSE is below the baseline's at every N
 """
