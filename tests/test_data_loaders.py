@@ -300,6 +300,26 @@ def test_split_by_group_is_disjoint_and_complete():
     assert len(others) > 1
 
 
+def test_mix_held_out_shares_groups_between_val_and_test():
+    groups = ("t",) * 6 + ("v",) * 4 + ("x",) * 6 + ("y",) * 2
+    ds = _toy_dataset(groups)
+    by_group = {"train": ds.select(range(6)), "val": ds.select(range(6, 10)), "test": ds.select(range(10, 18))}
+    mixed = mdata.mix_held_out(by_group, seed=0)
+    assert mixed["train"] is by_group["train"]
+    val, test = set(mixed["val"].class_names), set(mixed["test"].class_names)
+    assert not (val & test) and val | test == set(ds.class_names[6:])  # disjoint, nothing lost
+    # every held-out group is dealt 1/3 : 2/3 (the old val : test sizes), rounded
+    for g, n in (("v", 4), ("x", 6), ("y", 2)):
+        assert mixed["val"].groups.count(g) == round(n / 3) and mixed["test"].groups.count(g) == n - round(n / 3)
+    for split in mixed.values():  # images travel with their names
+        for img, name in zip(split.images, split.class_names):
+            assert img[0, 0, 0, 0] == ds.class_names.index(name)
+    assert mdata.mix_held_out(by_group, seed=0)["val"].class_names == mixed["val"].class_names
+    assert {mdata.mix_held_out(by_group, seed=s)["val"].class_names for s in range(10)} != {mixed["val"].class_names}
+    with pytest.raises(ValueError, match="val and test"):
+        mdata.mix_held_out({**by_group, "val": ds.select([])})
+
+
 def test_split_gives_every_positive_fraction_a_group():
     splits = mdata.split_by_group(_toy_dataset(("a", "b", "c")), (0.9, 0.05, 0.05))
     assert [s.num_classes for s in splits.values()] == [1, 1, 1]
@@ -593,6 +613,12 @@ def test_shared_omniglot_is_242_characters_of_20(shared_data_dir, tmp_path, monk
     assert splits["train"].num_classes == 4 * 152  # rotations on for meta-training
     assert (splits["val"].num_classes, splits["test"].num_classes) == (42, 48)  # 20-way possible
     assert set(splits["test"].groups) == {"Early_Aramaic", "Latin"}
+    mixed = mdata.omniglot_splits(data_dir=shared_data_dir, cache_dir=tmp_path, held_out="character")
+    assert mixed["train"].class_names == splits["train"].class_names
+    assert (mixed["val"].num_classes, mixed["test"].num_classes) == (42, 48)
+    assert set(mixed["val"].groups) == set(mixed["test"].groups) == {"Sanskrit", "Early_Aramaic", "Latin"}
+    with pytest.raises(ValueError, match="held_out"):
+        mdata.omniglot_splits(data_dir=shared_data_dir, cache_dir=tmp_path, held_out="drawer")
 
 
 @pytest.mark.data

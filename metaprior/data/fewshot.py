@@ -13,7 +13,14 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-__all__ = ["FewShotDataset", "as_class_array", "split_by_group", "with_rotations", "SPLIT_NAMES"]
+__all__ = [
+    "FewShotDataset",
+    "as_class_array",
+    "split_by_group",
+    "mix_held_out",
+    "with_rotations",
+    "SPLIT_NAMES",
+]
 
 SPLIT_NAMES = ("train", "val", "test")
 
@@ -150,6 +157,46 @@ def split_by_group(dataset: FewShotDataset, fractions: Sequence[float] = (0.6, 0
     split_of = dict(zip(order, _assign_groups(sizes, fractions)))
     return {name: dataset.select([c for c, g in enumerate(dataset.groups) if split_of[g] == s])
             for s, name in enumerate(SPLIT_NAMES)}
+
+
+def mix_held_out(splits: dict[str, FewShotDataset], seed: int = 0) -> dict[str, FewShotDataset]:
+    """Re-deal the val and test classes by class within each group; train unchanged.
+
+    :func:`split_by_group` keeps whole groups together, so with few groups val and
+    test are each one or two alphabets, and one alphabet's difficulty is not
+    another's: on the small Omniglot sets (``seed=0``) the val alphabet is much
+    harder than the two test alphabets, so a setting chosen on val (a predictive
+    prior precision, a temperature) is chosen for the wrong difficulty. This pools the
+    val and test classes and deals every held-out group's classes between val and
+    test in the proportion of their current sizes (a seeded shuffle per group), so the
+    two splits share their groups and follow the same distribution. They stay
+    disjoint by class, and both stay disjoint from train by group.
+
+    Args:
+        splits: ``{"train", "val", "test"}`` as :func:`split_by_group` returns them.
+        seed: seed of the per-group class shuffle.
+
+    Returns:
+        ``{"train", "val", "test"}``; ``train`` is the same object as given.
+    """
+    val, test = splits["val"], splits["test"]
+    if val.num_classes == 0 or test.num_classes == 0:
+        raise ValueError(f"splits: val and test must both have classes to mix, got "
+                         f"{val.num_classes} and {test.num_classes}")
+    pool = FewShotDataset(np.concatenate([val.images, test.images]), val.class_names + test.class_names,
+                          val.groups + test.groups)
+    share = val.num_classes / pool.num_classes
+    rng = np.random.default_rng(seed)
+    val_idx, test_idx = [], []
+    for group in sorted(set(pool.groups)):
+        members = [c for c, g in enumerate(pool.groups) if g == group]
+        members = [members[i] for i in rng.permutation(len(members))]
+        cut = int(round(share * len(members)))
+        val_idx += members[:cut]
+        test_idx += members[cut:]
+    if not val_idx or not test_idx:
+        raise ValueError("mix_held_out: too few held-out classes to give both val and test one")
+    return {"train": splits["train"], "val": pool.select(sorted(val_idx)), "test": pool.select(sorted(test_idx))}
 
 
 ROTATIONS = (0, 90, 180, 270)

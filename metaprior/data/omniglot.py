@@ -44,7 +44,7 @@ import numpy as np
 from PIL import Image
 
 from metaprior.data.episodes import Episodes
-from metaprior.data.fewshot import FewShotDataset, split_by_group, with_rotations
+from metaprior.data.fewshot import FewShotDataset, mix_held_out, split_by_group, with_rotations
 from metaprior.data.store import (CorruptDataError, MissingDataError, cache_dir as _cache_dir,
                                   file_sha256, locate, read_zip_verified)
 
@@ -185,7 +185,8 @@ def omniglot_splits(image_size: int = 28, rotations: bool = True, seed: int = 0,
                     data_dir: str | os.PathLike | None = None, *,
                     sets: Sequence[str] = _DEFAULT_SETS,
                     fractions: Sequence[float] = (0.6, 0.2, 0.2),
-                    cache_dir: str | os.PathLike | None = None) -> dict[str, FewShotDataset]:
+                    cache_dir: str | os.PathLike | None = None,
+                    held_out: str = "alphabet") -> dict[str, FewShotDataset]:
     """Omniglot split by alphabet into train / val / test, for meta-learning.
 
     The split is :func:`metaprior.data.split_by_group` with ``seed``. With
@@ -195,11 +196,21 @@ def omniglot_splits(image_size: int = 28, rotations: bool = True, seed: int = 0,
     generalisation to the real characters of unseen alphabets (apply
     ``with_rotations`` to them explicitly for the rotated protocol).
 
+    ``held_out="alphabet"`` (the default) keeps val and test disjoint by alphabet too.
+    ``held_out="character"`` deals the held-out alphabets' characters between val and
+    test (:func:`metaprior.data.mix_held_out`), so that what is chosen on val is chosen
+    for the test alphabets' difficulty: with only 8 alphabets, val is otherwise a single
+    alphabet. Train is the same either way.
+
     Returns:
         ``{"train", "val", "test"} -> FewShotDataset``.
     """
     dataset = load_omniglot(sets, image_size, data_dir, cache_dir=cache_dir)
     splits = split_by_group(dataset, fractions, seed)
+    if held_out == "character":
+        splits = mix_held_out(splits, seed)
+    elif held_out != "alphabet":
+        raise ValueError(f"held_out must be 'alphabet' or 'character', got {held_out!r}")
     if rotations:
         splits["train"] = with_rotations(splits["train"])
     return splits

@@ -1,7 +1,11 @@
 """``metaprior run omniglot-maml`` and ``omniglot-llama``: few-shot Omniglot.
 
 5-way classification on Omniglot (background "small" sets, split by alphabet, the
-training alphabets augmented with 90/180/270 degree rotations as new classes), with
+training alphabets augmented with 90/180/270 degree rotations as new classes; by
+default the three held-out alphabets' characters are dealt between validation and
+test, ``held_out="character"``, so that ``tau_pred`` is chosen on the test
+alphabets' difficulty: with 8 alphabets in all, a validation set of whole alphabets is
+one alphabet, much harder than the two test alphabets), with
 the 4-block conv net (3x3 conv, batch norm with batch statistics, ReLU, 2x2 max-pool).
 Batch-norm scale and shift are shared (meta-learned) and neither adapted nor in the
 curvature, as in Grant et al. (2018). The inner loop is ``optax.sgd(inner_lr)``.
@@ -76,6 +80,9 @@ class OmniglotMAMLConfig:
     log_det_tasks: int = 2
     fisher: str = "exact"
     split_seed: int = 0
+    # "character": val and test share the held-out alphabets, disjoint by character
+    # (omniglot_splits(held_out=...)); "alphabet": val is one alphabet, test two others
+    held_out: str = "character"
     num_eval_episodes: int = 600
     num_val_episodes: int = 100
     eval_batch: int = 25
@@ -194,7 +201,8 @@ def run(rng_key: jax.Array, config: OmniglotMAMLConfig, out_dir: Path) -> dict[s
     """Meta-train on the training alphabets; choose ``tau_pred`` on validation
     alphabets (LLAMA); score on test alphabets; plot; save a posterior."""
     out_dir = Path(out_dir)
-    splits = omniglot_splits(image_size=config.image_size, rotations=True, seed=config.split_seed)
+    splits = omniglot_splits(image_size=config.image_size, rotations=True, seed=config.split_seed,
+                             held_out=config.held_out)
     train = jnp.asarray(splits["train"].images)
     k_init, k_train, k_val, k_test, k_post = jax.random.split(rng_key, 5)
     net = Conv4(config.ways, filters=config.filters, image_size=config.image_size, conv_impl=config.conv_impl,
