@@ -34,6 +34,7 @@ from metaprior.models.dwp import (
     KernelVAE,
     LogUniformKernelPrior,
     NormalKernelPrior,
+    decoder_snr,
     dwp_model,
     dwp_model_params,
     kernel_sites,
@@ -374,6 +375,24 @@ def test_kernel_vae_elbo_improves_with_training():
     # training must gain tens of nats; 20 is far beyond the estimate's noise (< 0.5)
     assert after > before + 20
     assert np.mean(result.losses[-50:]) < np.mean(result.losses[:50])
+
+
+def test_decoder_snr_is_the_norm_ratio():
+    # mu(z) = c * (z_0 + 3) * U (U a fixed unit-norm kernel), sigma = s: the ratio is
+    # c |z_0 + 3| / (s k), whose median over z_0 ~ N(0, 1) is 3 c / (s k) (z_0 + 3 > 0
+    # but for 0.13% of draws, which cannot move the median of 4,000 draws past 3 +- 0.06)
+    k, c, s = 3, 0.2, 0.05
+    unit = jnp.arange(k * k, dtype=jnp.float32).reshape(k, k)
+    unit = unit / jnp.linalg.norm(unit)
+
+    def decoder(z):
+        loc = c * (z[..., :1, None] + 3.0) * unit
+        return loc, jnp.full(loc.shape, s)
+
+    snr = decoder_snr(jax.random.key(0), decoder, latent_dim=2, num_samples=4000)
+    assert abs(snr - 3 * c / (s * k)) < 0.06 * c / (s * k)
+    with pytest.raises(ValueError, match="num_samples"):
+        decoder_snr(jax.random.key(0), decoder, latent_dim=2, num_samples=0)
 
 
 def test_prior_samples_have_the_kernel_shape():

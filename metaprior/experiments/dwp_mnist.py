@@ -69,6 +69,7 @@ from metaprior.models.dwp import (
     NormalKernelPrior,
     collect_kernels,
     conv2d_im2col,
+    decoder_snr,
     drop_small_kernels,
     dwp_model,
     dwp_model_params,
@@ -352,6 +353,8 @@ def learn_prior(rng_key, config: DWPConfig, data_dir: str | None = None):
         info[f"num_dropped_kernels_l{layer}"] = int(raw.shape[0] - kept.shape[0])
         info[f"vae_l{layer}_elbo_init"] = vinfo["elbo_init"]
         info[f"vae_l{layer}_elbo_final"] = vinfo["elbo_final"]
+        info[f"prior_snr_l{layer}"] = decoder_snr(jax.random.fold_in(k_vae, 1000 + layer), vae.decoder,
+                                                  vae.latent_dim)
         info[f"vae_l{layer}_losses"] = vinfo["losses"]
     info["time_vae_s"] = time.perf_counter() - start
     return DeepWeightPrior(vaes), kernels, info
@@ -745,6 +748,7 @@ init_{dwp,xavier}_acc_at_step{S}: test accuracy after S steps of ordinary traini
 source_acc, source_acc_std: held-out notMNIST accuracy of the source nets
 num_source_kernels_l{L}, num_dropped_kernels_l{L}: source kernels of conv layer L kept / dropped for small norm
 vae_l{L}_elbo_init, vae_l{L}_elbo_final: held-out per-kernel ELBO (nats) of layer L's VAE before / after training
+prior_snr_l{L}: median over z ~ p(z) of |decoder mean| / |decoder sd| (kernel norms) of layer L's prior; below 1 its draws are mostly noise
 time_source_s, time_vae_s, time_bnn_s, time_init_s: wall time of each step
 """
 

@@ -75,6 +75,7 @@ __all__ = [
     "KernelDecoder",
     "KernelVAE",
     "kernel_vae_elbo",
+    "decoder_snr",
     "collect_kernels",
     "drop_small_kernels",
     "DeepWeightPrior",
@@ -373,6 +374,35 @@ def kernel_vae_elbo(rng_key: jax.Array, vae: KernelVAE, kernels: jax.Array) -> j
     log_lik = jnp.sum(dist.Normal(w_loc, w_scale).log_prob(kernels), axis=(-2, -1))
     kl = jnp.sum(0.5 * (loc**2 + scale**2 - 1.0) - jnp.log(scale), axis=-1)
     return log_lik - kl
+
+
+def decoder_snr(rng_key: jax.Array, decoder: Callable[[jax.Array], tuple[jax.Array, jax.Array]],
+                latent_dim: int, num_samples: int = 4000) -> float:
+    """How much of a prior kernel is structure: median over ``z ~ p(z)`` of
+    ``||mu_phi(z)|| / ||sigma_phi(z)||`` (Frobenius norms over the kernel).
+
+    Below 1, a draw ``w ~ p(w | z)`` is mostly independent per-weight noise around a
+    small mean: the VAE has explained the source kernels as noise, and under the
+    variational posterior such a prior pulls the target kernels' means toward the
+    small ``mu_phi(z)`` (the deep weight prior's failure mode on our source nets; see
+    benchmarks/README.md "Deep weight prior on small MNIST").
+
+    Args:
+        rng_key: key for the ``z`` draws.
+        decoder: ``z [..., latent_dim] -> (loc, scale)``, each ``[..., k, k]`` (a
+            :class:`KernelDecoder`).
+        latent_dim: the size of ``z``.
+        num_samples: draws of ``z``.
+
+    Returns:
+        The median ratio (a float).
+    """
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    z = jax.random.normal(rng_key, (num_samples, latent_dim))
+    loc, scale = decoder(z)
+    ratio = jnp.sqrt(jnp.sum(loc**2, axis=(-2, -1))) / jnp.sqrt(jnp.sum(scale**2, axis=(-2, -1)))
+    return float(jnp.median(ratio))
 
 
 def collect_kernels(nets: ConvNet, layer: int) -> jax.Array:
