@@ -23,7 +23,7 @@ import pytest
 from numpyro import handlers
 from numpyro.infer import Trace_ELBO
 
-from metaprior.experiments.dwp_mnist import bnn_loss, build_guide, make_config
+from metaprior.experiments.dwp_mnist import bnn_loss, build_guide, make_config, paired_win_rate
 from metaprior.inference.guides import AuxiliaryGuide, AuxiliarySite, latent_elbo, local_reparam_conv2d
 from metaprior.inference.meta import fit, meta_learner
 from metaprior.models.dwp import (
@@ -393,6 +393,17 @@ def test_decoder_snr_is_the_norm_ratio():
     assert abs(snr - 3 * c / (s * k)) < 0.06 * c / (s * k)
     with pytest.raises(ValueError, match="num_samples"):
         decoder_snr(jax.random.key(0), decoder, latent_dim=2, num_samples=0)
+
+
+def test_paired_win_rate_compares_within_pairs():
+    # the means say second is ahead (0.43 vs 0.57); within pairs first wins two of three
+    first, second = [0.3, 0.5, 0.5], [0.9, 0.4, 0.4]
+    assert np.mean(first) < np.mean(second)
+    assert paired_win_rate(first, second) == pytest.approx(2 / 3)
+    assert paired_win_rate([0.5, 0.7, 0.1], [0.4, 0.6, 0.0]) == 1.0
+    assert paired_win_rate([0.5], [0.5]) == 0.0  # a tie is not a win
+    with pytest.raises(ValueError, match="one shape"):
+        paired_win_rate([0.5, 0.6], [0.5])
 
 
 def test_prior_samples_have_the_kernel_shape():

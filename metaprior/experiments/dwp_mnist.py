@@ -610,6 +610,22 @@ def init_curves(rng_key, config: DWPConfig, prior: DeepWeightPrior, pool_x, pool
     return {"dwp": accs[:, :m], "xavier": accs[:, m:]}
 
 
+def paired_win_rate(first, second) -> float:
+    """Fraction of pairs ``(first[s], second[s])`` with ``first[s] > second[s]``.
+
+    For the initialisation curves the two runs of split ``s`` share the training set,
+    the minibatch sequence and the dense layer, so a per-split comparison removes the
+    split-to-split spread that the means and sds keep (a sign test's statistic).
+
+    Raises:
+        ValueError: the two have different shapes, or are empty.
+    """
+    first, second = np.asarray(first), np.asarray(second)
+    if first.shape != second.shape or first.size == 0:
+        raise ValueError(f"first and second must be non-empty and of one shape, got {first.shape} and {second.shape}")
+    return float(np.mean(first > second))
+
+
 # --------------------------------------------------------------------------- plots and posterior
 
 
@@ -732,6 +748,8 @@ def run(rng_key, config: DWPConfig, out_dir: Path) -> dict[str, float]:
     for name, acc in curves.items():
         for step, row in zip(config.init_eval_steps, acc):
             metrics[f"init_{name}_acc_at_step{step}"], metrics[f"init_{name}_acc_at_step{step}_std"] = _mean_std(row)
+    for step, a, b in zip(config.init_eval_steps, curves["dwp"], curves["xavier"]):
+        metrics[f"init_dwp_wins_at_step{step}"] = paired_win_rate(a, b)
 
     plot_accuracy_vs_size(accs, config.sizes, out_dir)
     plot_prior_samples(k_plot, prior, kernels, out_dir)
@@ -745,6 +763,7 @@ METRICS_DOC = """
 acc_{dwp,normal,loguniform}_n{N}: test accuracy of the posterior predictive, mean over data splits (N = MNIST training examples), plus _std over splits
 dwp_minus_{normal,loguniform}_n{N}: acc_dwp_n{N} minus the baseline's
 init_{dwp,xavier}_acc_at_step{S}: test accuracy after S steps of ordinary training from prior-sampled kernels / Xavier, mean over splits, plus _std
+init_dwp_wins_at_step{S}: fraction of splits in which the prior-sampled run is ahead of its paired Xavier run at step S
 source_acc, source_acc_std: held-out notMNIST accuracy of the source nets
 num_source_kernels_l{L}, num_dropped_kernels_l{L}: source kernels of conv layer L kept / dropped for small norm
 vae_l{L}_elbo_init, vae_l{L}_elbo_final: held-out per-kernel ELBO (nats) of layer L's VAE before / after training
