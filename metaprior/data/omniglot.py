@@ -205,12 +205,12 @@ def omniglot_splits(image_size: int = 28, rotations: bool = True, seed: int = 0,
     Returns:
         ``{"train", "val", "test"} -> FewShotDataset``.
     """
+    if held_out not in ("alphabet", "character"):
+        raise ValueError(f"held_out must be 'alphabet' or 'character', got {held_out!r}")
     dataset = load_omniglot(sets, image_size, data_dir, cache_dir=cache_dir)
     splits = split_by_group(dataset, fractions, seed)
     if held_out == "character":
         splits = mix_held_out(splits, seed)
-    elif held_out != "alphabet":
-        raise ValueError(f"held_out must be 'alphabet' or 'character', got {held_out!r}")
     if rotations:
         splits["train"] = with_rotations(splits["train"])
     return splits
