@@ -71,7 +71,7 @@ def main() -> None:
 
     key = jax.random.key(0)
     batch, _ = harmonic_tasks(key, args.num_tasks, 50, min_examples=4)
-    net = make_task_latent_net(jax.random.key(1), 8, width=args.width, num_layers=args.layers)
+    net = make_task_latent_net(jax.random.key(1), 8, arch="paper", width=args.width, num_layers=args.layers)
     model = partial(task_latent_model, net=net, latent_dim=8)
     optimizer = optax.adam(1e-3)
 

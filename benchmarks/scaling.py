@@ -183,7 +183,7 @@ def harmonic_step(num_tasks: int, task_batch: int, width: int, *, kind: str = "d
 
         k = jax.random.split(jax.random.key(0), 4)
         data, _ = harmonic_tasks(k[0], num_tasks, num_examples, min_examples=4)
-        net = make_task_latent_net(k[1], latent_dim, width=width, num_layers=num_layers)
+        net = make_task_latent_net(k[1], latent_dim, arch="paper", width=width, num_layers=num_layers)
         model = partial(task_latent_model, net=net, latent_dim=latent_dim)
         # Lay the guide out on two tasks (building on all N would run the network on every
         # task once, eagerly) and stretch it to N: the layout depends on site shapes only.

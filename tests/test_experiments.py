@@ -30,3 +30,27 @@ def test_quick_run_writes_the_contract(name, tmp_path, monkeypatch):
     summary = az.summary(tree, group="posterior" if hasattr(az, "summary") else None)
     assert len(summary) > 0
     assert not list(out.glob(".*.tmp")), "temporary files left behind"
+
+
+def test_harmonic_quick_metrics_contract(tmp_path, monkeypatch):
+    """The harmonic run's metrics: every documented key for every support size, intervals
+    non-negative, and ``kl_beats_nokl_mse_all_n`` exactly the conjunction of the per-N
+    comparisons it summarises."""
+    from metaprior.experiments.harmonic import make_config
+
+    monkeypatch.setenv("METAPRIOR_PROGRESS", "0")
+    out = tmp_path / "harmonic"
+    assert main(["run", "harmonic", "--quick", "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    sizes = make_config("quick").support_sizes
+    for tag in ("kl", "nokl"):
+        for n in sizes:
+            for key in (f"mse_{tag}_n{n}", f"nll_{tag}_n{n}"):
+                assert isinstance(metrics[key], float), key
+                assert metrics[key + "_ci95"] >= 0, key
+            assert metrics[f"mse_{tag}_n{n}"] >= 0
+        for key in (f"train_time_{tag}_s", f"eval_time_{tag}_s", f"final_loss_{tag}"):
+            assert key in metrics
+    expected = float(all(metrics[f"mse_kl_n{n}"] < metrics[f"mse_nokl_n{n}"] for n in sizes))
+    assert metrics["kl_beats_nokl_mse_all_n"] == expected
+    assert (out / "meta_kl.ckpt").exists() and (out / "meta_nokl.ckpt").exists()

@@ -149,3 +149,120 @@ def test_guide_build_errors():
         TaskNormalGuide.build(jax.random.key(0), no_plate, None)
     with pytest.raises(ValueError, match=r"\['g'\] are outside plate"):
         TaskIAFGuide.build(jax.random.key(0), global_latent, None)
+
+
+# ----------------------------------------------------------------- the networks (x, z) -> (mu, s)
+
+
+def test_paper_arch_is_the_old_concat_residual_mlp():
+    """``arch="paper"`` computes exactly what the model computed before the FiLM default:
+    the residual MLP of the same key on ``concat(x, z)``."""
+    import equinox as eqx
+
+    from metaprior.models.nets import ResidualMLP
+
+    key = jax.random.key(4)
+    net = make_task_latent_net(key, D, arch="paper", width=16, num_layers=4)
+    old = ResidualMLP(1 + D, 2, width=16, num_layers=4, key=key)
+    x, z = jax.random.normal(jax.random.key(5), (1,)), jax.random.normal(jax.random.key(6), (D,))
+    np.testing.assert_array_equal(net(x, z), old(jnp.concatenate([x, z])))
+    assert jax.tree.structure(eqx.filter(net.body, eqx.is_array)) == jax.tree.structure(eqx.filter(old, eqx.is_array))
+
+
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_film_net_shapes_and_siren_identity(num_layers):
+    """Shapes of every part, and with the mapping's output zeroed the mean is a plain SIREN
+    ``head(sin(W_L ... sin(W_1 x + b_1) ... + b_L))`` (the FiLM terms enter as 1 + gamma, beta, 1 + alpha)."""
+    import equinox as eqx
+
+    net = make_task_latent_net(jax.random.key(7), D, width=8, num_layers=num_layers)
+    mean = net.mean
+    assert len(mean.layers) == num_layers and mean.layers[0].weight.shape == (8, 1)
+    assert mean.mapping.layers[-1].weight.shape == ((2 * num_layers + 1) * 8, mean.mapping.layers[-1].weight.shape[1])
+    assert mean.head.weight.shape == (1, 8)
+    assert np.abs(np.asarray(mean.layers[0].weight)).max() <= 15.0  # U(-omega, omega)
+    x, z = jnp.array([0.3]), jax.random.normal(jax.random.key(8), (D,))
+    out = net(x, z)
+    assert out.shape == (2,)
+    last = mean.mapping.layers[-1]
+    zeroed = eqx.tree_at(lambda m: (m.mapping.layers[-1].weight, m.mapping.layers[-1].bias), mean,
+                         (jnp.zeros_like(last.weight), jnp.zeros_like(last.bias)))
+    h = x
+    for layer in mean.layers:
+        h = jnp.sin(layer(h))
+    np.testing.assert_allclose(zeroed(x, z), mean.head(h), rtol=1e-6, atol=1e-6)
+    # the noise logit is the separate network's, whatever the mean network does
+    np.testing.assert_array_equal(out[1:], net.noise(x, z))
+
+
+def test_film_gain_scales_the_mean_linearly():
+    """``alpha`` multiplies the last sine features: shifting the mapping's alpha bias by c
+    (with its weight zero) turns the mean minus the head's bias into (1 + c) times itself."""
+    import equinox as eqx
+
+    mean = make_task_latent_net(jax.random.key(9), D, width=8).mean
+    last = mean.mapping.layers[-1]
+    w, b = jnp.zeros_like(last.weight), jnp.zeros_like(last.bias)
+    base = eqx.tree_at(lambda m: (m.mapping.layers[-1].weight, m.mapping.layers[-1].bias), mean, (w, b))
+    gained = eqx.tree_at(lambda m: (m.mapping.layers[-1].weight, m.mapping.layers[-1].bias), mean,
+                         (w, b.at[-8:].set(0.5)))
+    x, z = jnp.array([1.7]), jnp.zeros(D)
+    np.testing.assert_allclose(gained(x, z) - mean.head.bias, 1.5 * (base(x, z) - mean.head.bias), rtol=1e-5)
+
+
+def test_make_task_latent_net_errors():
+    with pytest.raises(ValueError, match="arch must be one of"):
+        make_task_latent_net(jax.random.key(0), D, arch="mlp")
+    with pytest.raises(ValueError, match="latent_dim"):
+        make_task_latent_net(jax.random.key(0), 0)
+    with pytest.raises(ValueError, match="omega"):
+        make_task_latent_net(jax.random.key(0), D, omega=0.0)
+
+
+# ----------------------------------------------------------------- amortised guides (SetEncoder)
+
+
+def test_set_encoder_is_permutation_invariant_and_ignores_padding():
+    from metaprior.inference.guides import SetEncoder
+
+    enc = SetEncoder(1, 2 * D, width=8, key=jax.random.key(0))
+    assert np.all(np.asarray(enc(jnp.ones((3, 1)), jnp.ones(3), jnp.ones(3, bool))) == 0)  # zero-init output
+    enc = jax.tree.map(lambda a: a + 0.1 if eqx_is_array(a) else a, enc)
+    x, y = jax.random.normal(jax.random.key(1), (5, 1)), jax.random.normal(jax.random.key(2), (5,))
+    mask = jnp.array([True, True, True, False, False])
+    out = enc(x, y, mask)
+    perm = jnp.array([2, 0, 1, 4, 3])
+    np.testing.assert_allclose(enc(x[perm], y[perm], mask[perm]), out, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(enc(x.at[3:].set(9.0), y.at[3:].set(-9.0), mask), out, rtol=1e-6)
+    np.testing.assert_allclose(enc(x[:3], y[:3], mask[:3]), out, rtol=1e-5, atol=1e-6)
+
+
+def eqx_is_array(a):
+    import equinox as eqx
+
+    return eqx.is_inexact_array(a)
+
+
+@pytest.mark.parametrize("guide_cls", [TaskNormalGuide, TaskIAFGuide])
+def test_guide_with_fresh_encoder_equals_guide_without(setup, guide_cls):
+    """A fresh SetEncoder outputs zeros, so the amortised guide is the plain one: with a
+    near-zero scale (1e-6) both draw z = loc of the drawn tasks; its params are one shared
+    site (not a per-task row); it needs the observed batch."""
+    from metaprior.inference.guides import SetEncoder
+
+    batch, model = setup
+    enc = SetEncoder(1, 2 * D, width=8, key=jax.random.key(1))
+    for guide in (guide_cls.build(jax.random.key(0), model, batch, init_scale=1e-6),
+                  guide_cls.build(jax.random.key(0), model, batch, init_scale=1e-6, encoder=enc)):
+        params = init_params(jax.random.key(1), model, guide, batch, which="guide")
+        params["q_loc"] = jax.random.normal(jax.random.key(5), params["q_loc"].shape)
+        if guide_cls is TaskIAFGuide:  # make the flows the identity: gates fully open
+            params["q_iaf_b2"] = params["q_iaf_b2"].at[..., D:].set(30.0)
+        tr = trace(handlers.substitute(guide, params), jax.random.key(3), batch, subsample_size=4)
+        idx = tr["tasks"]["value"]
+        np.testing.assert_allclose(tr["z"]["value"][:, 0], params["q_loc"][idx], atol=1e-5)
+    amort = guide
+    sites = init_params(jax.random.key(1), model, amort, batch, which="guide")
+    assert amort.encoder_site in sites and not amort.encoder_site.startswith(amort.prefix + "_")
+    with pytest.raises(ValueError, match="needs the observed batch"):
+        trace(amort, jax.random.key(0), batch._replace(y=None))

@@ -107,11 +107,15 @@ def fit_local(
                           model_kwargs=model_kwargs)
     grad = jax.value_and_grad(loss)
 
-    def one_restart(key, task):
+    def one_restart(key, restart, task):
         k_init, k_run, k_eval = jax.random.split(key, 3)
         params = one_guide.init_params(k_init)
-        # restarts differ in where the base Normal starts (the prior's typical set)
-        params[f"{one_guide.prefix}_loc"] = jax.random.normal(k_init, params[f"{one_guide.prefix}_loc"].shape)
+        # restarts differ in where the base Normal starts (the prior's typical set); with an
+        # encoder, the first restart starts at the encoder's proposal (row offset zero)
+        loc = jax.random.normal(k_init, params[f"{one_guide.prefix}_loc"].shape)
+        if one_guide.encoder is not None:
+            loc = jnp.where(restart == 0, 0.0, loc)
+        params[f"{one_guide.prefix}_loc"] = loc
 
         def step(carry, k):
             p, s = carry
@@ -124,7 +128,8 @@ def fit_local(
 
     def one_task(key, task):
         task = jax.tree.map(lambda a: a[None], task)
-        params, elbos, curves = jax.vmap(one_restart, in_axes=(0, None))(jax.random.split(key, num_restarts), task)
+        params, elbos, curves = jax.vmap(one_restart, in_axes=(0, 0, None))(
+            jax.random.split(key, num_restarts), jnp.arange(num_restarts), task)
         elbos = jnp.where(jnp.isfinite(elbos), elbos, -jnp.inf)
         best = jnp.argmax(elbos)
         return jax.tree.map(lambda p: p[best, 0], params), elbos[best], elbos, curves

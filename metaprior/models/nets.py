@@ -12,7 +12,8 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-__all__ = ["MLP", "ResidualMLP", "BatchStatNorm", "ShiftConv2d", "Conv4", "conv4_output_size"]
+__all__ = ["MLP", "ResidualMLP", "ConcatNet", "FiLMSiren", "MeanNoiseNet", "BatchStatNorm", "ShiftConv2d", "Conv4",
+           "conv4_output_size"]
 
 
 class MLP(eqx.Module):
@@ -68,6 +69,98 @@ class ResidualMLP(eqx.Module):
             h = self.norms[i + 1](self.layers[i + 1](h))
             h = jax.nn.relu(h + r)
         return self.head(h)
+
+
+class ConcatNet(eqx.Module):
+    """A conditional network ``(x, z) -> body(concat(x, z))``.
+
+    Call: ``x: [x_dim], z: [latent_dim] -> [out_size]``. The adapter that gives an
+    unconditional body (e.g. :class:`ResidualMLP`) the ``(x, z)`` signature of
+    :class:`FiLMSiren`.
+    """
+
+    body: eqx.Module
+
+    def __call__(self, x: jax.Array, z: jax.Array) -> jax.Array:
+        return self.body(jnp.concatenate([x, z]))
+
+
+class FiLMSiren(eqx.Module):
+    """A sine network on ``x`` whose hidden layers are FiLM-modulated by ``z``.
+
+    ``h_0 = x``; ``h_l = sin((1 + gamma_l(z)) * (W_l h_{l-1} + b_l) + beta_l(z))`` for
+    ``l = 1..num_layers``; ``out = head((1 + alpha(z)) * h_L)``. A mapping MLP on ``z``
+    gives every ``gamma_l, beta_l`` (``[width]`` each) and the output gain ``alpha``
+    (``[width]``). So ``z`` sets each unit's frequency (gamma), phase (beta) and amplitude
+    (alpha), instead of entering as one more input coordinate.
+
+    It is the pi-GAN generator (Chan et al. 2021, eq. 3: FiLM of a SIREN's sine layers by
+    a mapping network) with an output gain added, and the SIREN initialisation
+    (Sitzmann et al. 2020, section 3.2): first-layer weights ``U(-omega, omega)`` (the
+    largest input frequency, in units of ``x``; biases ``U(-pi, pi)``), deeper weights
+    ``U(-sqrt(6 / width), sqrt(6 / width))``. The mapping network's last layer starts at
+    ``mapping_scale`` times Equinox's initialisation, so training starts from a plain
+    SIREN that ``z`` perturbs.
+
+    Call: ``x: [x_dim], z: [latent_dim] -> [out_size]``.
+    """
+
+    layers: tuple[eqx.nn.Linear, ...]
+    mapping: MLP
+    head: eqx.nn.Linear
+    width: int = eqx.field(static=True)
+
+    def __init__(self, x_dim: int, latent_dim: int, out_size: int, *, width: int = 64, num_layers: int = 1,
+                 mapping_width: int = 64, mapping_layers: int = 2, omega: float = 15.0,
+                 mapping_scale: float = 0.1, key: jax.Array):
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        if not omega > 0:
+            raise ValueError(f"omega must be > 0, got {omega!r}")
+        k_layers, k_map, k_head = jax.random.split(key, 3)
+        layers = []
+        for i, k in enumerate(jax.random.split(k_layers, num_layers)):
+            kw, kb = jax.random.split(k)
+            fan_in = x_dim if i == 0 else width
+            bound = omega if i == 0 else (6.0 / width) ** 0.5
+            layer = eqx.nn.Linear(fan_in, width, key=kw)
+            w = jax.random.uniform(kw, (width, fan_in), minval=-bound, maxval=bound)
+            b = jax.random.uniform(kb, (width,), minval=-jnp.pi, maxval=jnp.pi)
+            layers.append(eqx.tree_at(lambda m: (m.weight, m.bias), layer, (w, b)))
+        self.layers = tuple(layers)
+        mapping = MLP(latent_dim, (2 * num_layers + 1) * width, (mapping_width,) * mapping_layers, key=k_map)
+        last = mapping.layers[-1]
+        self.mapping = eqx.tree_at(lambda m: (m.layers[-1].weight, m.layers[-1].bias), mapping,
+                                   (last.weight * mapping_scale, last.bias * mapping_scale))
+        self.head = eqx.nn.Linear(width, out_size, key=k_head)
+        self.width = width
+
+    def __call__(self, x: jax.Array, z: jax.Array) -> jax.Array:
+        film = self.mapping(z).reshape(2 * len(self.layers) + 1, self.width)
+        h = x
+        for i, layer in enumerate(self.layers):
+            h = jnp.sin((1.0 + film[2 * i]) * layer(h) + film[2 * i + 1])
+        return self.head((1.0 + film[-1]) * h)
+
+
+class MeanNoiseNet(eqx.Module):
+    """Two conditional networks side by side: ``(x, z) -> concat(mean(x, z), noise(x, z))``.
+
+    A heteroskedastic Gaussian likelihood trained on one shared network lets the noise
+    output steer the shared features: with :class:`FiLMSiren` the noise logit is raised
+    by growing the FiLM gains, which also scales the mean, and training stalls at
+    predicting zero (held-out MSE 1.0 after 2,000 steps with the task given, against 0.18
+    with separate networks: ``benchmarks/harmonic_oracle.py``). Keeping the two apart
+    makes the mean's gradient that of a per-point weighted squared error.
+
+    Call: ``x: [x_dim], z: [latent_dim] -> [mean_out + noise_out]``.
+    """
+
+    mean: eqx.Module
+    noise: eqx.Module
+
+    def __call__(self, x: jax.Array, z: jax.Array) -> jax.Array:
+        return jnp.concatenate([self.mean(x, z), self.noise(x, z)])
 
 
 class BatchStatNorm(eqx.Module):

@@ -5,7 +5,9 @@ Task ``j`` has a latent code ``z_j ~ N(0, I_d)``; observations are
     y_ij ~ N(mu_alpha(x_ij, z_j), sigma_alpha(x_ij, z_j)^2),
     sigma = sigmoid(s) * 0.1 + 0.001,
 
-where ``(mu, s)`` is the output of a residual MLP on ``concat(x, z)``. The network
+where ``(mu, s) = net(x, z)``: the paper's residual MLP on ``concat(x, z)``, or (the
+default here) a sine network on ``x`` FiLM-modulated by ``z``, see
+:func:`make_task_latent_net`. The network
 parameters ``alpha`` are shared by all tasks and point-estimated (a ``param`` site,
 registered with :func:`numpyro.contrib.module.eqx_module`). The prior over functions
 that this induces is what meta-training learns.
@@ -21,27 +23,59 @@ import numpyro.distributions as dist
 from numpyro.contrib.module import eqx_module
 
 from metaprior.data.tasks import TaskBatch, check_task_batch
-from metaprior.models.nets import ResidualMLP
+from metaprior.models.nets import MLP, ConcatNet, FiLMSiren, MeanNoiseNet, ResidualMLP
 
 __all__ = ["task_latent_model", "make_task_latent_net", "task_latent_predict", "noise_scale"]
 
 NET_SITE = "net"
 
 
-def make_task_latent_net(rng_key: jax.Array, latent_dim: int, *, x_dim: int = 1, width: int = 128,
-                         num_layers: int = 12) -> ResidualMLP:
-    """The paper's network: residual MLP on ``concat(x, z)`` with a linear head to ``(mu, s)``.
+ARCHS = ("film", "paper")
+
+
+def make_task_latent_net(rng_key: jax.Array, latent_dim: int, *, arch: str = "film", x_dim: int = 1,
+                         width: int | None = None, num_layers: int | None = None,
+                         omega: float = 15.0, noise_width: int = 32) -> eqx.Module:
+    """The network ``(x, z) -> (mu, s)`` of the task-latent model.
+
+    Two architectures, chosen by ``arch``:
+
+    - ``"film"`` (default): the mean ``mu`` from :class:`~metaprior.models.nets.FiLMSiren`,
+      a sine layer on ``x`` whose frequencies, phases and amplitudes are FiLM-modulated
+      by ``z`` (width 64, one sine layer unless given), and the noise logit ``s`` from a
+      separate one-hidden-layer ReLU MLP on ``concat(x, z)`` (``noise_width`` units), see
+      :class:`~metaprior.models.nets.MeanNoiseNet` for why they are apart. With the true
+      task parameters in place of ``z`` it reaches held-out MSE below 0.05 on the
+      harmonic family within 5,000 steps, where the paper's net is still at 0.31 after
+      20,000 (``benchmarks/harmonic_oracle.py``).
+    - ``"paper"``: the paper's residual ReLU MLP on ``concat(x, z)`` (width 128, 12
+      layers unless given), wrapped in :class:`~metaprior.models.nets.ConcatNet`.
 
     Args:
         rng_key: initialisation key.
         latent_dim: size ``d`` of the task latent.
+        arch: ``"film"`` or ``"paper"``.
         x_dim: input features.
-        width: units per dense layer (paper: 128).
-        num_layers: dense layers, residual connection every other layer (paper: 12).
+        width: units per hidden layer.
+        num_layers: sine layers (film) or dense layers (paper, even).
+        omega: film only: the largest first-layer frequency at initialisation, in units
+            of ``x`` (the harmonic family has frequencies 5 to 14).
+        noise_width: film only: hidden units of the noise network.
+
+    Returns:
+        An Equinox module called as ``net(x [x_dim], z [latent_dim]) -> [2]``.
     """
     if latent_dim < 1:
         raise ValueError(f"latent_dim must be >= 1, got {latent_dim}")
-    return ResidualMLP(x_dim + latent_dim, 2, width=width, num_layers=num_layers, key=rng_key)
+    if arch == "film":
+        k_mean, k_noise = jax.random.split(rng_key)
+        mean = FiLMSiren(x_dim, latent_dim, 1, width=width or 64, num_layers=num_layers or 1, omega=omega,
+                         key=k_mean)
+        return MeanNoiseNet(mean, ConcatNet(MLP(x_dim + latent_dim, 1, (noise_width,), key=k_noise)))
+    if arch == "paper":
+        return ConcatNet(ResidualMLP(x_dim + latent_dim, 2, width=width or 128, num_layers=num_layers or 12,
+                                     key=rng_key))
+    raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
 
 
 def noise_scale(s: jax.Array) -> jax.Array:
@@ -53,7 +87,7 @@ def _apply(net: eqx.Module, x: jax.Array, z: jax.Array) -> tuple[jax.Array, jax.
     """``x: [T, N, D]``, ``z: [T, d]`` -> ``mu, sigma: [T, N]``."""
 
     def per_example(xi, zi):
-        out = net(jnp.concatenate([xi, zi]))
+        out = net(xi, zi)
         return out[0], noise_scale(out[1])
 
     per_task = jax.vmap(per_example, in_axes=(0, None))

@@ -61,6 +61,14 @@ class _TaskGuideBase(abc.ABC):
     prefix: str
     init_scale: float
     init_loc_scale: float = 0.0
+    # optional amortisation: a module ``encoder(x [N, D_x], y [N], mask [N]) -> [2 * D]``
+    # whose output is added to each task's (loc, log_scale); see ``encoder_site``
+    encoder: Any = None
+
+    @property
+    def encoder_site(self) -> str:
+        """Name of the encoder's ``param`` site (shared by all tasks, not a per-task row)."""
+        return f"{self.prefix}.encoder$params"
 
     @property
     def latent_dim(self) -> int:
@@ -147,12 +155,30 @@ class _TaskGuideBase(abc.ABC):
             raise ValueError(f"guide parameters cover {rows} tasks, the guide was built for {self.num_tasks}")
         with numpyro.plate(TASKS, self.num_tasks, subsample_size=subsample_size, dim=self.plate_dim) as idx:
             task_params = jax.tree.map(lambda p: p[idx], params)
+            if self.encoder is not None:
+                task_params = self._encode(task_params, idx, args)
             key = numpyro.prng_key()
             if key is None:
                 raise RuntimeError("the guide needs a PRNG key: run it under numpyro.handlers.seed")
             eps = jax.random.normal(key, (idx.shape[0], self.latent_dim))
             u, log_q = jax.vmap(self.sample_task)(task_params, eps)
             return self._emit(u, log_q)
+
+    def _encode(self, task_params, idx, args):
+        """Add the encoder's offsets of the drawn tasks' (loc, log_scale)."""
+        from numpyro.contrib.module import eqx_module
+
+        batch = args[0] if args else None
+        if getattr(batch, "y", None) is None or getattr(batch, "x", None) is None:
+            raise ValueError("a guide with an encoder needs the observed batch (x, y, mask) as the first "
+                             "argument; got " + (type(batch).__name__ if args else "no arguments"))
+        encoder = eqx_module(self.encoder_site.removesuffix("$params"), self.encoder)
+        out = jax.vmap(encoder)(batch.x[idx], batch.y[idx], batch.mask[idx])
+        d = self.latent_dim
+        if out.shape[-1] != 2 * d:
+            raise ValueError(f"the encoder returns {out.shape[-1]} numbers per task, expected 2 * {d}")
+        return {**task_params, "loc": task_params["loc"] + out[:, :d],
+                "log_scale": task_params["log_scale"] + out[:, d:]}
 
     def _emit(self, u: jax.Array, log_q: jax.Array) -> dict[str, jax.Array]:
         """Split ``u [B, D]`` into the model's sites as Delta samples.
@@ -210,7 +236,8 @@ class TaskNormalGuide(_TaskGuideBase):
 
     @classmethod
     def build(cls, rng_key: jax.Array, model: Callable, *args: Any, prefix: str = "q",
-              init_scale: float = 0.1, init_loc_scale: float = 0.0, **kwargs: Any) -> "TaskNormalGuide":
+              init_scale: float = 0.1, init_loc_scale: float = 0.0, encoder: Any = None,
+              **kwargs: Any) -> "TaskNormalGuide":
         """Trace ``model(*args, **kwargs)`` once and lay out its local latents.
 
         Args:
@@ -222,10 +249,17 @@ class TaskNormalGuide(_TaskGuideBase):
                 every task at the origin. With many tasks visited rarely (subsampling),
                 random codes (e.g. 1.0, the prior's scale) let the shared network tell tasks
                 apart from the first step, as in auto-decoders.
+            encoder: optional amortisation, e.g.
+                :class:`~metaprior.inference.guides.SetEncoder`: a module
+                ``encoder(x [N, D_x], y [N], mask [N]) -> [2 * D]`` applied to each task's
+                examples (the model's first argument must then be a ``TaskBatch``-like
+                ``(x, y, mask)``); its output is added to the task's ``loc`` and
+                ``log_scale``. Its arrays are one shared ``param`` site,
+                :attr:`encoder_site`.
         """
         _check_init(init_scale, init_loc_scale)
         sites, num_tasks, plate_dim = cls._layout(rng_key, model, args, kwargs)
-        return cls(sites, num_tasks, plate_dim, prefix, init_scale, init_loc_scale)
+        return cls(sites, num_tasks, plate_dim, prefix, init_scale, init_loc_scale, encoder=encoder)
 
     def _flow_init(self, rng_key):
         return {}
@@ -254,7 +288,7 @@ class TaskIAFGuide(_TaskGuideBase):
     @classmethod
     def build(cls, rng_key: jax.Array, model: Callable, *args: Any, num_flows: int = 2,
               hidden_dim: int = 32, prefix: str = "q", init_scale: float = 0.1,
-              init_loc_scale: float = 0.0, **kwargs: Any) -> "TaskIAFGuide":
+              init_loc_scale: float = 0.0, encoder: Any = None, **kwargs: Any) -> "TaskIAFGuide":
         """Trace ``model(*args, **kwargs)`` once and lay out its local latents.
 
         Args:
@@ -265,12 +299,14 @@ class TaskIAFGuide(_TaskGuideBase):
             prefix: prefix of the param site names.
             init_scale: initial standard deviation of the base Normal.
             init_loc_scale: spread of the initial base means (see :class:`TaskNormalGuide`).
+            encoder: optional amortisation of the base Normal (see :class:`TaskNormalGuide`).
         """
         if num_flows < 0 or hidden_dim < 1:
             raise ValueError(f"need num_flows >= 0 and hidden_dim >= 1, got {num_flows}, {hidden_dim}")
         _check_init(init_scale, init_loc_scale)
         sites, num_tasks, plate_dim = cls._layout(rng_key, model, args, kwargs)
-        return cls(sites, num_tasks, plate_dim, prefix, init_scale, init_loc_scale, num_flows, hidden_dim)
+        return cls(sites, num_tasks, plate_dim, prefix, init_scale, init_loc_scale, encoder=encoder,
+                   num_flows=num_flows, hidden_dim=hidden_dim)
 
     def _flow_init(self, rng_key):
         d, h, k, t = self.latent_dim, self.hidden_dim, self.num_flows, self.num_tasks
