@@ -241,7 +241,9 @@ def _harmonic(num_tasks: int, subsample_size: int):
     from metaprior.models.task_latent import make_task_latent_net, task_latent_model
 
     data, _ = harmonic_tasks(jax.random.key(0), num_tasks, 12, min_examples=4)
-    net = make_task_latent_net(jax.random.key(1), 2, width=16, num_layers=2)
+    # the paper's residual MLP: shard_params splits every leaf whose leading axis equals the
+    # number of tasks, and the FiLM net's 32-unit noise layer would match num_tasks here
+    net = make_task_latent_net(jax.random.key(1), 2, arch="paper", width=16, num_layers=2)
     kwargs = dict(net=net, latent_dim=2, subsample_size=subsample_size)
     guide = TaskIAFGuide.build(jax.random.key(2), task_latent_model, data, num_flows=1, hidden_dim=8, **kwargs)
     params = init_params(jax.random.key(3), task_latent_model, guide, data, **kwargs)
