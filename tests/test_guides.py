@@ -110,3 +110,32 @@ def test_fit_local_rejects_subsampling(data):
     guide = TaskNormalGuide.build(jax.random.key(0), linear_gaussian_model, data)
     with pytest.raises(ValueError, match="subsample_size"):
         fit_local(jax.random.key(1), linear_gaussian_model, guide, data, model_kwargs={"subsample_size": 2})
+
+
+def _narrow_model(y, subsample_size=None):
+    """z_j ~ N(0, 1); y_j ~ N(z_j, 0.05^2): a posterior too narrow for random starts to hit."""
+    import numpyro
+    import numpyro.distributions as dist
+
+    with numpyro.plate("tasks", y.shape[0], subsample_size=subsample_size, dim=-1) as idx:
+        z = numpyro.sample("z", dist.Normal(0.0, 1.0))
+        numpyro.sample("y", dist.Normal(z, 0.05), obs=y[idx])
+
+
+def test_fit_local_candidates_start_restarts_near_the_mode():
+    """With a zero step size the restarts stay where they start. Starting at the best 2 of
+    512 prior draws (scored by a one-sample ELBO) puts every task's kept restart within
+    0.1 of its mode y; 2 plain draws leave most tasks far off. (Seeded: with 512 N(0, 1)
+    draws the chance that none is within 0.1 of a point in [-1.5, 1.5] is below 1e-7.)"""
+    import optax
+
+    y = jnp.linspace(-1.5, 1.5, 8)
+    guide = TaskNormalGuide.build(jax.random.key(0), _narrow_model, y, init_scale=1e-3)
+    kw = dict(num_steps=1, num_restarts=2, optimizer=optax.sgd(0.0), eval_particles=4)
+    searched = fit_local(jax.random.key(1), _narrow_model, guide, y, num_candidates=512, **kw)
+    plain = fit_local(jax.random.key(1), _narrow_model, guide, y, **kw)
+    mode = y / (1 + 0.05**2)  # the exact posterior mean
+    assert np.all(np.abs(np.asarray(searched.params["q_loc"])[:, 0] - mode) < 0.1)
+    assert np.mean(np.abs(np.asarray(plain.params["q_loc"])[:, 0] - mode) > 0.1) >= 0.5
+    with pytest.raises(ValueError, match="num_candidates"):
+        fit_local(jax.random.key(1), _narrow_model, guide, y, num_candidates=1, **kw)

@@ -63,7 +63,8 @@ class HarmonicConfig:
     num_query: int = 100
     pad_support: int = 64  # support sizes up to this are padded to one shape (one compilation)
     adapt_steps: int = 200
-    adapt_restarts: int = 4
+    adapt_restarts: int = 6
+    adapt_candidates: int = 1024  # restarts start at the best of this many prior draws (0: plain draws)
     adapt_lr: float = 0.05
     adapt_particles: int = 1
     predictive_samples: int = 100
@@ -74,7 +75,7 @@ def make_config(size: str) -> HarmonicConfig:
     if size == "quick":
         return HarmonicConfig(
             num_tasks=200, latent_dim=4, width=32, num_steps=40, eval_tasks=4,
-            support_sizes=(1, 8), num_query=20, adapt_steps=20, adapt_restarts=2,
+            support_sizes=(1, 8), num_query=20, adapt_steps=20, adapt_restarts=2, adapt_candidates=8,
             predictive_samples=16, posterior_support=8,
         )
     if size == "default":
@@ -204,7 +205,7 @@ def evaluate(rng_key, config: HarmonicConfig, net, tasks: TaskBatch, *, kl_weigh
             k_fit, model, guide_for_num_tasks(guide, padded.x.shape[0]), padded, num_steps=config.adapt_steps,
             num_restarts=config.adapt_restarts,
             optimizer=optax.adam(optax.cosine_decay_schedule(config.adapt_lr, config.adapt_steps, alpha=0.01)),
-            num_particles=config.adapt_particles, kl_weight=kl_weight,
+            num_particles=config.adapt_particles, kl_weight=kl_weight, num_candidates=config.adapt_candidates,
         )
         z_all = Predictive(local.guide, params=local.params, num_samples=config.predictive_samples)(k_pred, padded)["z"]
         for i, n in enumerate(group):

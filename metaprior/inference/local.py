@@ -63,6 +63,7 @@ def fit_local(
     eval_particles: int = 64,
     kl_weight: float = 1.0,
     model_kwargs: dict[str, Any] | None = None,
+    num_candidates: int = 0,
 ) -> LocalFit:
     """Fit a task-local guide to every task of ``batch`` separately, with restarts.
 
@@ -86,12 +87,19 @@ def fit_local(
         kl_weight: weight of the KL term (0 gives the likelihood-only baseline).
         model_kwargs: keyword arguments for the model and guide (``subsample_size`` must
             be absent or ``None``: every task here is fitted on its own).
+        num_candidates: if positive, the random restarts do not start at ``num_restarts``
+            draws from ``N(0, I)`` but at the best ``num_restarts`` of ``num_candidates``
+            draws, scored by a one-sample ELBO at the initial scale (a random search that
+            costs ``num_candidates`` ELBO evaluations per task, no gradients). For
+            likelihoods whose optima are narrow and many (periodic functions, many points).
 
     Returns:
         :class:`LocalFit`.
     """
     if num_steps < 1 or num_restarts < 1:
         raise ValueError(f"num_steps and num_restarts must be >= 1, got {num_steps}, {num_restarts}")
+    if num_candidates and num_candidates < num_restarts:
+        raise ValueError(f"num_candidates must be 0 or >= num_restarts={num_restarts}, got {num_candidates}")
     model_kwargs = dict(model_kwargs or {})
     if model_kwargs.get("subsample_size") is not None:
         raise ValueError("fit_local fits all tasks: model_kwargs['subsample_size'] must be None")
@@ -107,15 +115,12 @@ def fit_local(
                           model_kwargs=model_kwargs)
     grad = jax.value_and_grad(loss)
 
-    def one_restart(key, restart, task):
+    loc_name = f"{one_guide.prefix}_loc"
+
+    def one_restart(key, start, task):
         k_init, k_run, k_eval = jax.random.split(key, 3)
         params = one_guide.init_params(k_init)
-        # restarts differ in where the base Normal starts (the prior's typical set); with an
-        # encoder, the first restart starts at the encoder's proposal (row offset zero)
-        loc = jax.random.normal(k_init, params[f"{one_guide.prefix}_loc"].shape)
-        if one_guide.encoder is not None:
-            loc = jnp.where(restart == 0, 0.0, loc)
-        params[f"{one_guide.prefix}_loc"] = loc
+        params[loc_name] = start
 
         def step(carry, k):
             p, s = carry
@@ -126,10 +131,29 @@ def fit_local(
         (params, _), curve = jax.lax.scan(step, (params, optimizer.init(params)), jax.random.split(k_run, num_steps))
         return params, -eval_loss(params, k_eval, task), curve
 
+    shape = jax.eval_shape(one_guide.init_params, jax.random.key(0))[loc_name].shape
+    score = jax.vmap(lambda loc, k, task: loss({**one_guide.init_params(k), loc_name: loc}, k, task),
+                     in_axes=(0, 0, None))
+
+    def starts(key, restart_keys, task):
+        """Where each restart's base Normal starts (the prior's typical set); with an
+        encoder, the first restart starts at the encoder's proposal (row offset zero)."""
+        if num_candidates:
+            k_draw, k_score = jax.random.split(jax.random.fold_in(key, 1))
+            cand = jax.random.normal(k_draw, (num_candidates, *shape))
+            neg_elbo = score(cand, jax.random.split(k_score, num_candidates), task)
+            neg_elbo = jnp.where(jnp.isfinite(neg_elbo), neg_elbo, jnp.inf)
+            locs = cand[jnp.argsort(neg_elbo)[:num_restarts]]
+        else:
+            locs = jax.vmap(lambda k: jax.random.normal(jax.random.split(k, 3)[0], shape))(restart_keys)
+        if one_guide.encoder is not None:
+            locs = locs.at[0].set(0.0)
+        return locs
+
     def one_task(key, task):
         task = jax.tree.map(lambda a: a[None], task)
-        params, elbos, curves = jax.vmap(one_restart, in_axes=(0, 0, None))(
-            jax.random.split(key, num_restarts), jnp.arange(num_restarts), task)
+        keys = jax.random.split(key, num_restarts)
+        params, elbos, curves = jax.vmap(one_restart, in_axes=(0, 0, None))(keys, starts(key, keys, task), task)
         elbos = jnp.where(jnp.isfinite(elbos), elbos, -jnp.inf)
         best = jnp.argmax(elbos)
         return jax.tree.map(lambda p: p[best, 0], params), elbos[best], elbos, curves
