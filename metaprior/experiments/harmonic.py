@@ -22,13 +22,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from numpyro.infer import Predictive
+from tqdm import tqdm
 
 from metaprior.data.tasks import TaskBatch, harmonic_fn, harmonic_tasks
 from metaprior.experiments._common import mean_ci95, save_datatree, save_figure
 from metaprior.experiments._registry import Experiment
 from metaprior.inference.guides import SetEncoder, TaskIAFGuide, TaskNormalGuide
 from metaprior.inference.local import fit_local, guide_for_num_tasks, task_batch_learner
-from metaprior.inference.meta import fit
+from metaprior.inference.meta import fit, progress_enabled
 from metaprior.inference.svi import elbo_loss, init_params
 from metaprior.models.task_latent import ARCHS, make_task_latent_net, task_latent_model, task_latent_predict
 
@@ -176,7 +177,8 @@ def _buckets(sizes: tuple[int, ...], pad_to: int) -> list[tuple[int, tuple[int, 
     return out + [(n, (n,)) for n in sizes if n > pad_to]
 
 
-def evaluate(rng_key, config: HarmonicConfig, net, tasks: TaskBatch, *, kl_weight: float, encoder=None):
+def evaluate(rng_key, config: HarmonicConfig, net, tasks: TaskBatch, *, kl_weight: float, encoder=None,
+             desc: str = "new-task inference"):
     """Fit q(z | first N points) per task for each support size; score on the query points.
 
     Support sizes up to ``config.pad_support`` are fitted in one call of
@@ -192,7 +194,9 @@ def evaluate(rng_key, config: HarmonicConfig, net, tasks: TaskBatch, *, kl_weigh
     num_tasks = tasks.x.shape[0]
     query = TaskBatch(tasks.x[:, n_max:], tasks.y[:, n_max:], tasks.mask[:, n_max:])
     out = {}
-    for b, (slots, group) in enumerate(_buckets(sizes, config.pad_support)):
+    buckets = _buckets(sizes, config.pad_support)
+    bar = tqdm(total=len(sizes), desc=desc, unit="size", disable=not progress_enabled(None), leave=False)
+    for b, (slots, group) in enumerate(buckets):
         k_guide, k_fit, k_pred = jax.random.split(jax.random.fold_in(rng_key, b), 3)
         padded = TaskBatch(
             jnp.concatenate([tasks.x[:, :slots]] * len(group)),
@@ -220,6 +224,8 @@ def evaluate(rng_key, config: HarmonicConfig, net, tasks: TaskBatch, *, kl_weigh
                                    params=jax.tree.map(lambda a: a[rows], local.params), elbo=local.elbo[rows],
                                    restart_elbo=local.restart_elbo[rows], losses=local.losses[rows])
             out[n] = dict(mse=np.asarray(mse), nll=np.asarray(nll), fit=fit_n, support=support, z=np.asarray(z))
+        bar.update(len(group))
+    bar.close()
     return out
 
 
@@ -314,7 +320,8 @@ def run(rng_key, config: HarmonicConfig, out_dir: Path) -> dict[str, float]:
         metrics[f"train_time_{tag}_s"] = time.perf_counter() - start
         metrics[f"final_loss_{tag}"] = float(np.mean(res.losses[-max(1, len(res.losses) // 20):]))
         start = time.perf_counter()
-        results[tag] = evaluate(k_ev, config, nets[tag], eval_tasks, kl_weight=weight, encoder=encoders[tag])
+        results[tag] = evaluate(k_ev, config, nets[tag], eval_tasks, kl_weight=weight, encoder=encoders[tag],
+                                desc=f"new-task inference ({tag})")
         metrics[f"eval_time_{tag}_s"] = time.perf_counter() - start
         for n, r in results[tag].items():
             metrics[f"mse_{tag}_n{n}"], metrics[f"mse_{tag}_n{n}_ci95"] = mean_ci95(r["mse"])
