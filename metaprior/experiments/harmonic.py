@@ -28,7 +28,7 @@ from metaprior.data.tasks import TaskBatch, harmonic_fn, harmonic_tasks
 from metaprior.experiments._common import mean_ci95, save_datatree, save_figure
 from metaprior.experiments._registry import Experiment
 from metaprior.inference.guides import SetEncoder, TaskIAFGuide, TaskNormalGuide
-from metaprior.inference.local import fit_local, guide_for_num_tasks, task_batch_learner
+from metaprior.inference.local import LocalFit, fit_local, guide_for_num_tasks, task_batch_learner
 from metaprior.inference.meta import fit, progress_enabled
 from metaprior.inference.svi import elbo_loss, init_params
 from metaprior.models.task_latent import ARCHS, make_task_latent_net, task_latent_model, task_latent_predict
@@ -206,7 +206,7 @@ def evaluate(rng_key, config: HarmonicConfig, net, tasks: TaskBatch, *, kl_weigh
         guide = _build_guide(config, k_guide, model, jax.tree.map(lambda a: a[:2], padded), encoder,
                              kind=config.eval_guide)
         local = fit_local(
-            k_fit, model, guide_for_num_tasks(guide, padded.x.shape[0]), padded, num_steps=config.adapt_steps,
+            k_fit, model, guide, padded, num_steps=config.adapt_steps,
             num_restarts=config.adapt_restarts,
             optimizer=optax.adam(optax.cosine_decay_schedule(config.adapt_lr, config.adapt_steps, alpha=0.01)),
             num_particles=config.adapt_particles, kl_weight=kl_weight, num_candidates=config.adapt_candidates,
@@ -220,9 +220,8 @@ def evaluate(rng_key, config: HarmonicConfig, net, tasks: TaskBatch, *, kl_weigh
             log_p = jax.scipy.stats.norm.logpdf(query.y[None], mu, sigma)
             nll = -jnp.mean(jax.scipy.special.logsumexp(log_p, axis=0) - jnp.log(log_p.shape[0]), axis=-1)
             support = TaskBatch(tasks.x[:, :n], tasks.y[:, :n], tasks.mask[:, :n])
-            fit_n = local._replace(guide=guide_for_num_tasks(local.guide, num_tasks),
-                                   params=jax.tree.map(lambda a: a[rows], local.params), elbo=local.elbo[rows],
-                                   restart_elbo=local.restart_elbo[rows], losses=local.losses[rows])
+            fit_n = LocalFit(guide_for_num_tasks(local.guide, num_tasks),
+                             *jax.tree.map(lambda a: a[rows], tuple(local[1:])))
             out[n] = dict(mse=np.asarray(mse), nll=np.asarray(nll), fit=fit_n, support=support, z=np.asarray(z))
         bar.update(len(group))
     bar.close()
