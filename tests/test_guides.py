@@ -139,3 +139,46 @@ def test_fit_local_candidates_start_restarts_near_the_mode():
     assert np.mean(np.abs(np.asarray(plain.params["q_loc"])[:, 0] - mode) > 0.1) >= 0.5
     with pytest.raises(ValueError, match="num_candidates"):
         fit_local(jax.random.key(1), _narrow_model, guide, y, num_candidates=1, **kw)
+
+
+def _two_mode_model(y, subsample_size=None):
+    """z_j ~ N(0, 1); y_j ~ N(z_j^2, 0.1^2) with y_j = 1: two equal modes at z = +-1."""
+    import numpyro
+    import numpyro.distributions as dist
+
+    with numpyro.plate("tasks", y.shape[0], subsample_size=subsample_size, dim=-1) as idx:
+        z = numpyro.sample("z", dist.Normal(0.0, 1.0))
+        numpyro.sample("y", dist.Normal(z**2, 0.1), obs=y[idx])
+
+
+def test_restart_mixture_covers_both_modes_and_weights_are_softmax_elbo():
+    """The posterior is symmetric, so its two modes carry equal mass. A Normal q fitted from
+    one start sits on one mode; the best restart alone gives one sign per task. The
+    ELBO-weighted mixture of 8 restarts (started on both sides of zero with 8 candidates)
+    gives both signs on every task, each as often as the weights of the restarts on that
+    side say (within 0.1 of 400 draws: 4 binomial sd). The two modes' ELBOs differ only by
+    Monte Carlo noise, so a side's weight is about its share of the 8 restarts (a mode
+    found by more restarts counts more: the documented caveat); a mixture that kept one
+    mode would give 0% or 100%. The weights are softmax(restart_elbo)."""
+    from metaprior.inference.local import restart_weights, sample_restart_mixture
+
+    y = jnp.ones(6)
+    guide = TaskNormalGuide.build(jax.random.key(0), _two_mode_model, y, init_scale=0.1)
+    fit = fit_local(jax.random.key(2), _two_mode_model, guide, y, num_steps=300, num_restarts=8,
+                    num_candidates=64, num_particles=4)
+    w = np.asarray(restart_weights(fit))
+    np.testing.assert_allclose(w, np.asarray(jax.nn.softmax(fit.restart_elbo, axis=-1)), rtol=1e-6)
+    np.testing.assert_allclose(w.sum(-1), 1.0, rtol=1e-6)
+    best = np.asarray(Predictive(fit.guide, params=fit.params, num_samples=400)(jax.random.key(3), y)["z"])
+    assert np.all(np.abs(np.mean(best > 0, axis=0) - 0.5) > 0.45)  # one mode per task
+    mix = np.asarray(sample_restart_mixture(jax.random.key(3), fit, y, 400))
+    assert mix.shape == best.shape == (400, 6)
+    assert np.all(np.abs(np.abs(mix) - 1) < 0.5)  # every draw near a mode
+    frac = np.mean(mix > 0, axis=0)
+    w_plus = np.sum(w * (np.asarray(fit.restart_params["q_loc"])[..., 0] > 0), axis=-1)
+    assert np.all((frac > 0.1) & (frac < 0.9)), frac
+    np.testing.assert_allclose(frac, w_plus, atol=0.1)
+    with pytest.raises(ValueError, match="num_samples"):
+        sample_restart_mixture(jax.random.key(3), fit, y, 0)
+    with pytest.raises(ValueError, match="restart_params"):
+        sample_restart_mixture(jax.random.key(3), fit._replace(restart_params=None), y, 4)

@@ -266,3 +266,23 @@ def test_guide_with_fresh_encoder_equals_guide_without(setup, guide_cls):
     assert amort.encoder_site in sites and not amort.encoder_site.startswith(amort.prefix + "_")
     with pytest.raises(ValueError, match="needs the observed batch"):
         trace(amort, jax.random.key(0), batch._replace(y=None))
+
+
+def test_fit_local_with_encoder_keeps_the_best_candidate(setup):
+    """With an encoder, restart 0 starts at the encoder's proposal and restarts 1.. at the
+    best candidates: with a zero step size, restart 1 of the amortised fit sits where
+    restart 0 (the best candidate) of the plain fit does, from the same key."""
+    import optax
+
+    from metaprior.inference.guides import SetEncoder
+    from metaprior.inference.local import fit_local
+
+    batch, model = setup
+    enc = SetEncoder(1, 2 * D, width=8, key=jax.random.key(1))
+    kw = dict(num_steps=1, num_restarts=2, num_candidates=2, optimizer=optax.sgd(0.0), eval_particles=2)
+    plain = fit_local(jax.random.key(4), model, TaskNormalGuide.build(jax.random.key(0), model, batch), batch, **kw)
+    amort = fit_local(jax.random.key(4), model, TaskNormalGuide.build(jax.random.key(0), model, batch, encoder=enc),
+                      batch, **kw)
+    locs = np.asarray(amort.restart_params["q_loc"])
+    np.testing.assert_array_equal(locs[:, 0], 0.0)
+    np.testing.assert_allclose(locs[:, 1], np.asarray(plain.restart_params["q_loc"])[:, 0])

@@ -46,6 +46,7 @@ def main():
     p.add_argument("--inner-lr", type=float, default=0.4)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--first-order", action="store_true", help="detach the inner gradients (FOMAML)")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -67,6 +68,8 @@ def main():
         fast = dict(p)
         for _ in range(a.inner_steps):
             g = grad(lambda f: loss({**fast, **f}, sx, sy))({k: fast[k] for k in fast_names})
+            if a.first_order:
+                g = {k: v.detach() for k, v in g.items()}
             fast.update({k: fast[k] - a.inner_lr * g[k] for k in fast_names})
         return loss(fast, qx, qy)
 
@@ -78,7 +81,7 @@ def main():
         value = meta_loss(params)
         value.backward()
         opt.step()
-        return float(value)
+        return float(value.detach())
 
     step()  # warm-up
     times = []

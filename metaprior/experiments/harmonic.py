@@ -28,7 +28,14 @@ from metaprior.data.tasks import TaskBatch, harmonic_fn, harmonic_tasks
 from metaprior.experiments._common import mean_ci95, save_datatree, save_figure
 from metaprior.experiments._registry import Experiment
 from metaprior.inference.guides import SetEncoder, TaskIAFGuide, TaskNormalGuide
-from metaprior.inference.local import LocalFit, fit_local, guide_for_num_tasks, task_batch_learner
+from metaprior.inference.local import (
+    LocalFit,
+    fit_local,
+    guide_for_num_tasks,
+    restart_weights,
+    sample_restart_mixture,
+    task_batch_learner,
+)
 from metaprior.inference.meta import fit, progress_enabled
 from metaprior.inference.svi import elbo_loss, init_params
 from metaprior.models.task_latent import ARCHS, make_task_latent_net, task_latent_model, task_latent_predict
@@ -69,6 +76,7 @@ class HarmonicConfig:
     adapt_lr: float = 0.05
     adapt_particles: int = 1
     predictive_samples: int = 100
+    predictive: str = "mixture"  # "mixture": ELBO-weighted mixture of the restarts' q; "best": best restart only
     posterior_support: int = 8
 
 
@@ -100,6 +108,8 @@ def _check(config: HarmonicConfig) -> None:
     for field in ("guide", "eval_guide"):
         if getattr(config, field) not in ("iaf", "normal"):
             raise ValueError(f"config.{field} must be 'iaf' or 'normal', got {getattr(config, field)!r}")
+    if config.predictive not in ("mixture", "best"):
+        raise ValueError(f"config.predictive must be 'mixture' or 'best', got {config.predictive!r}")
     if config.task_batch > config.num_tasks:
         raise ValueError(f"config.task_batch={config.task_batch} exceeds config.num_tasks={config.num_tasks}")
     if min(config.support_sizes) < 1:
@@ -211,7 +221,11 @@ def evaluate(rng_key, config: HarmonicConfig, net, tasks: TaskBatch, *, kl_weigh
             optimizer=optax.adam(optax.cosine_decay_schedule(config.adapt_lr, config.adapt_steps, alpha=0.01)),
             num_particles=config.adapt_particles, kl_weight=kl_weight, num_candidates=config.adapt_candidates,
         )
-        z_all = Predictive(local.guide, params=local.params, num_samples=config.predictive_samples)(k_pred, padded)["z"]
+        if config.predictive == "mixture":
+            z_all = sample_restart_mixture(k_pred, local, padded, config.predictive_samples, site="z")
+        else:
+            z_all = Predictive(local.guide, params=local.params, num_samples=config.predictive_samples)(
+                k_pred, padded)["z"]
         for i, n in enumerate(group):
             rows = slice(i * num_tasks, (i + 1) * num_tasks)
             z = z_all[:, rows]
@@ -222,7 +236,9 @@ def evaluate(rng_key, config: HarmonicConfig, net, tasks: TaskBatch, *, kl_weigh
             support = TaskBatch(tasks.x[:, :n], tasks.y[:, :n], tasks.mask[:, :n])
             fit_n = LocalFit(guide_for_num_tasks(local.guide, num_tasks),
                              *jax.tree.map(lambda a: a[rows], tuple(local[1:])))
-            out[n] = dict(mse=np.asarray(mse), nll=np.asarray(nll), fit=fit_n, support=support, z=np.asarray(z))
+            weights = np.asarray(restart_weights(fit_n))
+            out[n] = dict(mse=np.asarray(mse), nll=np.asarray(nll), fit=fit_n, support=support, z=np.asarray(z),
+                          restart_ess=1.0 / np.sum(weights**2, axis=-1))
         bar.update(len(group))
     bar.close()
     return out
@@ -325,6 +341,7 @@ def run(rng_key, config: HarmonicConfig, out_dir: Path) -> dict[str, float]:
         for n, r in results[tag].items():
             metrics[f"mse_{tag}_n{n}"], metrics[f"mse_{tag}_n{n}_ci95"] = mean_ci95(r["mse"])
             metrics[f"nll_{tag}_n{n}"], metrics[f"nll_{tag}_n{n}_ci95"] = mean_ci95(r["nll"])
+            metrics[f"restart_ess_{tag}_n{n}"] = float(np.mean(r["restart_ess"]))
     metrics["train_time_s"] = metrics["train_time_kl_s"] + metrics["train_time_nokl_s"]
     metrics["kl_beats_nokl_mse_all_n"] = float(
         all(metrics[f"mse_kl_n{n}"] < metrics[f"mse_nokl_n{n}"] for n in config.support_sizes)
@@ -341,6 +358,7 @@ def run(rng_key, config: HarmonicConfig, out_dir: Path) -> dict[str, float]:
 METRICS_DOC = """
 mse_{kl,nokl}_n{N}: mean over eval tasks of the held-out MSE of the posterior predictive mean (N = support size), plus _ci95
 nll_{kl,nokl}_n{N}: mean held-out predictive NLL per point (mixture over posterior samples of z), plus _ci95
+restart_ess_{kl,nokl}_n{N}: mean over tasks of the effective number of restarts in the ELBO-weighted mixture predictive (1 = one restart carries all the weight; predictive="mixture")
 train_time_{kl,nokl}_s, train_time_s: meta-training wall time of this invocation (a resumed run counts only the steps it ran); eval_time_{kl,nokl}_s: new-task inference time
 final_loss_{kl,nokl}: mean negative ELBO (or NLL) over the last 5% of steps
 kl_beats_nokl_mse_all_n: 1.0 if the KL model's MSE is below the baseline's at every N

@@ -91,7 +91,7 @@ class OmniglotAmortizedConfig:
     train_inner_steps: int = 5
     eval_inner_steps: tuple[int, ...] = (1, 5)
     filters: int = 64
-    conv_impl: str = "shift"  # per-task weights: batched matmuls, not XLA's grouped conv (nets.ShiftConv2d)
+    conv_impl: str = "im2col"  # Conv4 channels-last on the batch (nets.Im2colConv2d); "shift" / "lax": the older paths
     hidden_size: int = 128
     noise_size: int = 16
     init_log_var: float = -10.0

@@ -60,7 +60,7 @@ class OmniglotMAMLConfig:
 
     method: str = "maml"  # "maml" (ML-POINT) or "llama" (ML-LAPLACE)
     filters: int = 32
-    conv_impl: str = "shift"  # per-task kernels: batched matmuls, not XLA's grouped conv (see nets.ShiftConv2d)
+    conv_impl: str = "im2col"  # Conv4 channels-last on the batch (nets.Im2colConv2d); "shift" / "lax": the older paths
     image_size: int = 28
     ways: int = 5
     train_shots: int = 1

@@ -20,7 +20,10 @@ import optax
 from metaprior.inference.guides.task_local import _TaskGuideBase
 from metaprior.inference.svi import elbo_loss
 
-__all__ = ["LocalFit", "TaskBatchState", "fit_local", "guide_for_num_tasks", "subsample_indices", "task_batch_learner"]
+__all__ = [
+    "LocalFit", "TaskBatchState", "fit_local", "guide_for_num_tasks", "restart_weights", "sample_restart_mixture",
+    "subsample_indices", "task_batch_learner",
+]
 
 
 class LocalFit(NamedTuple):
@@ -32,6 +35,8 @@ class LocalFit(NamedTuple):
         elbo: ``[T]`` ELBO of the kept restart (``eval_particles`` samples).
         restart_elbo: ``[T, R]`` ELBO of every restart.
         losses: ``[T, R, num_steps]`` training curves.
+        restart_params: every restart's parameters, leading axes ``[T, R]`` (for
+            :func:`sample_restart_mixture`); ``None`` if not kept.
     """
 
     guide: _TaskGuideBase
@@ -39,6 +44,7 @@ class LocalFit(NamedTuple):
     elbo: jax.Array
     restart_elbo: jax.Array
     losses: jax.Array
+    restart_params: dict[str, jax.Array] | None = None
 
 
 def guide_for_num_tasks(guide: _TaskGuideBase, num_tasks: int) -> _TaskGuideBase:
@@ -92,6 +98,8 @@ def fit_local(
             draws, scored by a one-sample ELBO at the initial scale (a random search that
             costs ``num_candidates`` ELBO evaluations per task, no gradients). For
             likelihoods whose optima are narrow and many (periodic functions, many points).
+            With an encoder, restart 0 starts at the encoder's proposal and the others at
+            the best ``num_restarts - 1`` candidates.
 
     Returns:
         :class:`LocalFit`.
@@ -143,7 +151,10 @@ def fit_local(
             cand = jax.random.normal(k_draw, (num_candidates, *shape))
             neg_elbo = score(cand, jax.random.split(k_score, num_candidates), task)
             neg_elbo = jnp.where(jnp.isfinite(neg_elbo), neg_elbo, jnp.inf)
-            locs = cand[jnp.argsort(neg_elbo)[:num_restarts]]
+            order = jnp.argsort(neg_elbo)
+            if one_guide.encoder is not None:  # keep the best R - 1 below the encoder's row
+                order = jnp.roll(order, 1)
+            locs = cand[order[:num_restarts]]
         else:
             locs = jax.vmap(lambda k: jax.random.normal(jax.random.split(k, 3)[0], shape))(restart_keys)
         if one_guide.encoder is not None:
@@ -156,10 +167,55 @@ def fit_local(
         params, elbos, curves = jax.vmap(one_restart, in_axes=(0, 0, None))(keys, starts(key, keys, task), task)
         elbos = jnp.where(jnp.isfinite(elbos), elbos, -jnp.inf)
         best = jnp.argmax(elbos)
-        return jax.tree.map(lambda p: p[best, 0], params), elbos[best], elbos, curves
+        every = jax.tree.map(lambda p: p[:, 0], params)
+        return jax.tree.map(lambda p: p[best], every), elbos[best], elbos, curves, every
 
-    params, elbo, restart_elbo, losses = jax.jit(jax.vmap(one_task))(jax.random.split(rng_key, num_tasks), batch)
-    return LocalFit(guide_for_num_tasks(guide, num_tasks), params, elbo, restart_elbo, losses)
+    params, elbo, restart_elbo, losses, every = jax.jit(jax.vmap(one_task))(
+        jax.random.split(rng_key, num_tasks), batch)
+    return LocalFit(guide_for_num_tasks(guide, num_tasks), params, elbo, restart_elbo, losses, every)
+
+
+def restart_weights(fit: LocalFit) -> jax.Array:
+    """``[T, R]`` mixture weights of the restarts, proportional to ``exp(ELBO)`` per task.
+
+    Each restart's ELBO lower-bounds the evidence of the region its ``q`` covers. For
+    components with (nearly) disjoint supports, ``w_r \u221d exp(ELBO_r)`` are the weights
+    that maximise the ELBO of the mixture ``sum_r w_r q_r``, and its ELBO is then
+    ``logsumexp_r ELBO_r``: a multimodal posterior (a periodic likelihood with one point)
+    gets one component per mode found instead of the single best mode. Restarts that
+    converge to the same mode count it more than once (the mixture is then too sure of
+    that mode); diverged restarts (non-finite ELBO) get weight zero.
+    """
+    elbo = jnp.where(jnp.isfinite(fit.restart_elbo), fit.restart_elbo, -jnp.inf)
+    return jax.nn.softmax(elbo, axis=-1)
+
+
+def sample_restart_mixture(rng_key: jax.Array, fit: LocalFit, batch: Any, num_samples: int,
+                           site: str | None = None, **model_kwargs) -> jax.Array:
+    """Draw ``num_samples`` of one latent site from the ELBO-weighted mixture of restarts.
+
+    Each draw picks a restart with probability :func:`restart_weights` (per task), then
+    samples the site from that restart's guide. Returns ``[S, T, ...]``, the layout of
+    ``Predictive(fit.guide, params=fit.params, ...)`` for the best restart alone.
+    """
+    from numpyro.infer import Predictive
+
+    if fit.restart_params is None:
+        raise ValueError("fit.restart_params is None: this LocalFit did not keep every restart's parameters")
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    site = site or fit.guide.sites[0].name
+    num_restarts = fit.restart_elbo.shape[-1]
+    k_pick, k_draw = jax.random.split(rng_key)
+    draws = []
+    for r in range(num_restarts):
+        params_r = jax.tree.map(lambda p: p[:, r], fit.restart_params)
+        draws.append(Predictive(fit.guide, params=params_r, num_samples=num_samples)(
+            jax.random.fold_in(k_draw, r), batch, **model_kwargs)[site])
+    draws = jnp.stack(draws)  # [R, S, T, ...]
+    num_tasks = fit.restart_elbo.shape[0]
+    pick = jax.random.categorical(k_pick, jnp.log(restart_weights(fit)), shape=(num_samples, num_tasks))  # [S, T]
+    return jnp.take_along_axis(draws, pick.reshape((1, *pick.shape) + (1,) * (draws.ndim - 3)), axis=0)[0]
 
 
 # --------------------------------------------------------------------------- meta-training
