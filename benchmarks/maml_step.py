@@ -41,10 +41,10 @@ HERE = Path(__file__).resolve().parent
 
 
 def jax_step_seconds(tasks, ways, shots, queries, inner_steps, filters, repeats, conv_impl="im2col",
-                     first_order=False):
+                     first_order=False, unroll=1):
     net = Conv4(ways, filters=filters, conv_impl=conv_impl, key=jax.random.key(0))
     loss = nll_loss(lambda n, x: n(x), lambda f: dist.Categorical(logits=f))
-    learner = meta_learner(ml_point(loss, optax.sgd(0.4), inner_steps, first_order=first_order), optax.adam(1e-3),
+    learner = meta_learner(ml_point(loss, optax.sgd(0.4), inner_steps, first_order=first_order, unroll=unroll), optax.adam(1e-3),
                            has_aux=True)
     k1, k2 = jax.random.split(jax.random.key(1))
     batch = SupportQuery(
@@ -86,6 +86,7 @@ def main(argv=None):
                    help="JAX conv paths to time: im2col (channels-last, the experiments' choice), shift (the "
                         "channels-first per-example path it replaced), lax (XLA's convolution)")
     p.add_argument("--orders", nargs="+", choices=["second", "first"], default=["second", "first"])
+    p.add_argument("--unroll", action="store_true", help="unroll the inner loop (adapt(unroll=True))")
     p.add_argument("--peak", action="store_true", help="also measure the dense float32 matmul peak (FLOP/s)")
     p.add_argument("--out", type=Path, default=HERE / "results" / "maml_step.json")
     a = p.parse_args(argv)
@@ -95,7 +96,8 @@ def main(argv=None):
             row = {"order": order, "inner_steps": k}
             for impl in a.conv_impl:
                 times, compile_s, flops = jax_step_seconds(a.tasks, a.ways, a.shots, a.queries, k, a.filters,
-                                                           a.repeats, impl, first_order=order == "first")
+                                                           a.repeats, impl, first_order=order == "first",
+                                                           unroll=True if a.unroll else 1)
                 med = float(np.median(times))
                 row.update({f"jax_{impl}_median_s": med, f"jax_{impl}_seconds": times,
                             f"jax_{impl}_compile_s": compile_s, f"jax_{impl}_flops": flops,
@@ -124,7 +126,7 @@ def main(argv=None):
             for impl in a.conv_impl:
                 row[f"jax_{impl}_fraction_of_peak"] = row[f"jax_{impl}_flops_per_s"] / peak["peak_flops_per_s"]
     result = {"benchmark": "maml_step", "tasks": a.tasks, "ways": a.ways, "shots": a.shots,
-              "queries": a.queries, "filters": a.filters, "repeats": a.repeats, "conv_impl": a.conv_impl,
+              "queries": a.queries, "filters": a.filters, "repeats": a.repeats, "conv_impl": a.conv_impl, "unroll": a.unroll,
               "rows": rows, "matmul_peak": peak,
               "jax": jax.__version__, "machine": f"{platform.machine()} {platform.processor()}".strip(),
               "command": " ".join([Path(sys.executable).name, *sys.argv])}
