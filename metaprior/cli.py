@@ -39,6 +39,23 @@ def _coerce(field_type, current, raw: str):
     return raw
 
 
+def _check_out(out: Path) -> str | None:
+    """Why ``out`` cannot be the output folder, or ``None``: it (or its nearest existing
+    ancestor) must be a writable folder."""
+    import os
+
+    if out.exists() and not out.is_dir():
+        return "exists and is not a folder"
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} is not a folder"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{probe} is not writable"
+    return None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="metaprior", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -83,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     config = exp.make_config(size)
     overrides = dict(args.set)
     if args.steps is not None:
+        if args.steps < 1:
+            print(f"metaprior: --steps must be >= 1, got {args.steps}", file=sys.stderr)
+            return 2
         overrides["num_steps"] = str(args.steps)
     if overrides:
         fields = {f.name: f for f in dataclasses.fields(config)}
@@ -98,6 +118,11 @@ def main(argv: list[str] | None = None) -> int:
             except ValueError as err:
                 print(f"metaprior: --set {key}={raw}: {err}", file=sys.stderr)
                 return 2
+            current = getattr(config, key)
+            counts = key.startswith("num_") or key.endswith(("_steps", "_tasks"))
+            if counts and type(current) is int and current >= 1 and changes[key] < 1:
+                print(f"metaprior: --set {key}={raw}: {key} is a count and must be >= 1", file=sys.stderr)
+                return 2
         config = dataclasses.replace(config, **changes)
     if args.no_progress:
         import os
@@ -109,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     from metaprior.experiments._common import write_metrics
 
     out = args.out if args.out is not None else Path("runs") / args.name
+    problem = _check_out(out)
+    if problem:
+        print(f"metaprior: --out {out}: {problem}", file=sys.stderr)
+        return 2
     out.mkdir(parents=True, exist_ok=True)
     print(f"metaprior run {args.name} ({size}) -> {out}", file=sys.stderr)
     start = time.perf_counter()

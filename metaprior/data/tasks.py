@@ -211,7 +211,14 @@ def check_task_batch(batch: TaskBatch, *, name: str = "batch", x_dim: int | None
     empty = np.flatnonzero(~m.any(axis=1))
     if empty.size:
         raise ValueError(f"{name}: task(s) {empty[:5].tolist()} have an empty support set (mask all False)")
-    if not np.all(np.isfinite(np.asarray(x)[m])):
-        raise ValueError(f"{name}.x contains NaN or infinite values")
-    if y is not None and not np.all(np.isfinite(np.asarray(y)[m])):
-        raise ValueError(f"{name}.y contains NaN or infinite values")
+    bad_x = ~np.isfinite(np.asarray(x)).all(axis=-1) & m
+    if bad_x.any():
+        t, n = np.argwhere(bad_x)[0]
+        raise ValueError(f"{name}.x contains NaN or infinite values (first at task {t}, example {n}: "
+                         f"{np.asarray(x)[t, n].tolist()})")
+    if y is not None:
+        bad_y = ~np.isfinite(np.asarray(y)) & m
+        if bad_y.any():
+            t, n = np.argwhere(bad_y)[0]
+            raise ValueError(f"{name}.y contains NaN or infinite values (first at task {t}, example {n}: "
+                             f"{float(np.asarray(y)[t, n])})")
