@@ -12,6 +12,27 @@ from typing import Iterator
 __all__ = ["atomic_write_bytes", "atomic_path", "read_tagged_npz"]
 
 
+def _fault_hook() -> None:
+    """Test hook: ``METAPRIOR_TEST_SLOW_WRITE_S`` seconds of sleep between writing the
+    temporary file and renaming it, so a test can kill the process in the middle of a
+    checkpoint write (``tests/test_kill_resume.py``). Unset in normal use."""
+    delay = os.environ.get("METAPRIOR_TEST_SLOW_WRITE_S")
+    if delay:
+        import time
+
+        time.sleep(float(delay))
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files that :func:`atomic_write_bytes` leaves beside ``path``
+    when the process is killed mid-write (``.{name}.*.tmp``); returns what it removed."""
+    path = Path(path)
+    stale = sorted(path.parent.glob(f".{path.name}.*.tmp")) if path.parent.is_dir() else []
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically.
 
@@ -27,6 +48,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        _fault_hook()
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -50,6 +72,29 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         Path(tmp).unlink(missing_ok=True)
 
 
+def _check_npz_sizes(path: Path) -> None:
+    """Refuse an ``.npz`` member whose header declares more bytes than the member holds
+    (``np.load`` would allocate the declared size first: a 60-byte file can ask for
+    terabytes)."""
+    import zipfile
+
+    import numpy as np
+
+    with zipfile.ZipFile(path) as zf:
+        for info in zf.infolist():
+            if not info.filename.endswith(".npy"):
+                continue
+            with zf.open(info) as member:
+                version = np.lib.format.read_magic(member)
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                shape, _, dtype = read_header(member)
+                declared = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+                if declared > info.file_size:
+                    raise ValueError(f"member {info.filename} declares {declared} bytes but holds "
+                                     f"{info.file_size}")
+
+
 def read_tagged_npz(path: str | os.PathLike, fmt: str, *, label: str, hint: str = "") -> dict:
     """All arrays of an ``.npz`` written with a ``__format__`` tag, read without pickle.
 
@@ -64,6 +109,7 @@ def read_tagged_npz(path: str | os.PathLike, fmt: str, *, label: str, hint: str 
     if not path.exists():
         raise FileNotFoundError(f"{label} {path} does not exist")
     try:
+        _check_npz_sizes(path)
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
     except Exception as err:  # zipfile.BadZipFile, ValueError, OSError, EOFError ...

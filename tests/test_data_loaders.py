@@ -649,3 +649,23 @@ def test_corrupted_copy_of_shared_file_is_reported(shared_data_dir, tmp_path):
     with pytest.raises(mdata.CorruptDataError, match="content sha256") as err:
         mdata.load_mnist("test", data_dir=tmp_path)
     assert "t10k-labels-idx1-ubyte.gz" in str(err.value) and "yann.lecun.com" in str(err.value)
+
+
+def test_miniimagenet_pickle_cannot_run_code(tmp_path):
+    """A pickle that would call os.system on load is refused by the restricted unpickler
+    (the command never runs: its marker file is not created)."""
+    import os
+
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    path = tmp_path / "mini-imagenet-cache-train.pkl"
+    path.write_bytes(pickle.dumps({"image_data": Evil(), "class_dict": {}}))
+    from metaprior.data.miniimagenet import read_miniimagenet_pickle
+
+    with pytest.raises(mdata.CorruptDataError, match="refusing to load global (posix|os).system"):
+        read_miniimagenet_pickle(path)
+    assert not marker.exists()

@@ -11,9 +11,9 @@ arrays, one file per split. Two layouts are read from
   ``class_names`` ``[classes]`` naming integer labels ``0..classes-1``. Read with
   ``allow_pickle=False``: loading it cannot run code.
 - ``mini-imagenet-cache-{split}.pkl``: a pickled dict with ``image_data`` uint8
-  ``[N, 84, 84, 3]`` and ``class_dict`` ``{class name: [indices]}``. **Unpickling
-  runs arbitrary code from the file**, so it is only read with
-  ``allow_pickle=True``, and only for files from a source you trust.
+  ``[N, 84, 84, 3]`` and ``class_dict`` ``{class name: [indices]}``. Read only with
+  ``allow_pickle=True``, and then with a restricted unpickler that resolves only NumPy's
+  array globals, so a hostile file cannot run code (plain unpickling could).
   :func:`convert_miniimagenet_pickle` turns one into the ``.npz`` layout once.
 
 References:
@@ -83,10 +83,30 @@ def read_miniimagenet_npz(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarr
     return images, labels.astype(np.int32), tuple(str(n) for n in names)
 
 
+class _ArrayUnpickler(pickle.Unpickler):
+    """Resolves only the globals that plain dicts, lists and NumPy arrays pickle to."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+        ("builtins", "list"), ("builtins", "dict"), ("collections", "OrderedDict"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load global {module}.{name} (only NumPy arrays are allowed)")
+        return super().find_class(module, name)
+
+
 def read_miniimagenet_pickle(path: str | os.PathLike
                              ) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
-    """Read a ``mini-imagenet-cache-{split}.pkl``. **This unpickles the file, which
-    can run arbitrary code: use it only on files from a source you trust.**
+    """Read a ``mini-imagenet-cache-{split}.pkl`` with a restricted unpickler.
+
+    Only the globals a NumPy array needs are resolved (:class:`_ArrayUnpickler`); any
+    other (``os.system``, ``builtins.eval``...) is refused with ``CorruptDataError``, so
+    a hostile file cannot run code. Everything else in metaprior reads without pickle.
 
     Returns:
         ``(images uint8 [N, H, W, 3], labels int32 [N], class_names sorted)``.
@@ -94,7 +114,7 @@ def read_miniimagenet_pickle(path: str | os.PathLike
     path = Path(path)
     try:
         with open(path, "rb") as f:
-            data = pickle.load(f)  # noqa: S301 -- trusted files only, documented
+            data = _ArrayUnpickler(f).load()
         images, class_dict = np.asarray(data["image_data"]), data["class_dict"]
     except (OSError, EOFError, pickle.UnpicklingError, KeyError, TypeError) as err:
         raise CorruptDataError(f"{path}: not a miniImageNet cache pickle ({err})") from err

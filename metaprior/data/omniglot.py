@@ -46,7 +46,7 @@ from PIL import Image
 from metaprior.data.episodes import Episodes
 from metaprior.data.fewshot import FewShotDataset, mix_held_out, split_by_group, with_rotations
 from metaprior.data.store import (CorruptDataError, MissingDataError, cache_dir as _cache_dir,
-                                  file_sha256, locate, read_zip_verified)
+                                  file_sha256, locate, read_zip_members, read_zip_verified)
 
 __all__ = [
     "OMNIGLOT_SETS",
@@ -78,7 +78,7 @@ def decode_omniglot_png(data: bytes, image_size: int | None = 28, source: str = 
             # Mode "1" images are resized with nearest neighbour by PIL whatever the
             # filter, so convert to grey levels first.
             grey = np.asarray(im.convert("L"), dtype=np.float32) / 255.0
-    except (OSError, ValueError, SyntaxError) as err:
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise CorruptDataError(f"{source}: cannot decode PNG ({err})") from err
     ink = 1.0 - grey
     if image_size is not None and ink.shape != (image_size, image_size):
@@ -241,11 +241,7 @@ def _runs_source(path: Path) -> dict[str, dict[str, bytes]]:
     """``run name -> {path relative to the run folder: bytes}`` from a folder or zip."""
     runs: dict[str, dict[str, bytes]] = {}
     if path.is_file():
-        try:
-            with zipfile.ZipFile(path) as zf:
-                files = {i.filename: zf.read(i) for i in zf.infolist() if not i.is_dir()}
-        except (zipfile.BadZipFile, OSError) as err:
-            raise CorruptDataError(f"one-shot runs zip {path} is corrupt ({err})") from err
+        files = read_zip_members(path, "one-shot runs zip")
         for name, data in files.items():
             parts = PurePosixPath(name).parts
             if len(parts) >= 2 and parts[-1] == "class_labels.txt":

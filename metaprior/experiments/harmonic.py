@@ -66,6 +66,7 @@ class HarmonicConfig:
     local_steps: int = 5  # E-step iterations on the drawn tasks' guides per meta-step
     init_loc_scale: float = 0.0  # spread of initial task codes (see TaskNormalGuide.build)
     steps_per_call: int = 10
+    checkpoint_every: int = 500  # meta-training steps between checkpoints (atomic; a killed run resumes there)
     eval_tasks: int = 100
     support_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 256)
     num_query: int = 100
@@ -165,7 +166,8 @@ def meta_train(rng_key, config: HarmonicConfig, train: TaskBatch, *, kl_weight: 
         kl_weight=kl_weight,
     )
     result = fit(k_fit, learner, params, config.num_steps, data=train,
-                 steps_per_call=config.steps_per_call, desc=desc, checkpoint=checkpoint)
+                 steps_per_call=config.steps_per_call, desc=desc, checkpoint=checkpoint,
+                 checkpoint_every=config.checkpoint_every)
     trained = _with_params(net, result.state.params["net$params"])
     if encoder is not None:
         encoder = _with_params(encoder, result.state.params[guide.encoder_site])

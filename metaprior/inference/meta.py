@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from metaprior._io import atomic_write_bytes, read_tagged_npz
+from metaprior._io import atomic_write_bytes, read_tagged_npz, remove_stale_temporaries
 
 __all__ = [
     "MetaState",
@@ -210,6 +210,8 @@ def fit(
     state = learner.init(params)
     losses: list[np.ndarray] = []
     ckpt_path = Path(checkpoint) if checkpoint is not None else None
+    if ckpt_path is not None:
+        remove_stale_temporaries(ckpt_path)  # a run killed while writing its checkpoint
     if ckpt_path is not None and ckpt_path.exists():
         state, history = load_checkpoint(ckpt_path, like=state)
         losses.append(history)

@@ -1,0 +1,118 @@
+"""SIGKILL a running experiment, rerun the same command, get the uninterrupted result.
+
+The CLI runs in a subprocess (``python -m metaprior.cli run harmonic --quick`` with 300
+meta-training steps and a checkpoint every 50). One run goes uninterrupted. Another is
+killed with SIGKILL at a seeded random delay after its first checkpoint appears, then
+rerun with the same command: its final checkpoints must equal the uninterrupted run's
+bitwise (the CPU computation is deterministic: same XLA program, same inputs, one
+device) and its ``metrics.json`` must equal it in every key but wall times.
+
+A third run is killed in the middle of a checkpoint write: the test hook
+``METAPRIOR_TEST_SLOW_WRITE_S`` sleeps between writing the temporary file and renaming
+it; the kill lands while a temporary file exists. The previous checkpoint must still
+load, the rerun must remove the stale temporary and finish with the same result.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ARGS = ["run", "harmonic", "--quick", "--no-progress", "--set", "num_steps=300", "--set", "checkpoint_every=50"]
+TIMEOUT = 300
+
+
+def _cmd(out: Path) -> list[str]:
+    return [sys.executable, "-m", "metaprior.cli", *ARGS, "--out", str(out)]
+
+
+def _env(**extra) -> dict:
+    env = dict(os.environ, METAPRIOR_PROGRESS="0", **extra)
+    return env
+
+
+def _run(out: Path, **env) -> None:
+    subprocess.run(_cmd(out), check=True, env=_env(**env), timeout=TIMEOUT, capture_output=True)
+
+
+def _start(out: Path, **env) -> subprocess.Popen:
+    return subprocess.Popen(_cmd(out), env=_env(**env), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _wait_for(cond, proc: subprocess.Popen, what: str) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while not cond():
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended (status {proc.returncode}) before {what}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+
+
+def _arrays(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as f:
+        return {k: f[k] for k in f.files}
+
+
+def _same_result(a: Path, b: Path) -> None:
+    for name in ("meta_kl.ckpt", "meta_nokl.ckpt"):
+        x, y = _arrays(a / name), _arrays(b / name)
+        assert x.keys() == y.keys()
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k], err_msg=f"{name}:{k}")
+    ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (a, b))
+    timed = {k for k in ma if k.endswith("_s")}
+    assert ma.keys() == mb.keys()
+    assert {k: v for k, v in ma.items() if k not in timed} == {k: v for k, v in mb.items() if k not in timed}
+    assert not list(b.glob(".*.tmp")), "a temporary file was left behind"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("straight")
+    _run(out)
+    return out
+
+
+def test_sigkill_after_a_checkpoint_then_rerun_equals_uninterrupted(uninterrupted, tmp_path):
+    out = tmp_path / "killed"
+    proc = _start(out)
+    _wait_for(lambda: (out / "meta_kl.ckpt").exists(), proc, "the first checkpoint")
+    time.sleep(random.Random(0).uniform(0.0, 1.5))  # seeded "random point" after it
+    _kill(proc)
+    assert not (out / "metrics.json").exists()
+    _run(out)
+    _same_result(uninterrupted, out)
+
+
+def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(uninterrupted, tmp_path):
+    from metaprior._io import read_tagged_npz
+    from metaprior.inference.meta import _FORMAT
+
+    out = tmp_path / "midwrite"
+    proc = _start(out, METAPRIOR_TEST_SLOW_WRITE_S="1.0")
+    # the second write of the first model's checkpoint: an old one exists and a new one is in flight
+    _wait_for(lambda: (out / "meta_kl.ckpt").exists() and list(out.glob(".meta_kl.ckpt.*.tmp")), proc,
+              "a checkpoint write after the first")
+    _kill(proc)
+    assert list(out.glob(".meta_kl.ckpt.*.tmp")), "the kill should land mid-write"
+    previous = read_tagged_npz(out / "meta_kl.ckpt", _FORMAT, label="checkpoint")  # still readable
+    assert previous["__losses__"].size in range(50, 300, 50)  # a whole earlier checkpoint, not a partial one
+    _run(out)
+    _same_result(uninterrupted, out)
