@@ -141,7 +141,13 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     print(f"metaprior run {args.name} ({size}) -> {out}", file=sys.stderr)
     start = time.perf_counter()
-    metrics = dict(exp.run(jax.random.key(args.seed), config, out))
+    from metaprior.inference.meta import NonFiniteLossError
+
+    try:
+        metrics = dict(exp.run(jax.random.key(args.seed), config, out))
+    except NonFiniteLossError as err:
+        print(f"metaprior: {args.name}: {err}", file=sys.stderr)
+        return 3
     metrics.setdefault("wall_time_s", time.perf_counter() - start)
     metrics.setdefault("seed", args.seed)
     metrics.setdefault("size", size)

@@ -250,7 +250,7 @@ def fit(
         while int(state.step) < num_steps:
             length = min(steps_per_call, num_steps - int(state.step))
             new_state, (chunk_loss, chunk_gnorm) = compiled(state, data, length)
-            chunk_loss = np.asarray(chunk_loss)
+            chunk_loss = _inject_nan(np.asarray(chunk_loss), int(state.step))
             if not np.all(np.isfinite(chunk_loss)):
                 bad = int(state.step) + int(np.argmax(~np.isfinite(chunk_loss)))
                 where = (
@@ -278,6 +278,17 @@ def fit(
         bar.close()
     history = np.concatenate(losses) if losses else np.zeros((0,), np.float32)
     return FitResult(state, history)
+
+
+def _inject_nan(chunk_loss: np.ndarray, start: int) -> np.ndarray:
+    """Test hook: ``METAPRIOR_TEST_NAN_AT_STEP=N`` makes step N's loss NaN, so every
+    experiment's NaN stop can be tested end to end (``tests/test_nan_stop.py``)."""
+    at = os.environ.get("METAPRIOR_TEST_NAN_AT_STEP")
+    if at is None or not (start <= int(at) < start + len(chunk_loss)):
+        return chunk_loss
+    chunk_loss = chunk_loss.copy()
+    chunk_loss[int(at) - start] = np.nan
+    return chunk_loss
 
 
 # --------------------------------------------------------------------------- checkpoints
