@@ -7,6 +7,8 @@ rerun with the same command: its final checkpoints must equal the uninterrupted 
 bitwise (the CPU computation is deterministic: same XLA program, same inputs, one
 device) and its ``metrics.json`` must equal it in every key but wall times.
 
+The same kill-and-rerun is run for ``sib-omniglot --quick`` (on ../shared/data).
+
 A third run is killed in the middle of a checkpoint write: the test hook
 ``METAPRIOR_TEST_SLOW_WRITE_S`` sleeps between writing the temporary file and renaming
 it; the kill lands while a temporary file exists. The previous checkpoint must still
@@ -28,24 +30,28 @@ import numpy as np
 import pytest
 
 ARGS = ["run", "harmonic", "--quick", "--no-progress", "--set", "num_steps=300", "--set", "checkpoint_every=50"]
+SIB_ARGS = ["run", "sib-omniglot", "--quick", "--no-progress"]
 TIMEOUT = 300
+REPO = Path(__file__).resolve().parents[1]
 
 
-def _cmd(out: Path) -> list[str]:
-    return [sys.executable, "-m", "metaprior.cli", *ARGS, "--out", str(out)]
+def _cmd(out: Path, args=ARGS) -> list[str]:
+    return [sys.executable, "-m", "metaprior.cli", *args, "--out", str(out)]
 
 
 def _env(**extra) -> dict:
     env = dict(os.environ, METAPRIOR_PROGRESS="0", **extra)
+    env.setdefault("METAPRIOR_DATA", str((REPO.parent / "shared" / "data").resolve()))
     return env
 
 
-def _run(out: Path, **env) -> None:
-    subprocess.run(_cmd(out), check=True, env=_env(**env), timeout=TIMEOUT, capture_output=True)
+def _run(out: Path, args=ARGS, **env) -> None:
+    subprocess.run(_cmd(out, args), check=True, env=_env(**env), timeout=TIMEOUT, capture_output=True)
 
 
-def _start(out: Path, **env) -> subprocess.Popen:
-    return subprocess.Popen(_cmd(out), env=_env(**env), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def _start(out: Path, args=ARGS, **env) -> subprocess.Popen:
+    return subprocess.Popen(_cmd(out, args), env=_env(**env), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
 
 
 def _wait_for(cond, proc: subprocess.Popen, what: str) -> None:
@@ -71,7 +77,9 @@ def _arrays(path: Path) -> dict[str, np.ndarray]:
 
 
 def _same_result(a: Path, b: Path) -> None:
-    for name in ("meta_kl.ckpt", "meta_nokl.ckpt"):
+    names = sorted(p.name for p in a.glob("*.ckpt"))
+    assert names and names == sorted(p.name for p in b.glob("*.ckpt"))
+    for name in names:
         x, y = _arrays(a / name), _arrays(b / name)
         assert x.keys() == y.keys()
         for k in x:
@@ -116,3 +124,16 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(uninterrupted,
     assert previous["__losses__"].size in range(50, 300, 50)  # a whole earlier checkpoint, not a partial one
     _run(out)
     _same_result(uninterrupted, out)
+
+
+def test_sib_sigkill_after_its_first_checkpoint_then_rerun_equals_uninterrupted(tmp_path, shared_data_dir):
+    """SIB keeps one checkpoint per training run (pretraining, then each shots x T); killed
+    after the first appears and rerun, it ends where an uninterrupted run does."""
+    straight, out = tmp_path / "straight", tmp_path / "killed"
+    _run(straight, SIB_ARGS, METAPRIOR_DATA=str(shared_data_dir))
+    proc = _start(out, SIB_ARGS, METAPRIOR_DATA=str(shared_data_dir))
+    _wait_for(lambda: any(out.glob("*.ckpt")), proc, "the first checkpoint")
+    time.sleep(random.Random(1).uniform(0.0, 1.5))
+    _kill(proc)
+    _run(out, SIB_ARGS, METAPRIOR_DATA=str(shared_data_dir))
+    _same_result(straight, out)
