@@ -162,7 +162,7 @@ def init_params(rng_key, config: OmniglotAmortizedConfig, ways: int) -> tuple[Am
     return AmortizedParams(guide, shared_params(net)), net
 
 
-def meta_train(rng_key, config: OmniglotAmortizedConfig, images, ways: int, shots: int):
+def meta_train(rng_key, config: OmniglotAmortizedConfig, images, ways: int, shots: int, checkpoint=None):
     """Meta-train the guide for one (ways, shots); returns ``(params, net, FitResult)``."""
     k_init, k_fit = jax.random.split(rng_key)
     params, net = init_params(k_init, config, ways)
@@ -172,7 +172,7 @@ def meta_train(rng_key, config: OmniglotAmortizedConfig, images, ways: int, shot
     sampler = lambda k, d: sample_episodes(k, d, config.task_batch, ways, shots, config.queries)
     result = fit(k_fit, meta_learner(loss, optimizer, has_aux=True), params, config.num_steps, data=images,
                  sample_batch=sampler, steps_per_call=config.steps_per_call,
-                 desc=f"amortized {ways}w{shots}s K={config.train_inner_steps}")
+                 desc=f"amortized {ways}w{shots}s K={config.train_inner_steps}", checkpoint=checkpoint)
     return result.state.params, net, result
 
 
@@ -200,7 +200,7 @@ def maml_config(config: OmniglotAmortizedConfig, ways: int, shots: int) -> Omnig
         steps_per_call=config.steps_per_call)
 
 
-def train_maml(rng_key, config: OmniglotAmortizedConfig, images, ways: int, shots: int):
+def train_maml(rng_key, config: OmniglotAmortizedConfig, images, ways: int, shots: int, checkpoint=None):
     """MAML (first-order by default) through :func:`metaprior.experiments.omniglot_maml.objective`;
     returns ``(theta, maml_config, FitResult)``."""
     k_net, k_fit = jax.random.split(rng_key)
@@ -212,7 +212,8 @@ def train_maml(rng_key, config: OmniglotAmortizedConfig, images, ways: int, shot
     optimizer = optax.chain(optax.clip_by_global_norm(10.0), optax.adam(config.learning_rate))
     sampler = lambda k, d: sample_episodes(k, d, config.task_batch, ways, shots, config.queries)
     result = fit(k_fit, meta_learner(loss, optimizer, has_aux=True), params, config.num_steps, data=images,
-                 sample_batch=sampler, steps_per_call=config.steps_per_call, desc=f"MAML {ways}w{shots}s")
+                 sample_batch=sampler, steps_per_call=config.steps_per_call, desc=f"MAML {ways}w{shots}s",
+                 checkpoint=checkpoint)
     return eqx.combine(result.state.params, static), mcfg, result
 
 
@@ -253,6 +254,7 @@ def _key(ways: int, shots: int) -> str:
 
 
 def run(rng_key, config: OmniglotAmortizedConfig, out_dir: Path) -> dict[str, float]:
+    out_dir = Path(out_dir)  # holds one checkpoint per training run: a killed run resumes there
     k_train, k_test, k_pred, k_maml, k_post = jax.random.split(rng_key, 5)
     splits = omniglot_splits(config.image_size, rotations=True, seed=config.split_seed)
     train = jnp.asarray(splits["train"].images)
@@ -274,7 +276,7 @@ def run(rng_key, config: OmniglotAmortizedConfig, out_dir: Path) -> dict[str, fl
                                        config.test_episodes, ways, shots, config.test_queries)
             t0 = time.perf_counter()
             params, net, result = meta_train(jax.random.fold_in(k_train, 100 * ways + shots), config,
-                                             train, ways, shots)
+                                             train, ways, shots, checkpoint=out_dir / f"amortized_{name}.ckpt")
             seconds = time.perf_counter() - t0
             train_time += seconds
             metrics[f"train_time_s_{name}"] = seconds
@@ -294,7 +296,8 @@ def run(rng_key, config: OmniglotAmortizedConfig, out_dir: Path) -> dict[str, fl
                 save_datatree(posterior_tree(k_post, config, params, net, episodes, max(config.eval_inner_steps)),
                               out_dir / "posterior.nc")
                 t0 = time.perf_counter()
-                theta, mcfg, maml_result = train_maml(k_maml, config, train, ways, shots)
+                theta, mcfg, maml_result = train_maml(k_maml, config, train, ways, shots,
+                                                      checkpoint=out_dir / f"maml_{ways}w{shots}s.ckpt")
                 metrics["maml_train_time_s"] = time.perf_counter() - t0
                 probs = predict_maml(theta, mcfg, episodes)
                 acc = (probs.argmax(-1) == labels).mean(-1)

@@ -97,7 +97,7 @@ class OmniglotMAMLConfig:
     # 0.7872), so the default tries "nn" only (the paper's); add "glm" to compare.
     pred_types: tuple[str, ...] = ("nn",)
     steps_per_call: int = 10
-    # Resume from / write to this meta-training checkpoint ("" = none). Pointing
+    # Resume from / write to this meta-training checkpoint ("" = meta.ckpt in --out). Pointing
     # omniglot-llama at a copy of omniglot-maml's checkpoint with a larger --steps
     # fine-tunes MAML's theta with ML-LAPLACE (both objectives share the state layout).
     checkpoint: str = ""
@@ -212,7 +212,7 @@ def run(rng_key: jax.Array, config: OmniglotMAMLConfig, out_dir: Path) -> dict[s
     start = time.perf_counter()
     result = fit(k_train, learner, net, config.num_steps, data=train, sample_batch=sampler,
                  steps_per_call=config.steps_per_call, desc=f"omniglot-{config.method}",
-                 checkpoint=config.checkpoint or None)
+                 checkpoint=config.checkpoint or out_dir / "meta.ckpt")
     train_time = time.perf_counter() - start
     theta = result.state.params
     metrics: dict[str, float] = {

@@ -206,7 +206,8 @@ def run(rng_key: jax.Array, config: SinusoidMAMLConfig, out_dir: Path) -> dict[s
             result = fit(jax.random.fold_in(jax.random.fold_in(k_train, k), i), learner, params, steps,
                          sample_batch=_train_tasks(k, config.meta_batch),
                          steps_per_call=min(config.steps_per_call, steps),
-                         desc=f"sinusoid-{config.method} K={k} ({method})")
+                         desc=f"sinusoid-{config.method} K={k} ({method})",
+                         checkpoint=Path(out_dir) / f"meta_k{k}_{method}.ckpt")
             params = result.state.params
             losses.append(result.losses)
         metrics[f"train_time_k{k}_s"] = time.perf_counter() - start
