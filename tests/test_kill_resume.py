@@ -32,7 +32,6 @@ import pytest
 ARGS = ["run", "harmonic", "--quick", "--no-progress", "--set", "num_steps=300", "--set", "checkpoint_every=50"]
 SIB_ARGS = ["run", "sib-omniglot", "--quick", "--no-progress"]
 TIMEOUT = 300
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _cmd(out: Path, args=ARGS) -> list[str]:
@@ -40,9 +39,7 @@ def _cmd(out: Path, args=ARGS) -> list[str]:
 
 
 def _env(**extra) -> dict:
-    env = dict(os.environ, METAPRIOR_PROGRESS="0", **extra)
-    env.setdefault("METAPRIOR_DATA", str((REPO.parent / "shared" / "data").resolve()))
-    return env
+    return dict(os.environ, METAPRIOR_PROGRESS="0", **extra)
 
 
 def _run(out: Path, args=ARGS, **env) -> None:

@@ -319,10 +319,8 @@ def read_zip_members(path: Path, what: str = "zip") -> dict[str, bytes]:
 def _read_zip(path: Path, relpath: str | None) -> dict[str, bytes]:
     try:
         return read_zip_members(path)
-    except CorruptDataError as err:
-        if "limit" in str(err):
-            raise
-        raise _corrupt(path, relpath, f"zip: {err.__cause__}") from err
+    except CorruptDataError as err:  # add where the file belongs and where to get it
+        raise _corrupt(path, relpath, f"zip: {err.__cause__ or err}") from err
 
 
 def read_gz_verified(relpath: str, data_dir: str | os.PathLike | None = None) -> bytes:
