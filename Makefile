@@ -1,6 +1,7 @@
 # Two entry points, both of which set everything up from nothing:
 #   make demo   -> .venv with Python 3.12, then `metaprior run harmonic --out runs/harmonic`
 #   make test   -> .venv with Python 3.12 and the dev extras, then the whole test suite
+#   make lint   -> ruff check + ruff format --check (run by .ci/run before the tests)
 # (notebooks and every experiment's --quick run included).
 
 # pyenv machines: .python-version pins 3.12, so `python3.12` resolves through the shim.
@@ -13,7 +14,7 @@ PYTEST_ARGS ?=
 # test workers (pytest-xdist); 0 runs in one process
 PYTEST_WORKERS ?= 2
 
-.PHONY: demo test setup clean
+.PHONY: demo test lint format setup clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 12), "metaprior needs Python 3.12, got " + sys.version'
@@ -30,6 +31,14 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	METAPRIOR_DATA=$${METAPRIOR_DATA:-$(abspath ../shared/data)} $(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -60,14 +60,18 @@ def main(argv=None):
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "conv_impl.json"))
     args = ap.parse_args(argv)
     x = jax.random.normal(jax.random.key(0), (args.tasks, args.images, 28, 28, 1))
-    report = {"config": vars(args), "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                                                "backend": jax.default_backend()}, "results": {}}
+    report = {
+        "config": vars(args),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "backend": jax.default_backend()},
+        "results": {},
+    }
     outputs = {}
     for impl in ("lax", "shift", "im2col"):
         net = Conv4(5, filters=args.filters, conv_impl=impl, key=jax.random.key(1))
         params, static = eqx.partition(net, eqx.is_inexact_array)
         per_task = jax.tree.map(
-            lambda a: a + 0.01 * jax.random.normal(jax.random.key(2), (args.tasks,) + a.shape), params)
+            lambda a: a + 0.01 * jax.random.normal(jax.random.key(2), (args.tasks,) + a.shape), params
+        )
 
         def task_loss(p, xs, static=static):
             return jnp.sum(jnp.tanh(jax.vmap(lambda pi, xi: eqx.combine(pi, static)(xi))(p, xs)))

@@ -93,6 +93,7 @@ def bench_sampler(images: jax.Array, repeats: int, scan_batches: int = 100) -> d
         def body(carry, i):
             ep = sample_episodes(jax.random.fold_in(k, i), x, TASKS, WAYS, SHOTS, QUERIES)
             return carry + ep.support_x.sum() + ep.query_x.sum(), None
+
         return jax.lax.scan(body, jnp.zeros(()), jnp.arange(scan_batches))[0]
 
     t_sample, c_sample = _median_seconds(sample, key, images, repeats=repeats)
@@ -124,6 +125,7 @@ def bench_maml_step(images: jax.Array, repeats: int, fused: bool) -> dict:
     out = {"maml_step_ms": 1e3 * t_step, "maml_step_cpu_ms": 1e3 * c_step}
     _log(f"MAML step {out['maml_step_ms']:.1f} ms (CPU {out['maml_step_cpu_ms']:.1f} ms)")
     if fused:
+
         @jax.jit
         def step_with_sampling(k, s, x):
             k_batch, k_step = jax.random.split(k)
@@ -147,8 +149,10 @@ def main() -> None:
 
     train = jax.device_put(omniglot_splits(data_dir=args.data_dir)["train"].images)
     synthetic = jax.random.uniform(jax.random.key(2), (4800, 20, 28, 28, 1))
-    sampler = {"omniglot_train_shared": bench_sampler(train, args.repeats),
-               "synthetic_4800_classes": bench_sampler(synthetic, args.repeats)}
+    sampler = {
+        "omniglot_train_shared": bench_sampler(train, args.repeats),
+        "synthetic_4800_classes": bench_sampler(synthetic, args.repeats),
+    }
     step = bench_maml_step(train, args.step_repeats, fused=not args.no_fused)
     for r in sampler.values():
         r["ratio_sample_to_maml_step"] = r["sample_ms"] / step["maml_step_ms"]

@@ -22,7 +22,6 @@ import platform
 import time
 from pathlib import Path
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -48,11 +47,21 @@ ESTIMATORS = {"flipout": fo.flipout, "per_example": fo.per_example, "shared_samp
 def make_step(args, estimator):
     k_net, k_embed, k_guide = jax.random.split(jax.random.key(0), 3)
     net = Conv4(args.ways, filters=args.filters, key=k_net)
-    guide = AmortizedLSTMGuide(weight_layers(net), Conv4(None, filters=args.filters, key=k_embed),
-                               num_classes=args.ways, input_shape=(28, 28, 1), key=k_guide,
-                               hidden_size=args.hidden)
-    inference = AmortizedInference(fo.categorical_expected_log_lik(conv4_forward, estimator),
-                                   standard_normal(weight_layers(net)), 1e-3, optax.sgd(0.4), args.inner_steps)
+    guide = AmortizedLSTMGuide(
+        weight_layers(net),
+        Conv4(None, filters=args.filters, key=k_embed),
+        num_classes=args.ways,
+        input_shape=(28, 28, 1),
+        key=k_guide,
+        hidden_size=args.hidden,
+    )
+    inference = AmortizedInference(
+        fo.categorical_expected_log_lik(conv4_forward, estimator),
+        standard_normal(weight_layers(net)),
+        1e-3,
+        optax.sgd(0.4),
+        args.inner_steps,
+    )
     loss = amortized_meta_loss(inference, task_batch_size=None if args.task_batch_size <= 0 else args.task_batch_size)
     learner = meta_learner(loss, optax.adam(1e-3), has_aux=True)
     return jax.jit(learner.step), learner.init(AmortizedParams(guide, shared_params(net)))
@@ -62,8 +71,12 @@ def episodes(args) -> Episodes:
     k_s, k_q = jax.random.split(jax.random.key(1))
     t, w = args.tasks, args.ways
     labels = lambda n: jnp.broadcast_to(jnp.repeat(jnp.arange(w, dtype=jnp.int32), n), (t, w * n))
-    return Episodes(jax.random.uniform(k_s, (t, w * args.shots, 28, 28, 1)), labels(args.shots),
-                    jax.random.uniform(k_q, (t, w * args.queries, 28, 28, 1)), labels(args.queries))
+    return Episodes(
+        jax.random.uniform(k_s, (t, w * args.shots, 28, 28, 1)),
+        labels(args.shots),
+        jax.random.uniform(k_q, (t, w * args.queries, 28, 28, 1)),
+        labels(args.queries),
+    )
 
 
 def time_estimator(args, estimator) -> dict:
@@ -81,8 +94,13 @@ def time_estimator(args, estimator) -> dict:
         jax.block_until_ready(info.loss)
         walls.append((time.perf_counter() - wall) / args.steps)
         cpus.append((time.process_time() - cpu) / args.steps)
-    return {"step_wall_s": float(np.median(walls)), "step_cpu_s": float(np.median(cpus)),
-            "compile_wall_s": compile_wall, "compile_cpu_s": compile_cpu, "final_loss": float(info.loss)}
+    return {
+        "step_wall_s": float(np.median(walls)),
+        "step_cpu_s": float(np.median(cpus)),
+        "compile_wall_s": compile_wall,
+        "compile_cpu_s": compile_cpu,
+        "final_loss": float(info.loss),
+    }
 
 
 def main() -> None:
@@ -108,9 +126,13 @@ def main() -> None:
     base = results.get("shared_sample", {}).get("step_cpu_s")
     summary = {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                    "device": str(jax.devices()[0]), "jax": jax.__version__,
-                    "load_avg_1m_at_end": os.getloadavg()[0]},
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "device": str(jax.devices()[0]),
+            "jax": jax.__version__,
+            "load_avg_1m_at_end": os.getloadavg()[0],
+        },
         "results": results,
         "cpu_time_ratio_vs_shared_sample": {k: v["step_cpu_s"] / base for k, v in results.items()} if base else {},
     }

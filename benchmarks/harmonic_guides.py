@@ -47,7 +47,7 @@ def time_steps(step, state, num_steps: int, repeats: int = 3) -> float:
     state = step(state, 0)
     jax.block_until_ready(state)
     times = []
-    for r in range(repeats):
+    for _ in range(repeats):
         start = time.perf_counter()
         for i in range(num_steps):
             state = step(state, i + 1)
@@ -62,8 +62,12 @@ def main() -> None:
     parser.add_argument("--task-batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--auto-steps", type=int, default=3)
-    parser.add_argument("--auto-num-tasks", type=int, default=250,
-                        help="tasks for the AutoIAFNormal run (its MADE needs hidden >= 8 x tasks)")
+    parser.add_argument(
+        "--auto-num-tasks",
+        type=int,
+        default=250,
+        help="tasks for the AutoIAFNormal run (its MADE needs hidden >= 8 x tasks)",
+    )
     parser.add_argument("--width", type=int, default=128)
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--out", type=Path, default=HERE / "results" / "harmonic_guides.json")
@@ -82,8 +86,9 @@ def main() -> None:
     params = init_params(key, model, guide, batch, subsample_size=args.task_batch)
     ours = {}
     for local_steps in (0, 5):
-        learner = task_batch_learner(model, guide, task_batch=args.task_batch, optimizer=optimizer,
-                                     local_steps=local_steps)
+        learner = task_batch_learner(
+            model, guide, task_batch=args.task_batch, optimizer=optimizer, local_steps=local_steps
+        )
         step = jax.jit(lambda s, i, learner=learner: learner.step(jax.random.fold_in(key, i), s, batch)[0])
         ours[local_steps] = time_steps(step, learner.init(params), args.steps)
         print(f"TaskIAFGuide, local_steps={local_steps}: {1e3 * ours[local_steps]:.1f} ms/step", flush=True)

@@ -41,7 +41,6 @@ from pathlib import Path
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from metaprior.data.tasks import harmonic_tasks
@@ -53,8 +52,9 @@ HERE = Path(__file__).resolve().parent
 
 def features(p) -> jax.Array:
     """The oracle code ``c`` of each task, ``[tasks, 8]``."""
-    return jnp.stack([p.a1, p.a2, p.omega - 6.0, jnp.sin(p.b1), jnp.cos(p.b1), jnp.sin(p.b2), jnp.cos(p.b2),
-                      p.mu_x / 4.0], axis=-1)
+    return jnp.stack(
+        [p.a1, p.a2, p.omega - 6.0, jnp.sin(p.b1), jnp.cos(p.b1), jnp.sin(p.b2), jnp.cos(p.b2), p.mu_x / 4.0], axis=-1
+    )
 
 
 class FourierConcat(eqx.Module):
@@ -85,8 +85,11 @@ class Siren(eqx.Module):
             w = jax.random.uniform(kw, (b, a), minval=-bound, maxval=bound)
             if i == 0:  # c enters at unit scale, x at frequency omega
                 w = w.at[:, 1:].multiply(1.0 / omega)
-            layers.append(eqx.tree_at(lambda m: (m.weight, m.bias), lin,
-                                      (w, jax.random.uniform(kb, (b,), minval=-jnp.pi, maxval=jnp.pi))))
+            layers.append(
+                eqx.tree_at(
+                    lambda m: (m.weight, m.bias), lin, (w, jax.random.uniform(kb, (b,), minval=-jnp.pi, maxval=jnp.pi))
+                )
+            )
         self.layers = tuple(layers)
 
     def __call__(self, x, c):
@@ -105,9 +108,11 @@ def build_net(name, key, args):
         return make_task_latent_net(key, 8, arch="paper", width=args.width, num_layers=args.layers)
     if name == "fourier":
         k1, k2, k3 = jax.random.split(key, 3)
-        return FourierConcat(jax.random.uniform(k1, (64,), maxval=15.0),
-                             jax.random.uniform(k2, (64,), maxval=2 * jnp.pi),
-                             ResidualMLP(128 + 8, 2, width=args.width, num_layers=args.layers, key=k3))
+        return FourierConcat(
+            jax.random.uniform(k1, (64,), maxval=15.0),
+            jax.random.uniform(k2, (64,), maxval=2 * jnp.pi),
+            ResidualMLP(128 + 8, 2, width=args.width, num_layers=args.layers, key=k3),
+        )
     if name == "siren":
         return Siren(1 + 8, 64, 3, 15.0, key)
     raise ValueError(f"unknown net {name!r}")
@@ -116,8 +121,9 @@ def build_net(name, key, args):
 def make_optimizer(args):
     lr = args.lr
     if args.schedule == "warmup-cosine":
-        lr = optax.warmup_cosine_decay_schedule(0.0, args.lr, max(1, args.steps // 20), args.steps,
-                                                end_value=args.lr * 0.01)
+        lr = optax.warmup_cosine_decay_schedule(
+            0.0, args.lr, max(1, args.steps // 20), args.steps, end_value=args.lr * 0.01
+        )
     opt = optax.adam(lr)
     if args.clip:
         opt = optax.chain(optax.clip_by_global_norm(args.clip), opt)
@@ -163,11 +169,20 @@ def train(key, args, train_set, codes, test_set, test_codes, label, net_name):
     for s in range(0, args.steps, args.eval_every):
         params, opt_state, train_nll = chunk(params, opt_state, s)
         nll, mse = evaluate(params)
-        rows.append({"step": s + args.eval_every, "train_nll": float(train_nll), "test_nll": float(nll),
-                     "test_mse": float(mse), "elapsed_s": time.perf_counter() - start})
-        print(f"{label} step {rows[-1]['step']:6d}: train NLL/pt {float(train_nll):9.2f}, "
-              f"test NLL/pt {float(nll):9.2f}, test MSE {float(mse):.3f} ({rows[-1]['elapsed_s']:.0f} s)",
-              flush=True)
+        rows.append(
+            {
+                "step": s + args.eval_every,
+                "train_nll": float(train_nll),
+                "test_nll": float(nll),
+                "test_mse": float(mse),
+                "elapsed_s": time.perf_counter() - start,
+            }
+        )
+        print(
+            f"{label} step {rows[-1]['step']:6d}: train NLL/pt {float(train_nll):9.2f}, "
+            f"test NLL/pt {float(nll):9.2f}, test MSE {float(mse):.3f} ({rows[-1]['elapsed_s']:.0f} s)",
+            flush=True,
+        )
     return rows
 
 
@@ -198,19 +213,38 @@ def main() -> None:
     nets = args.nets.split(",")
     result = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, JAX {jax.__version__} {jax.default_backend()}",
-        "width": args.width, "layers": args.layers, "batch": args.batch, "lr": args.lr,
-        "schedule": args.schedule, "clip": args.clip, "num_tasks": args.num_tasks, "nets": {},
+        "width": args.width,
+        "layers": args.layers,
+        "batch": args.batch,
+        "lr": args.lr,
+        "schedule": args.schedule,
+        "clip": args.clip,
+        "num_tasks": args.num_tasks,
+        "nets": {},
     }
     for name in nets:
         n_params = sum(a.size for a in jax.tree.leaves(eqx.filter(build_net(name, key, args), eqx.is_array)))
-        entry = {"num_params": int(n_params),
-                 "oracle": train(key, args, train_set, codes, test_set, test_codes, f"{name:8s} oracle c", name)}
+        entry = {
+            "num_params": int(n_params),
+            "oracle": train(key, args, train_set, codes, test_set, test_codes, f"{name:8s} oracle c", name),
+        }
         if not args.no_floor:
-            entry["no_information"] = train(key, args, train_set, jnp.zeros_like(codes), test_set,
-                                            jnp.zeros_like(test_codes), f"{name:8s} c = 0   ", name)
+            entry["no_information"] = train(
+                key,
+                args,
+                train_set,
+                jnp.zeros_like(codes),
+                test_set,
+                jnp.zeros_like(test_codes),
+                f"{name:8s} c = 0   ",
+                name,
+            )
         result["nets"][name] = entry
-    tag = "_".join(nets) + ("" if args.schedule == "constant" else f"_{args.schedule}") + (
-        f"_clip{args.clip:g}" if args.clip else "")
+    tag = (
+        "_".join(nets)
+        + ("" if args.schedule == "constant" else f"_{args.schedule}")
+        + (f"_clip{args.clip:g}" if args.clip else "")
+    )
     out = args.out or HERE / "results" / f"harmonic_oracle_{tag}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")

@@ -42,8 +42,7 @@ class BiasFreeMLP(eqx.Module):
 
     def __init__(self, sizes, *, key):
         keys = jax.random.split(key, len(sizes) - 1)
-        self.layers = tuple(eqx.nn.Linear(a, b, use_bias=False, key=k)
-                            for a, b, k in zip(sizes[:-1], sizes[1:], keys))
+        self.layers = tuple(eqx.nn.Linear(a, b, use_bias=False, key=k) for a, b, k in zip(sizes[:-1], sizes[1:], keys))
 
     def __call__(self, x):
         for layer in self.layers[:-1]:
@@ -67,8 +66,17 @@ def main(argv=None):
 
     @jax.jit
     def fit(net, x, y):
-        post = L.laplace(None, net, x, y, apply_fn=L.vmap_apply, likelihood=lambda f: dist.Categorical(logits=f),
-                         structure="kfac", fisher="exact", prior_precision=a.prior_precision)
+        post = L.laplace(
+            None,
+            net,
+            x,
+            y,
+            apply_fn=L.vmap_apply,
+            likelihood=lambda f: dist.Categorical(logits=f),
+            structure="kfac",
+            fisher="exact",
+            prior_precision=a.prior_precision,
+        )
         return L.log_det(post)
 
     t = time.perf_counter()
@@ -79,24 +87,52 @@ def main(argv=None):
         t = time.perf_counter()
         jax.block_until_ready(fit(net, x, y))
         times.append(time.perf_counter() - t)
-    result = {"benchmark": "kfac_laplace", "sizes": a.sizes, "num_data": a.num_data,
-              "num_params": sum(layer.weight.size for layer in net.layers),
-              "prior_precision": a.prior_precision, "jax_seconds": times, "jax_median_s": float(np.median(times)),
-              "jax_compile_s": compile_s, "jax_log_det": log_det, "jax": jax.__version__,
-              "machine": f"{platform.machine()} {platform.processor()}".strip(),
-              "command": " ".join([Path(sys.executable).name, *sys.argv])}
+    result = {
+        "benchmark": "kfac_laplace",
+        "sizes": a.sizes,
+        "num_data": a.num_data,
+        "num_params": sum(layer.weight.size for layer in net.layers),
+        "prior_precision": a.prior_precision,
+        "jax_seconds": times,
+        "jax_median_s": float(np.median(times)),
+        "jax_compile_s": compile_s,
+        "jax_log_det": log_det,
+        "jax": jax.__version__,
+        "machine": f"{platform.machine()} {platform.processor()}".strip(),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+    }
     if a.peer_python:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "mlp.npz"
-            np.savez(path, x=np.asarray(x), y=np.asarray(y), num_layers=len(net.layers),
-                     batch_size=a.num_data, **{f"w{i}": np.asarray(l.weight) for i, l in enumerate(net.layers)})
-            cmd = [a.peer_python, str(HERE / "peers" / "kfac_laplace_torch.py"), str(path),
-                   "--prior-precision", str(a.prior_precision), "--repeats", str(a.repeats)]
-            peer = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
-        result.update(torch_seconds=peer["seconds"], torch_median_s=float(np.median(peer["seconds"])),
-                      torch_log_det=peer["log_det"], torch_backend=peer["backend"], torch_versions=peer["versions"],
-                      torch_over_jax=float(np.median(peer["seconds"]) / np.median(times)),
-                      log_det_rel_diff=abs(peer["log_det"] - log_det) / abs(log_det))
+            np.savez(
+                path,
+                x=np.asarray(x),
+                y=np.asarray(y),
+                num_layers=len(net.layers),
+                batch_size=a.num_data,
+                **{f"w{i}": np.asarray(l.weight) for i, l in enumerate(net.layers)},
+            )
+            cmd = [
+                a.peer_python,
+                str(HERE / "peers" / "kfac_laplace_torch.py"),
+                str(path),
+                "--prior-precision",
+                str(a.prior_precision),
+                "--repeats",
+                str(a.repeats),
+            ]
+            peer = json.loads(
+                subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+            )
+        result.update(
+            torch_seconds=peer["seconds"],
+            torch_median_s=float(np.median(peer["seconds"])),
+            torch_log_det=peer["log_det"],
+            torch_backend=peer["backend"],
+            torch_versions=peer["versions"],
+            torch_over_jax=float(np.median(peer["seconds"]) / np.median(times)),
+            log_det_rel_diff=abs(peer["log_det"] - log_det) / abs(log_det),
+        )
     print(json.dumps({k: v for k, v in result.items() if not k.endswith("seconds")}, indent=1))
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=2) + "\n")

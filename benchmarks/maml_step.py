@@ -40,12 +40,16 @@ from metaprior.models.nets import CONV_IMPLS, Conv4
 HERE = Path(__file__).resolve().parent
 
 
-def jax_step_seconds(tasks, ways, shots, queries, inner_steps, filters, repeats, conv_impl="im2col",
-                     first_order=False, unroll=1):
+def jax_step_seconds(
+    tasks, ways, shots, queries, inner_steps, filters, repeats, conv_impl="im2col", first_order=False, unroll=1
+):
     net = Conv4(ways, filters=filters, conv_impl=conv_impl, key=jax.random.key(0))
     loss = nll_loss(lambda n, x: n(x), lambda f: dist.Categorical(logits=f))
-    learner = meta_learner(ml_point(loss, optax.sgd(0.4), inner_steps, first_order=first_order, unroll=unroll), optax.adam(1e-3),
-                           has_aux=True)
+    learner = meta_learner(
+        ml_point(loss, optax.sgd(0.4), inner_steps, first_order=first_order, unroll=unroll),
+        optax.adam(1e-3),
+        has_aux=True,
+    )
     k1, k2 = jax.random.split(jax.random.key(1))
     batch = SupportQuery(
         jax.random.uniform(k1, (tasks, ways * shots, 28, 28, 1)),
@@ -82,9 +86,14 @@ def main(argv=None):
     p.add_argument("--inner-steps", type=int, nargs="+", default=[1, 5])
     p.add_argument("--filters", type=int, default=32)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--conv-impl", nargs="+", choices=list(CONV_IMPLS), default=["shift", "im2col"],
-                   help="JAX conv paths to time: im2col (channels-last, the experiments' choice), shift (the "
-                        "channels-first per-example path it replaced), lax (XLA's convolution)")
+    p.add_argument(
+        "--conv-impl",
+        nargs="+",
+        choices=list(CONV_IMPLS),
+        default=["shift", "im2col"],
+        help="JAX conv paths to time: im2col (channels-last, the experiments' choice), shift (the "
+        "channels-first per-example path it replaced), lax (XLA's convolution)",
+    )
     p.add_argument("--orders", nargs="+", choices=["second", "first"], default=["second", "first"])
     p.add_argument("--unroll", action="store_true", help="unroll the inner loop (adapt(unroll=True))")
     p.add_argument("--peak", action="store_true", help="also measure the dense float32 matmul peak (FLOP/s)")
@@ -95,28 +104,70 @@ def main(argv=None):
         for k in a.inner_steps:
             row = {"order": order, "inner_steps": k}
             for impl in a.conv_impl:
-                times, compile_s, flops = jax_step_seconds(a.tasks, a.ways, a.shots, a.queries, k, a.filters,
-                                                           a.repeats, impl, first_order=order == "first",
-                                                           unroll=True if a.unroll else 1)
+                times, compile_s, flops = jax_step_seconds(
+                    a.tasks,
+                    a.ways,
+                    a.shots,
+                    a.queries,
+                    k,
+                    a.filters,
+                    a.repeats,
+                    impl,
+                    first_order=order == "first",
+                    unroll=True if a.unroll else 1,
+                )
                 med = float(np.median(times))
-                row.update({f"jax_{impl}_median_s": med, f"jax_{impl}_seconds": times,
-                            f"jax_{impl}_compile_s": compile_s, f"jax_{impl}_flops": flops,
-                            f"jax_{impl}_flops_per_s": flops / med})
+                row.update(
+                    {
+                        f"jax_{impl}_median_s": med,
+                        f"jax_{impl}_seconds": times,
+                        f"jax_{impl}_compile_s": compile_s,
+                        f"jax_{impl}_flops": flops,
+                        f"jax_{impl}_flops_per_s": flops / med,
+                    }
+                )
             if a.peer_python:
-                cmd = [a.peer_python, str(HERE / "peers" / "maml_step_torch.py"), "--tasks", str(a.tasks),
-                       "--ways", str(a.ways), "--shots", str(a.shots), "--queries", str(a.queries),
-                       "--inner-steps", str(k), "--filters", str(a.filters), "--repeats", str(a.repeats)]
+                cmd = [
+                    a.peer_python,
+                    str(HERE / "peers" / "maml_step_torch.py"),
+                    "--tasks",
+                    str(a.tasks),
+                    "--ways",
+                    str(a.ways),
+                    "--shots",
+                    str(a.shots),
+                    "--queries",
+                    str(a.queries),
+                    "--inner-steps",
+                    str(k),
+                    "--filters",
+                    str(a.filters),
+                    "--repeats",
+                    str(a.repeats),
+                ]
                 cmd += ["--first-order"] if order == "first" else []
                 out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
                 peer = json.loads(out.strip().splitlines()[-1])
                 t_med = float(np.median(peer["seconds"]))
-                row.update(torch_median_s=t_med, torch_seconds=peer["seconds"], torch_version=peer["torch"],
-                           torch_threads=peer["threads"])
+                row.update(
+                    torch_median_s=t_med,
+                    torch_seconds=peer["seconds"],
+                    torch_version=peer["torch"],
+                    torch_threads=peer["threads"],
+                )
                 for impl in a.conv_impl:
                     row[f"torch_over_jax_{impl}"] = t_med / row[f"jax_{impl}_median_s"]
             rows.append(row)
-            print(json.dumps({k2: (round(v, 4) if isinstance(v, float) else v) for k2, v in row.items()
-                              if not k2.endswith("seconds")}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        k2: (round(v, 4) if isinstance(v, float) else v)
+                        for k2, v in row.items()
+                        if not k2.endswith("seconds")
+                    }
+                ),
+                flush=True,
+            )
     peak = None
     if a.peak:
         import scaling  # benchmarks/scaling.py: the same matmul-peak measurement
@@ -125,11 +176,22 @@ def main(argv=None):
         for row in rows:
             for impl in a.conv_impl:
                 row[f"jax_{impl}_fraction_of_peak"] = row[f"jax_{impl}_flops_per_s"] / peak["peak_flops_per_s"]
-    result = {"benchmark": "maml_step", "tasks": a.tasks, "ways": a.ways, "shots": a.shots,
-              "queries": a.queries, "filters": a.filters, "repeats": a.repeats, "conv_impl": a.conv_impl, "unroll": a.unroll,
-              "rows": rows, "matmul_peak": peak,
-              "jax": jax.__version__, "machine": f"{platform.machine()} {platform.processor()}".strip(),
-              "command": " ".join([Path(sys.executable).name, *sys.argv])}
+    result = {
+        "benchmark": "maml_step",
+        "tasks": a.tasks,
+        "ways": a.ways,
+        "shots": a.shots,
+        "queries": a.queries,
+        "filters": a.filters,
+        "repeats": a.repeats,
+        "conv_impl": a.conv_impl,
+        "unroll": a.unroll,
+        "rows": rows,
+        "matmul_peak": peak,
+        "jax": jax.__version__,
+        "machine": f"{platform.machine()} {platform.processor()}".strip(),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+    }
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {a.out}")

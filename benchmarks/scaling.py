@@ -48,9 +48,10 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -91,8 +92,9 @@ def _compile(step_fn: Callable, state: Any, data: Any, *, donate: bool) -> Compi
     # Everything the step's buffer plan holds: inputs, outputs not written in place of a
     # donated input, and temporaries. (XLA's own CPU "peak" leaves out the temporaries of
     # loops, e.g. MAML's inner-loop scan, so it can be below temp_bytes.)
-    memory["peak_bytes"] = (memory["argument_bytes"] + memory["output_bytes"] - memory["alias_bytes"]
-                            + memory["temp_bytes"])
+    memory["peak_bytes"] = (
+        memory["argument_bytes"] + memory["output_bytes"] - memory["alias_bytes"] + memory["temp_bytes"]
+    )
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
@@ -135,8 +137,10 @@ def sweep(configs: dict[str, Callable[[], Compiled]], *, repeats: int, steps: in
             "flops": c.flops,
             **c.memory,
         }
-        log(f"  {name}: {1e3 * np.median(ts):.1f} ms/step (min {1e3 * ts.min():.1f}, max {1e3 * ts.max():.1f}), "
-            f"peak {c.memory['peak_bytes'] / 2**20:.1f} MiB, temp {c.memory['temp_bytes'] / 2**20:.1f} MiB")
+        log(
+            f"  {name}: {1e3 * np.median(ts):.1f} ms/step (min {1e3 * ts.min():.1f}, max {1e3 * ts.max():.1f}), "
+            f"peak {c.memory['peak_bytes'] / 2**20:.1f} MiB, temp {c.memory['temp_bytes'] / 2**20:.1f} MiB"
+        )
     del states
     return out
 
@@ -169,8 +173,17 @@ def matmul_peak(*, sizes=(512, 1024, 2048), repeats: int = 5, log) -> dict:
 # --------------------------------------------------------------------------- harmonic
 
 
-def harmonic_step(num_tasks: int, task_batch: int, width: int, *, kind: str = "dense", latent_dim: int = 8,
-                  num_flows: int = 2, num_layers: int = 12, num_examples: int = 50) -> Callable[[], Compiled]:
+def harmonic_step(
+    num_tasks: int,
+    task_batch: int,
+    width: int,
+    *,
+    kind: str = "dense",
+    latent_dim: int = 8,
+    num_flows: int = 2,
+    num_layers: int = 12,
+    num_examples: int = 50,
+) -> Callable[[], Compiled]:
     """The harmonic experiment's meta-training step at the given sizes (issue-2 defaults)."""
 
     def make() -> Compiled:
@@ -200,8 +213,9 @@ def harmonic_step(num_tasks: int, task_batch: int, width: int, *, kind: str = "d
         # the same objective on the B gathered rows, their Adam moments scattered back.
         from metaprior.inference.local import task_batch_learner
 
-        learner = task_batch_learner(model, guide, task_batch=task_batch, optimizer=optax.adam(1e-3),
-                                     local_optimizer=optax.adam(1e-3))
+        learner = task_batch_learner(
+            model, guide, task_batch=task_batch, optimizer=optax.adam(1e-3), local_optimizer=optax.adam(1e-3)
+        )
         state = learner.init(params)
         return _compile(lambda s, key, data: learner.step(key, s, data)[0], state, data, donate=True)
 
@@ -211,9 +225,20 @@ def harmonic_step(num_tasks: int, task_batch: int, width: int, *, kind: str = "d
 # --------------------------------------------------------------------------- MAML
 
 
-def maml_step(num_tasks: int, task_batch: int, filters: int, *, ways: int = 5, shots: int = 1, queries: int = 15,
-              inner_steps: int = 1, image_size: int = 28, num_classes: int = 100,
-              examples_per_class: int = 20, conv_impl: str = "shift") -> Callable[[], Compiled]:
+def maml_step(
+    num_tasks: int,
+    task_batch: int,
+    filters: int,
+    *,
+    ways: int = 5,
+    shots: int = 1,
+    queries: int = 15,
+    inner_steps: int = 1,
+    image_size: int = 28,
+    num_classes: int = 100,
+    examples_per_class: int = 20,
+    conv_impl: str = "shift",
+) -> Callable[[], Compiled]:
     """One MAML meta-step of the Conv4 net (issue 4) on a meta-training set of ``num_tasks``
     fixed episodes (class and example indices into an image array); each step draws
     ``task_batch`` of them. Images are random: only the cost is measured."""
@@ -231,8 +256,9 @@ def maml_step(num_tasks: int, task_batch: int, filters: int, *, ways: int = 5, s
         images = jax.random.uniform(k[0], (num_classes, examples_per_class, image_size, image_size, 1))
         tasks = sample_episode_indices(k[1], num_classes, examples_per_class, num_tasks, ways, shots, queries)
         net = Conv4(ways, filters=filters, image_size=image_size, conv_impl=conv_impl, key=k[2])
-        objective = ml_point(nll_loss(lambda n, x: n(x), lambda logits: dist.Categorical(logits=logits)),
-                             optax.sgd(0.4), inner_steps)
+        objective = ml_point(
+            nll_loss(lambda n, x: n(x), lambda logits: dist.Categorical(logits=logits)), optax.sgd(0.4), inner_steps
+        )
         learner = meta_learner(objective, optax.adam(1e-3), has_aux=True)
         labels = jnp.repeat(jnp.arange(ways), shots + queries).reshape(ways, shots + queries)
 
@@ -242,11 +268,13 @@ def maml_step(num_tasks: int, task_batch: int, filters: int, *, ways: int = 5, s
             cls, ex = tasks.classes[idx], tasks.examples[idx]  # [B, ways], [B, ways, shots+queries]
             x = images[cls[:, :, None], ex]  # [B, ways, shots+queries, H, W, 1]
             y = jnp.broadcast_to(labels, (task_batch, ways, shots + queries))
+
             def flat(a):
                 return a.reshape((task_batch, -1) + a.shape[3:])
 
-            return SupportQuery(flat(x[:, :, :shots]), flat(y[:, :, :shots]),
-                                flat(x[:, :, shots:]), flat(y[:, :, shots:]))
+            return SupportQuery(
+                flat(x[:, :, :shots]), flat(y[:, :, :shots]), flat(x[:, :, shots:]), flat(y[:, :, shots:])
+            )
 
         def step(state, key, data):
             k_batch, k_step = jax.random.split(key)
@@ -269,25 +297,35 @@ def _plots(report: dict, out_dir: Path) -> list[str]:
     written = []
     for model in ("harmonic", "maml"):
         fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-        for ax, (axis, label) in zip(axes, [("num_tasks", "tasks in the meta-training set N"),
-                                            ("task_batch", "task batch B"), ("width", "width")]):
+        for ax, (axis, label) in zip(
+            axes,
+            [("num_tasks", "tasks in the meta-training set N"), ("task_batch", "task batch B"), ("width", "width")],
+        ):
             for series, rows in report[model][axis].items():
                 xs = [r["x"] for r in rows]
                 ys = [1e3 * r["step_s_median"] for r in rows]
                 lo = [1e3 * r["step_s_min"] for r in rows]
                 hi = [1e3 * r["step_s_max"] for r in rows]
-                ax.errorbar(xs, ys, yerr=[np.subtract(ys, lo), np.subtract(hi, ys)], marker="o", capsize=3,
-                            label=f"{series} time")
+                ax.errorbar(
+                    xs,
+                    ys,
+                    yerr=[np.subtract(ys, lo), np.subtract(hi, ys)],
+                    marker="o",
+                    capsize=3,
+                    label=f"{series} time",
+                )
             ax.set_xscale("log", base=10 if axis == "num_tasks" else 2)
             ax.set_xlabel(label)
             ax.set_ylabel("ms / step (median, min-max)")
             ax2 = ax.twinx()
             for series, rows in report[model][axis].items():
                 xs = [r["x"] for r in rows]
-                ax2.plot(xs, [r["temp_bytes"] / 2**20 for r in rows], ls="--", marker="x",
-                         label=f"{series} working MiB")
-                ax2.plot(xs, [r["argument_bytes"] / 2**20 for r in rows], ls=":", marker="+",
-                         label=f"{series} resident MiB")
+                ax2.plot(
+                    xs, [r["temp_bytes"] / 2**20 for r in rows], ls="--", marker="x", label=f"{series} working MiB"
+                )
+                ax2.plot(
+                    xs, [r["argument_bytes"] / 2**20 for r in rows], ls=":", marker="+", label=f"{series} resident MiB"
+                )
             ax2.set_yscale("log")
             ax2.set_ylabel("MiB: step temporaries (--), resident state+data (:)")
             ax.set_title(f"{model}: {axis}")
@@ -314,8 +352,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=2, help="steps per timing round")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test")
     p.add_argument("--replot", action="store_true", help="only redraw the plots from --out")
-    p.add_argument("--maml-conv", choices=("lax", "shift"), default="shift",
-                   help="Conv4 conv_impl of the MAML step (shift: batched matmuls; lax: XLA's grouped conv)")
+    p.add_argument(
+        "--maml-conv",
+        choices=("lax", "shift"),
+        default="shift",
+        help="Conv4 conv_impl of the MAML step (shift: batched matmuls; lax: XLA's grouped conv)",
+    )
     args = p.parse_args(argv)
     if args.replot:
         report = json.loads(args.out.read_text())
@@ -332,12 +374,18 @@ def main(argv: list[str] | None = None) -> dict:
     q = args.quick
     task_counts = [100, 1000] if q else [100, 1000, 10000, 100000]
     report: dict = {
-        "command": "python benchmarks/scaling.py" + (" --quick" if q else "")
-                   + f" --repeats {args.repeats} --steps {args.steps} --maml-conv {args.maml_conv}",
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpu_count": os.cpu_count(), "device": str(jax.devices()[0]),
-                    "device_kind": jax.devices()[0].device_kind, "jax": jax.__version__,
-                    "python": sys.version.split()[0]},
+        "command": "python benchmarks/scaling.py"
+        + (" --quick" if q else "")
+        + f" --repeats {args.repeats} --steps {args.steps} --maml-conv {args.maml_conv}",
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "device": str(jax.devices()[0]),
+            "device_kind": jax.devices()[0].device_kind,
+            "jax": jax.__version__,
+            "python": sys.version.split()[0],
+        },
         "load_avg_1_5_15": {"start": load()},
     }
     log(f"device {report['machine']['device']}, load {load()}")
@@ -360,14 +408,23 @@ def main(argv: list[str] | None = None) -> dict:
         m_extra = {}
         mb, mf, m_batches, m_filters = 4, 32, [1, 4, 16], [16, 32, 64]
 
-    harmonic: dict = {"config": {"centre_num_tasks": n_mid, "task_batch": hb, "width": hw, "latent_dim": 8,
-                                 "num_flows": 2, "num_layers": h_extra.get("num_layers", 12),
-                                 "num_examples": h_extra.get("num_examples", 50), "optimizer": "adam"}}
+    harmonic: dict = {
+        "config": {
+            "centre_num_tasks": n_mid,
+            "task_batch": hb,
+            "width": hw,
+            "latent_dim": 8,
+            "num_flows": 2,
+            "num_layers": h_extra.get("num_layers", 12),
+            "num_examples": h_extra.get("num_examples", 50),
+            "optimizer": "adam",
+        }
+    }
     configs, axes = {}, {"num_tasks": {}, "task_batch": {}, "width": {}}
     for kind in ("dense", "rows"):
         # The dense step at 100,000 tasks needs ~5 GB (state 2 GB, plus a new copy per step);
         # its growth is plain by 10,000, so it stops there on this 24 GB shared machine.
-        for n in (task_counts if kind == "rows" else [c for c in task_counts if c <= 10000]):
+        for n in task_counts if kind == "rows" else [c for c in task_counts if c <= 10000]:
             name = f"{kind}_N{n}_B{hb}_W{hw}"
             configs[name] = harmonic_step(n, hb, hw, kind=kind, **h_extra)
             axes["num_tasks"].setdefault(kind, {})[name] = n
@@ -388,9 +445,20 @@ def main(argv: list[str] | None = None) -> dict:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")  # partial, rewritten at the end
 
-    maml: dict = {"config": {"centre_num_tasks": n_mid, "task_batch": mb, "filters": mf, "ways": 5, "shots": 1,
-                             "queries": 15, "inner_steps": 1, "second_order": True,
-                             "image_size": m_extra.get("image_size", 28), "conv_impl": args.maml_conv}}
+    maml: dict = {
+        "config": {
+            "centre_num_tasks": n_mid,
+            "task_batch": mb,
+            "filters": mf,
+            "ways": 5,
+            "shots": 1,
+            "queries": 15,
+            "inner_steps": 1,
+            "second_order": True,
+            "image_size": m_extra.get("image_size", 28),
+            "conv_impl": args.maml_conv,
+        }
+    }
     m_extra = {**m_extra, "conv_impl": args.maml_conv}
     configs, axes = {}, {"num_tasks": {}, "task_batch": {}, "width": {}}
     for n in task_counts:

@@ -63,8 +63,9 @@ def main() -> None:
     params = {}
     for t in (0, 3):
         params[t] = so.meta_train(k_meta, cfg, train_f, 1, t, args.run / f"sib_5w1s_T{t}.ckpt").state.params
-        post = sib_posterior(jax.random.key(1), params[t], eps, num_ways=cfg.ways, num_steps=t,
-                             inner_optimizer=optax.sgd(cfg.inner_lr))
+        post = sib_posterior(
+            jax.random.key(1), params[t], eps, num_ways=cfg.ways, num_steps=t, inner_optimizer=optax.sgd(cfg.inner_lr)
+        )
         logits = jax.vmap(lambda w, qx, p=params[t]: cosine_logits(w, qx, p.log_logit_scale))(post.loc, eps.query_x)
         results[f"learned_T{t}"] = accuracy(logits)
     p0 = params[0]
@@ -88,10 +89,15 @@ def main() -> None:
     for kind in ("oracle", "entropy"):
         for eta in (0.01, 0.1, 1.0):
             results[f"{kind}_T3_eta{eta:g}"] = accuracy(refine(kind, eta, 3))
-    record = {"benchmark": "sib_headroom", "run": str(args.run), "episodes": cfg.test_episodes,
-              "accuracy_posterior_mean": results, "wall_s": time.perf_counter() - start,
-              "machine": f"{platform.machine()} CPU, {jax.device_count()} JAX device(s)",
-              "jax": jax.__version__}
+    record = {
+        "benchmark": "sib_headroom",
+        "run": str(args.run),
+        "episodes": cfg.test_episodes,
+        "accuracy_posterior_mean": results,
+        "wall_s": time.perf_counter() - start,
+        "machine": f"{platform.machine()} CPU, {jax.device_count()} JAX device(s)",
+        "jax": jax.__version__,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".tmp")
     tmp.write_text(json.dumps(record, indent=1))

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 __all__ = ["atomic_write_bytes", "atomic_path", "read_tagged_npz"]
 
@@ -86,13 +86,13 @@ def _check_npz_sizes(path: Path) -> None:
                 continue
             with zf.open(info) as member:
                 version = np.lib.format.read_magic(member)
-                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                               else np.lib.format.read_array_header_2_0)
+                read_header = (
+                    np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                )
                 shape, _, dtype = read_header(member)
                 declared = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
                 if declared > info.file_size:
-                    raise ValueError(f"member {info.filename} declares {declared} bytes but holds "
-                                     f"{info.file_size}")
+                    raise ValueError(f"member {info.filename} declares {declared} bytes but holds {info.file_size}")
 
 
 def read_tagged_npz(path: str | os.PathLike, fmt: str, *, label: str, hint: str = "") -> dict:

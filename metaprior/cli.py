@@ -70,7 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument("--full", action="store_true", help="paper-size run (long)")
     p_run.add_argument("--steps", type=int, default=None, help="override the number of training steps")
     p_run.add_argument(
-        "--set", type=_parse_override, action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        type=_parse_override,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override any config field (repeatable), e.g. --set num_tasks=1000",
     )
     p_run.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -110,8 +114,11 @@ def main(argv: list[str] | None = None) -> int:
         for key, raw in overrides.items():
             if key not in fields:
                 opt = "--steps" if key == "num_steps" else f"--set {key}"
-                print(f"metaprior: {opt}: experiment {args.name!r} has no config field {key!r}; "
-                      f"fields: {', '.join(fields)}", file=sys.stderr)
+                print(
+                    f"metaprior: {opt}: experiment {args.name!r} has no config field {key!r}; "
+                    f"fields: {', '.join(fields)}",
+                    file=sys.stderr,
+                )
                 return 2
             try:
                 changes[key] = _coerce(fields[key].type, getattr(config, key), raw)

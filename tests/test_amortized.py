@@ -68,16 +68,24 @@ def _dense_setup(key, ways=WAYS):
     k_net, k_embed, k_guide = jax.random.split(key, 3)
     net = MLP(FEATURES, ways, (8,), key=k_net)
     embed = BatchMLP(MLP(FEATURES, 5, (8,), key=k_embed))
-    guide = AmortizedLSTMGuide(weight_layers(net), embed, num_classes=ways, input_shape=(FEATURES,),
-                               key=k_guide, hidden_size=16, noise_size=4)
+    guide = AmortizedLSTMGuide(
+        weight_layers(net), embed, num_classes=ways, input_shape=(FEATURES,), key=k_guide, hidden_size=16, noise_size=4
+    )
     return net, guide
 
 
 def _conv_setup(key, ways=WAYS):
     k_net, k_embed, k_guide = jax.random.split(key, 3)
     net = Conv4(ways, filters=3, key=k_net)
-    guide = AmortizedLSTMGuide(weight_layers(net), Conv4(None, filters=3, key=k_embed), num_classes=ways,
-                               input_shape=(28, 28, 1), key=k_guide, hidden_size=16, noise_size=4)
+    guide = AmortizedLSTMGuide(
+        weight_layers(net),
+        Conv4(None, filters=3, key=k_embed),
+        num_classes=ways,
+        input_shape=(28, 28, 1),
+        key=k_guide,
+        hidden_size=16,
+        noise_size=4,
+    )
     return net, guide
 
 
@@ -85,21 +93,29 @@ def _episodes(key, num_tasks, item_shape, ways=WAYS):
     k_s, k_q = jax.random.split(key)
     labels = lambda n: jnp.broadcast_to(jnp.repeat(jnp.arange(ways), n), (num_tasks, ways * n))
     return Episodes(
-        jax.random.normal(k_s, (num_tasks, ways * SHOTS, *item_shape)), labels(SHOTS),
-        jax.random.normal(k_q, (num_tasks, ways * QUERIES, *item_shape)), labels(QUERIES),
+        jax.random.normal(k_s, (num_tasks, ways * SHOTS, *item_shape)),
+        labels(SHOTS),
+        jax.random.normal(k_q, (num_tasks, ways * QUERIES, *item_shape)),
+        labels(QUERIES),
     )
 
 
 def _inference(net, forward, num_inner_steps=2, estimator=flipout, beta=0.1):
-    return AmortizedInference(categorical_expected_log_lik(forward, estimator), standard_normal(weight_layers(net)),
-                              beta, optax.sgd(0.1), num_inner_steps)
+    return AmortizedInference(
+        categorical_expected_log_lik(forward, estimator),
+        standard_normal(weight_layers(net)),
+        beta,
+        optax.sgd(0.1),
+        num_inner_steps,
+    )
 
 
 # ------------------------------------------------------------------------------ shapes
 
 
-@pytest.mark.parametrize("setup, item", [(_dense_setup, (FEATURES,)), (_conv_setup, (28, 28, 1))],
-                         ids=["dense", "conv"])
+@pytest.mark.parametrize(
+    "setup, item", [(_dense_setup, (FEATURES,)), (_conv_setup, (28, 28, 1))], ids=["dense", "conv"]
+)
 def test_guide_output_matches_the_weight_pytree(setup, item, rng_key):
     net, guide = setup(rng_key)
     episodes = _episodes(rng_key, 1, item)
@@ -131,8 +147,9 @@ def test_guide_is_a_function_of_the_noise(rng_key):
 # ------------------------------------------------------------------------------ encoding
 
 
-@pytest.mark.parametrize("setup, item", [(_dense_setup, (FEATURES,)), (_conv_setup, (28, 28, 1))],
-                         ids=["dense", "conv"])
+@pytest.mark.parametrize(
+    "setup, item", [(_dense_setup, (FEATURES,)), (_conv_setup, (28, 28, 1))], ids=["dense", "conv"]
+)
 def test_support_encoding_is_invariant_to_the_order_within_a_class(setup, item, rng_key):
     _, guide = setup(rng_key)
     e = _episodes(rng_key, 1, item)
@@ -150,8 +167,7 @@ def test_support_encoding_is_invariant_to_the_order_within_a_class(setup, item, 
     # Relabelling classes permutes the per-class blocks (labels matter, order within does not).
     swap = jnp.array([1, 0, 2])
     blocks = base.reshape(WAYS, -1)
-    np.testing.assert_allclose(guide.encode(x, swap[y]).reshape(WAYS, -1), blocks[swap.argsort()],
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(guide.encode(x, swap[y]).reshape(WAYS, -1), blocks[swap.argsort()], rtol=1e-5, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------ objective
@@ -173,9 +189,16 @@ def test_refine_lowers_the_support_loss(rng_key):
     inference = _inference(net, mlp_forward, estimator=shared_sample)
     params = AmortizedParams(guide, net)
     q0 = guide(rng_key, e.support_x[0], e.support_y[0])
-    loss = lambda k, q: negative_elbo(jax.random.key(7), q, e.support_x[0], e.support_y[0],
-                                      expected_log_lik=inference.expected_log_lik, model_params=net,
-                                      prior=inference.prior, beta=0.1)[0]
+    loss = lambda k, q: negative_elbo(
+        jax.random.key(7),
+        q,
+        e.support_x[0],
+        e.support_y[0],
+        expected_log_lik=inference.expected_log_lik,
+        model_params=net,
+        prior=inference.prior,
+        beta=0.1,
+    )[0]
     assert refine(rng_key, q0, loss, optax.sgd(0.1), 0) is q0
     q5 = refine(rng_key, q0, loss, optax.sgd(0.1), 5)
     assert loss(None, q5) < loss(None, q0)
@@ -260,13 +283,17 @@ def test_episode_predictions_are_probabilities(rng_key):
     params = AmortizedParams(guide, shared_params(net))
     e = _episodes(rng_key, 2, (FEATURES,))
     logits_fn = lambda model, layers, x: mlp_forward(model, x, lambda i, h: jax.vmap(layers[i])(h))
-    probs = jax.jit(lambda p, e: episode_predictions(rng_key, p, e, _inference(net, mlp_forward), logits_fn,
-                                                     num_samples=3))(params, e)
+    probs = jax.jit(
+        lambda p, e: episode_predictions(rng_key, p, e, _inference(net, mlp_forward), logits_fn, num_samples=3)
+    )(params, e)
     assert probs.shape == (2, WAYS * QUERIES, WAYS)
     np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
     # Several numbers of inner steps in one pass: [steps, tasks, queries, classes].
-    several = jax.jit(lambda p, e: episode_predictions(rng_key, p, e, _inference(net, mlp_forward), logits_fn,
-                                                       num_samples=3, inner_steps=(0, 2)))(params, e)
+    several = jax.jit(
+        lambda p, e: episode_predictions(
+            rng_key, p, e, _inference(net, mlp_forward), logits_fn, num_samples=3, inner_steps=(0, 2)
+        )
+    )(params, e)
     assert several.shape == (2, 2, WAYS * QUERIES, WAYS)
     np.testing.assert_allclose(several.sum(-1), 1.0, rtol=1e-5)
     assert not np.allclose(several[0], several[1])
@@ -317,7 +344,7 @@ def test_numpyro_guide_matches_the_model_and_its_elbo(rng_key):
     k_loc, k_data = jax.random.split(rng_key)
     loc = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(k_loc, a.shape), layers)
     q_task = GaussianLayers(loc, jax.tree.map(lambda a: jnp.full_like(a, -20.0), layers))
-    q = jax.tree.map(lambda a: jnp.stack([a, a]), q_task)                # 2 tasks
+    q = jax.tree.map(lambda a: jnp.stack([a, a]), q_task)  # 2 tasks
     e = _episodes(k_data, 2, (FEATURES,))
     names = weight_site_names(layers)
     guide = numpyro_guide(q, names)
@@ -332,7 +359,15 @@ def test_numpyro_guide_matches_the_model_and_its_elbo(rng_key):
     ell = categorical_expected_log_lik(mlp_forward, shared_sample)
     ours = 0.0
     for t in range(2):
-        loss, _ = negative_elbo(rng_key, q_task, e.query_x[t], e.query_y[t], expected_log_lik=ell,
-                                model_params=net, prior=standard_normal(layers), beta=1.0)
+        loss, _ = negative_elbo(
+            rng_key,
+            q_task,
+            e.query_x[t],
+            e.query_y[t],
+            expected_log_lik=ell,
+            model_params=net,
+            prior=standard_normal(layers),
+            beta=1.0,
+        )
         ours += float(loss) * e.query_x.shape[1]
     assert abs(float(elbo) - ours) < 1.0

@@ -13,8 +13,9 @@ import io
 import re
 import sys
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -61,9 +62,8 @@ def _batch(t=3, n=4, d=1, *, nan_y=False, inf_x=False, empty=False, y_shape=None
 
 
 def _task_latent(batch):
-    from numpyro import handlers
-
     import jax
+    from numpyro import handlers
 
     from metaprior.models.task_latent import make_task_latent_net, task_latent_model
 
@@ -261,132 +261,427 @@ def _cli_out_not_writable(tmp):
 
 CASES = [
     # data loaders and files
-    Case("idx-bad-magic", "files", "IDX bytes with a bad magic number", lambda t: _idx(b"\x01\x02\x08\x01" + b"\0" * 8),
-         ValueError, ("t10k-images-idx3-ubyte", "bad magic number 01020801")),
-    Case("idx-type-code", "files", "IDX header with an unknown type code", lambda t: _idx(b"\0\0\x05\x01\0\0\0\x01\x07"),
-         ValueError, ("unknown IDX type code 0x05",)),
-    Case("idx-truncated-header", "files", "IDX file cut inside its header", lambda t: _idx(b"\0\0\x08\x03\0\0"),
-         ValueError, ("truncated IDX header",)),
-    Case("idx-truncated-data", "files", "IDX file shorter than its header says",
-         lambda t: _idx(b"\0\0\x08\x01\0\0\0\x05\x01\x02"), ValueError, (r"shape \(5,\)", "file has 10 bytes")),
-    Case("idx-missing", "files", "IDX file that does not exist",
-         lambda t: __import__("metaprior.data.idx", fromlist=["x"]).load_idx(t / "a-idx3-ubyte", t / "b-idx1-ubyte"),
-         FileNotFoundError, ("a-idx3-ubyte", "not found")),
-    Case("gz-bad-crc", "files", "data .gz whose CRC / length trailer is wrong", lambda t: _read_gz(t, corrupt=True),
-         ValueError, ("t10k-images-idx3-ubyte.gz", "gzip")),
-    Case("gz-missing", "files", "data file absent from the data directory",
-         lambda t: __import__("metaprior.data.store", fromlist=["x"]).read_gz_verified(
-             "mnist/t10k-images-idx3-ubyte.gz", t), FileNotFoundError, ("t10k-images-idx3-ubyte.gz",)),
-    Case("runs-zip-truncated", "files", "one-shot runs zip cut in half", lambda t: _oneshot(t, truncate=True),
-         ValueError, ("all_runs.zip", "corrupt")),
-    Case("runs-missing-image", "files", "one-shot runs whose labels name a missing image",
-         lambda t: _oneshot(t, missing_image=True), ValueError, ("run01", "missing images", "item01.png")),
-    Case("runs-absent", "files", "one-shot runs path that does not exist",
-         lambda t: __import__("metaprior.data.omniglot", fromlist=["x"]).load_oneshot_runs(t / "nope.zip"),
-         FileNotFoundError, ("nope.zip", "brendenlake/omniglot")),
-    Case("ckpt-missing", "files", "checkpoint path that does not exist", lambda t: _load_checkpoint(t / "none.ckpt"),
-         FileNotFoundError, ("none.ckpt", "does not exist")),
-    Case("ckpt-truncated", "files", "checkpoint cut in half", _truncated_checkpoint,
-         ValueError, ("meta.ckpt", "unreadable or corrupt", "delete it")),
-    Case("ckpt-random-bytes", "files", "checkpoint of random bytes",
-         lambda t: _load_checkpoint(_checkpoint(t, np.random.default_rng(0).bytes(300))),
-         ValueError, ("meta.ckpt", "unreadable or corrupt")),
-    Case("ckpt-foreign-version", "files", "checkpoint of another format version", _foreign_version,
-         ValueError, ("meta.ckpt", "not a metaprior-checkpoint-v1 file")),
-    Case("ckpt-wrong-model", "files", "checkpoint of another optimizer / model", _wrong_model,
-         ValueError, ("meta.ckpt", "different state structure")),
-    Case("ckpt-wrong-shape", "files", "checkpoint whose leaves have other shapes", _wrong_shape,
-         ValueError, ("meta.ckpt", r"leaf \d+ is \(3,\)", r"expects \(5,\)")),
-    Case("dwp-kernel-size", "files", "saved deep weight prior for another kernel size", _dwp_other_kernel_size,
-         ValueError, ("3x3", "asked for 5x5")),
-    Case("dwp-not-a-prior", "files", "a checkpoint loaded as a deep weight prior", _dwp_not_a_prior,
-         ValueError, ("meta.ckpt", "not a metaprior-deep-weight-prior-v1 file")),
+    Case(
+        "idx-bad-magic",
+        "files",
+        "IDX bytes with a bad magic number",
+        lambda t: _idx(b"\x01\x02\x08\x01" + b"\0" * 8),
+        ValueError,
+        ("t10k-images-idx3-ubyte", "bad magic number 01020801"),
+    ),
+    Case(
+        "idx-type-code",
+        "files",
+        "IDX header with an unknown type code",
+        lambda t: _idx(b"\0\0\x05\x01\0\0\0\x01\x07"),
+        ValueError,
+        ("unknown IDX type code 0x05",),
+    ),
+    Case(
+        "idx-truncated-header",
+        "files",
+        "IDX file cut inside its header",
+        lambda t: _idx(b"\0\0\x08\x03\0\0"),
+        ValueError,
+        ("truncated IDX header",),
+    ),
+    Case(
+        "idx-truncated-data",
+        "files",
+        "IDX file shorter than its header says",
+        lambda t: _idx(b"\0\0\x08\x01\0\0\0\x05\x01\x02"),
+        ValueError,
+        (r"shape \(5,\)", "file has 10 bytes"),
+    ),
+    Case(
+        "idx-missing",
+        "files",
+        "IDX file that does not exist",
+        lambda t: __import__("metaprior.data.idx", fromlist=["x"]).load_idx(t / "a-idx3-ubyte", t / "b-idx1-ubyte"),
+        FileNotFoundError,
+        ("a-idx3-ubyte", "not found"),
+    ),
+    Case(
+        "gz-bad-crc",
+        "files",
+        "data .gz whose CRC / length trailer is wrong",
+        lambda t: _read_gz(t, corrupt=True),
+        ValueError,
+        ("t10k-images-idx3-ubyte.gz", "gzip"),
+    ),
+    Case(
+        "gz-missing",
+        "files",
+        "data file absent from the data directory",
+        lambda t: __import__("metaprior.data.store", fromlist=["x"]).read_gz_verified(
+            "mnist/t10k-images-idx3-ubyte.gz", t
+        ),
+        FileNotFoundError,
+        ("t10k-images-idx3-ubyte.gz",),
+    ),
+    Case(
+        "runs-zip-truncated",
+        "files",
+        "one-shot runs zip cut in half",
+        lambda t: _oneshot(t, truncate=True),
+        ValueError,
+        ("all_runs.zip", "corrupt"),
+    ),
+    Case(
+        "runs-missing-image",
+        "files",
+        "one-shot runs whose labels name a missing image",
+        lambda t: _oneshot(t, missing_image=True),
+        ValueError,
+        ("run01", "missing images", "item01.png"),
+    ),
+    Case(
+        "runs-absent",
+        "files",
+        "one-shot runs path that does not exist",
+        lambda t: __import__("metaprior.data.omniglot", fromlist=["x"]).load_oneshot_runs(t / "nope.zip"),
+        FileNotFoundError,
+        ("nope.zip", "brendenlake/omniglot"),
+    ),
+    Case(
+        "ckpt-missing",
+        "files",
+        "checkpoint path that does not exist",
+        lambda t: _load_checkpoint(t / "none.ckpt"),
+        FileNotFoundError,
+        ("none.ckpt", "does not exist"),
+    ),
+    Case(
+        "ckpt-truncated",
+        "files",
+        "checkpoint cut in half",
+        _truncated_checkpoint,
+        ValueError,
+        ("meta.ckpt", "unreadable or corrupt", "delete it"),
+    ),
+    Case(
+        "ckpt-random-bytes",
+        "files",
+        "checkpoint of random bytes",
+        lambda t: _load_checkpoint(_checkpoint(t, np.random.default_rng(0).bytes(300))),
+        ValueError,
+        ("meta.ckpt", "unreadable or corrupt"),
+    ),
+    Case(
+        "ckpt-foreign-version",
+        "files",
+        "checkpoint of another format version",
+        _foreign_version,
+        ValueError,
+        ("meta.ckpt", "not a metaprior-checkpoint-v1 file"),
+    ),
+    Case(
+        "ckpt-wrong-model",
+        "files",
+        "checkpoint of another optimizer / model",
+        _wrong_model,
+        ValueError,
+        ("meta.ckpt", "different state structure"),
+    ),
+    Case(
+        "ckpt-wrong-shape",
+        "files",
+        "checkpoint whose leaves have other shapes",
+        _wrong_shape,
+        ValueError,
+        ("meta.ckpt", r"leaf \d+ is \(3,\)", r"expects \(5,\)"),
+    ),
+    Case(
+        "dwp-kernel-size",
+        "files",
+        "saved deep weight prior for another kernel size",
+        _dwp_other_kernel_size,
+        ValueError,
+        ("3x3", "asked for 5x5"),
+    ),
+    Case(
+        "dwp-not-a-prior",
+        "files",
+        "a checkpoint loaded as a deep weight prior",
+        _dwp_not_a_prior,
+        ValueError,
+        ("meta.ckpt", "not a metaprior-deep-weight-prior-v1 file"),
+    ),
     # task batches and models
-    Case("batch-nan-y", "model", "NaN in a task batch's y", lambda t: _task_latent(_batch(nan_y=True)),
-         ValueError, (r"batch\.y", "NaN", "task 1, example 2")),
-    Case("batch-inf-x", "model", "inf in a task batch's x", lambda t: _task_latent(_batch(inf_x=True)),
-         ValueError, (r"batch\.x", "infinite", "task 2, example 0", "inf")),
-    Case("batch-empty-support", "model", "a task whose support set is empty (mask all False)",
-         lambda t: _task_latent(_batch(empty=True)), ValueError, ("empty support set", r"\[1\]")),
-    Case("batch-y-shape", "model", "y of the wrong shape", lambda t: _task_latent(_batch(y_shape=(3, 5))),
-         ValueError, (r"batch\.y", r"\(3, 4\)", r"\(3, 5\)")),
-    Case("batch-x-ndim", "model", "x without a features axis", lambda t: _task_latent(_batch(x_ndim=2)),
-         ValueError, (r"batch\.x", r"\[tasks, examples, features\]", r"\(3, 4\)")),
-    Case("latent-dim", "model", "latent_dim = 0",
-         lambda t: __import__("metaprior.models.task_latent", fromlist=["x"]).make_task_latent_net(
-             __import__("jax").random.key(0), 0), ValueError, ("latent_dim", "got 0")),
-    Case("net-arch", "model", "unknown net architecture",
-         lambda t: __import__("metaprior.models.task_latent", fromlist=["x"]).make_task_latent_net(
-             __import__("jax").random.key(0), 2, arch="mlp"), ValueError, ("arch", "'mlp'")),
-    Case("conv-impl", "model", "unknown conv_impl for Conv4",
-         lambda t: __import__("metaprior.models.nets", fromlist=["x"]).Conv4(
-             5, conv_impl="fft", key=__import__("jax").random.key(0)), ValueError, ("conv_impl", "'fft'")),
-    Case("conv4-image-size", "model", "Conv4 on images too small for its pooling",
-         lambda t: __import__("metaprior.models.nets", fromlist=["x"]).Conv4(
-             5, image_size=8, key=__import__("jax").random.key(0)), ValueError, ("image_size=8", "4 pooling")),
-    Case("conv4-rank", "model", "Conv4 called on one image [H, W, C]",
-         lambda t: __import__("metaprior.models.nets", fromlist=["x"]).Conv4(
-             5, key=__import__("jax").random.key(0))(np.zeros((28, 28, 1), np.float32)),
-         ValueError, (r"\[N, H, W, C\]", r"\(28, 28, 1\)")),
+    Case(
+        "batch-nan-y",
+        "model",
+        "NaN in a task batch's y",
+        lambda t: _task_latent(_batch(nan_y=True)),
+        ValueError,
+        (r"batch\.y", "NaN", "task 1, example 2"),
+    ),
+    Case(
+        "batch-inf-x",
+        "model",
+        "inf in a task batch's x",
+        lambda t: _task_latent(_batch(inf_x=True)),
+        ValueError,
+        (r"batch\.x", "infinite", "task 2, example 0", "inf"),
+    ),
+    Case(
+        "batch-empty-support",
+        "model",
+        "a task whose support set is empty (mask all False)",
+        lambda t: _task_latent(_batch(empty=True)),
+        ValueError,
+        ("empty support set", r"\[1\]"),
+    ),
+    Case(
+        "batch-y-shape",
+        "model",
+        "y of the wrong shape",
+        lambda t: _task_latent(_batch(y_shape=(3, 5))),
+        ValueError,
+        (r"batch\.y", r"\(3, 4\)", r"\(3, 5\)"),
+    ),
+    Case(
+        "batch-x-ndim",
+        "model",
+        "x without a features axis",
+        lambda t: _task_latent(_batch(x_ndim=2)),
+        ValueError,
+        (r"batch\.x", r"\[tasks, examples, features\]", r"\(3, 4\)"),
+    ),
+    Case(
+        "latent-dim",
+        "model",
+        "latent_dim = 0",
+        lambda t: __import__("metaprior.models.task_latent", fromlist=["x"]).make_task_latent_net(
+            __import__("jax").random.key(0), 0
+        ),
+        ValueError,
+        ("latent_dim", "got 0"),
+    ),
+    Case(
+        "net-arch",
+        "model",
+        "unknown net architecture",
+        lambda t: __import__("metaprior.models.task_latent", fromlist=["x"]).make_task_latent_net(
+            __import__("jax").random.key(0), 2, arch="mlp"
+        ),
+        ValueError,
+        ("arch", "'mlp'"),
+    ),
+    Case(
+        "conv-impl",
+        "model",
+        "unknown conv_impl for Conv4",
+        lambda t: __import__("metaprior.models.nets", fromlist=["x"]).Conv4(
+            5, conv_impl="fft", key=__import__("jax").random.key(0)
+        ),
+        ValueError,
+        ("conv_impl", "'fft'"),
+    ),
+    Case(
+        "conv4-image-size",
+        "model",
+        "Conv4 on images too small for its pooling",
+        lambda t: __import__("metaprior.models.nets", fromlist=["x"]).Conv4(
+            5, image_size=8, key=__import__("jax").random.key(0)
+        ),
+        ValueError,
+        ("image_size=8", "4 pooling"),
+    ),
+    Case(
+        "conv4-rank",
+        "model",
+        "Conv4 called on one image [H, W, C]",
+        lambda t: __import__("metaprior.models.nets", fromlist=["x"]).Conv4(5, key=__import__("jax").random.key(0))(
+            np.zeros((28, 28, 1), np.float32)
+        ),
+        ValueError,
+        (r"\[N, H, W, C\]", r"\(28, 28, 1\)"),
+    ),
     # episodes
-    Case("episodes-ways", "data", "more ways than classes", lambda t: _episodes(_images(3), ways=5),
-         ValueError, ("5-way", "data has 3")),
-    Case("episodes-shots-queries", "data", "shots + queries more than the images per class",
-         lambda t: _episodes(_images(3, 4), shots=3, queries=2), ValueError, ("3 \\+ 2 = 5",)),
-    Case("episodes-zero-ways", "data", "ways = 0", lambda t: _episodes(_images(), ways=0),
-         ValueError, ("ways >= 1",)),
-    Case("episodes-float-count", "data", "a float number of tasks", lambda t: _episodes(_images(), num_tasks=2.0),
-         TypeError, ("num_tasks", "float")),
-    Case("episodes-rank", "data", "images without a class axis",
-         lambda t: _episodes(np.zeros((12,), np.float32)), ValueError, (r"\[classes, examples, \.\.\.\]", r"\(12,\)")),
+    Case(
+        "episodes-ways",
+        "data",
+        "more ways than classes",
+        lambda t: _episodes(_images(3), ways=5),
+        ValueError,
+        ("5-way", "data has 3"),
+    ),
+    Case(
+        "episodes-shots-queries",
+        "data",
+        "shots + queries more than the images per class",
+        lambda t: _episodes(_images(3, 4), shots=3, queries=2),
+        ValueError,
+        ("3 \\+ 2 = 5",),
+    ),
+    Case("episodes-zero-ways", "data", "ways = 0", lambda t: _episodes(_images(), ways=0), ValueError, ("ways >= 1",)),
+    Case(
+        "episodes-float-count",
+        "data",
+        "a float number of tasks",
+        lambda t: _episodes(_images(), num_tasks=2.0),
+        TypeError,
+        ("num_tasks", "float"),
+    ),
+    Case(
+        "episodes-rank",
+        "data",
+        "images without a class axis",
+        lambda t: _episodes(np.zeros((12,), np.float32)),
+        ValueError,
+        (r"\[classes, examples, \.\.\.\]", r"\(12,\)"),
+    ),
     # diagnostics
-    Case("probs-nan", "diagnostics", "NaN in predicted probabilities",
-         lambda t: _probs([[0.5, np.nan]], [0]), ValueError, ("probs", "NaN")),
-    Case("labels-range", "diagnostics", "labels out of range",
-         lambda t: _probs([[0.5, 0.5]], [2]), ValueError, ("labels", r"\[0, 2\)", r"\[2, 2\]")),
-    Case("probs-shape", "diagnostics", "probabilities without a class axis",
-         lambda t: _probs([0.5, 0.5], [0, 1]), ValueError, ("probs", r"\[N, K\]", r"\(2,\)")),
-    Case("probs-empty", "diagnostics", "no predictions at all",
-         lambda t: _probs(np.zeros((0, 2)), np.zeros(0, int)), ValueError, ("probs is empty",)),
-    Case("bins", "diagnostics", "num_bins = 0", lambda t: _probs([[0.5, 0.5]], [0], num_bins=0),
-         ValueError, ("num_bins", "got 0")),
+    Case(
+        "probs-nan",
+        "diagnostics",
+        "NaN in predicted probabilities",
+        lambda t: _probs([[0.5, np.nan]], [0]),
+        ValueError,
+        ("probs", "NaN"),
+    ),
+    Case(
+        "labels-range",
+        "diagnostics",
+        "labels out of range",
+        lambda t: _probs([[0.5, 0.5]], [2]),
+        ValueError,
+        ("labels", r"\[0, 2\)", r"\[2, 2\]"),
+    ),
+    Case(
+        "probs-shape",
+        "diagnostics",
+        "probabilities without a class axis",
+        lambda t: _probs([0.5, 0.5], [0, 1]),
+        ValueError,
+        ("probs", r"\[N, K\]", r"\(2,\)"),
+    ),
+    Case(
+        "probs-empty",
+        "diagnostics",
+        "no predictions at all",
+        lambda t: _probs(np.zeros((0, 2)), np.zeros(0, int)),
+        ValueError,
+        ("probs is empty",),
+    ),
+    Case(
+        "bins",
+        "diagnostics",
+        "num_bins = 0",
+        lambda t: _probs([[0.5, 0.5]], [0], num_bins=0),
+        ValueError,
+        ("num_bins", "got 0"),
+    ),
     # inference
-    Case("fit-local-steps", "inference", "fit_local with num_steps = 0", lambda t: _narrow_fit(num_steps=0),
-         ValueError, ("num_steps", "got 0")),
-    Case("fit-local-candidates", "inference", "fewer candidates than restarts",
-         lambda t: _narrow_fit(num_restarts=4, num_candidates=2), ValueError, ("num_candidates", "num_restarts=4", "got 2")),
-    Case("fit-local-subsample", "inference", "fit_local with a subsample size",
-         lambda t: _narrow_fit(model_kwargs={"subsample_size": 2}), ValueError, ("subsample_size",)),
-    Case("elbo-particles", "inference", "num_particles = 0",
-         lambda t: __import__("metaprior.inference.svi", fromlist=["x"]).elbo_loss(
-             lambda: None, lambda: None, num_particles=0), ValueError, ("num_particles", "got 0")),
-    Case("fit-steps", "inference", "meta-training for -1 steps",
-         lambda t: __import__("metaprior.inference.meta", fromlist=["x"]).fit(
-             __import__("jax").random.key(0), __import__("metaprior.inference.meta", fromlist=["x"]).meta_learner(
-                 lambda p, k, b: (p ** 2).sum(), __import__("optax").adam(1e-3)),
-             np.ones(2, np.float32), -1, data=np.ones(2, np.float32)),
-         ValueError, ("num_steps", "-1")),
+    Case(
+        "fit-local-steps",
+        "inference",
+        "fit_local with num_steps = 0",
+        lambda t: _narrow_fit(num_steps=0),
+        ValueError,
+        ("num_steps", "got 0"),
+    ),
+    Case(
+        "fit-local-candidates",
+        "inference",
+        "fewer candidates than restarts",
+        lambda t: _narrow_fit(num_restarts=4, num_candidates=2),
+        ValueError,
+        ("num_candidates", "num_restarts=4", "got 2"),
+    ),
+    Case(
+        "fit-local-subsample",
+        "inference",
+        "fit_local with a subsample size",
+        lambda t: _narrow_fit(model_kwargs={"subsample_size": 2}),
+        ValueError,
+        ("subsample_size",),
+    ),
+    Case(
+        "elbo-particles",
+        "inference",
+        "num_particles = 0",
+        lambda t: __import__("metaprior.inference.svi", fromlist=["x"]).elbo_loss(
+            lambda: None, lambda: None, num_particles=0
+        ),
+        ValueError,
+        ("num_particles", "got 0"),
+    ),
+    Case(
+        "fit-steps",
+        "inference",
+        "meta-training for -1 steps",
+        lambda t: __import__("metaprior.inference.meta", fromlist=["x"]).fit(
+            __import__("jax").random.key(0),
+            __import__("metaprior.inference.meta", fromlist=["x"]).meta_learner(
+                lambda p, k, b: (p**2).sum(), __import__("optax").adam(1e-3)
+            ),
+            np.ones(2, np.float32),
+            -1,
+            data=np.ones(2, np.float32),
+        ),
+        ValueError,
+        ("num_steps", "-1"),
+    ),
     # the CLI
-    Case("cli-unknown-experiment", "cli", "`metaprior run` of an unknown experiment",
-         lambda t: _cli(t, "run", "harmonc"), None, ("unknown experiment 'harmonc'", "known: .*harmonic")),
-    Case("cli-unknown-field", "cli", "`--set` of a field the experiment does not have",
-         lambda t: _cli(t, "run", "harmonic", "--quick", "--set", "num_taks=3"), None,
-         ("--set num_taks", "no config field 'num_taks'", "fields: .*num_tasks")),
-    Case("cli-wrong-type", "cli", "`--set` value of the wrong type",
-         lambda t: _cli(t, "run", "harmonic", "--quick", "--set", "num_tasks=many"), None,
-         ("--set num_tasks=many", "invalid literal")),
-    Case("cli-bad-bool", "cli", "`--set` of a boolean with a non-boolean value",
-         lambda t: _cli(t, "run", "omniglot-maml", "--quick", "--set", "first_order=maybe"), None,
-         ("--set first_order=maybe", "expected a boolean")),
-    Case("cli-zero-count", "cli", "`--set` of a count to 0",
-         lambda t: _cli(t, "run", "harmonic", "--quick", "--set", "num_tasks=0"), None,
-         ("num_tasks=0", "count and must be >= 1")),
-    Case("cli-negative-steps", "cli", "`--steps -5`", lambda t: _cli(t, "run", "harmonic", "--quick", "--steps", "-5"),
-         None, ("--steps must be >= 1", "-5")),
-    Case("cli-out-is-file", "cli", "`--out` that is a file", _cli_out_is_file, None,
-         ("--out .*out", "not a folder")),
-    Case("cli-out-not-writable", "cli", "`--out` inside a read-only folder", _cli_out_not_writable, None,
-         ("--out .*locked", "not writable")),
+    Case(
+        "cli-unknown-experiment",
+        "cli",
+        "`metaprior run` of an unknown experiment",
+        lambda t: _cli(t, "run", "harmonc"),
+        None,
+        ("unknown experiment 'harmonc'", "known: .*harmonic"),
+    ),
+    Case(
+        "cli-unknown-field",
+        "cli",
+        "`--set` of a field the experiment does not have",
+        lambda t: _cli(t, "run", "harmonic", "--quick", "--set", "num_taks=3"),
+        None,
+        ("--set num_taks", "no config field 'num_taks'", "fields: .*num_tasks"),
+    ),
+    Case(
+        "cli-wrong-type",
+        "cli",
+        "`--set` value of the wrong type",
+        lambda t: _cli(t, "run", "harmonic", "--quick", "--set", "num_tasks=many"),
+        None,
+        ("--set num_tasks=many", "invalid literal"),
+    ),
+    Case(
+        "cli-bad-bool",
+        "cli",
+        "`--set` of a boolean with a non-boolean value",
+        lambda t: _cli(t, "run", "omniglot-maml", "--quick", "--set", "first_order=maybe"),
+        None,
+        ("--set first_order=maybe", "expected a boolean"),
+    ),
+    Case(
+        "cli-zero-count",
+        "cli",
+        "`--set` of a count to 0",
+        lambda t: _cli(t, "run", "harmonic", "--quick", "--set", "num_tasks=0"),
+        None,
+        ("num_tasks=0", "count and must be >= 1"),
+    ),
+    Case(
+        "cli-negative-steps",
+        "cli",
+        "`--steps -5`",
+        lambda t: _cli(t, "run", "harmonic", "--quick", "--steps", "-5"),
+        None,
+        ("--steps must be >= 1", "-5"),
+    ),
+    Case("cli-out-is-file", "cli", "`--out` that is a file", _cli_out_is_file, None, ("--out .*out", "not a folder")),
+    Case(
+        "cli-out-not-writable",
+        "cli",
+        "`--out` inside a read-only folder",
+        _cli_out_not_writable,
+        None,
+        ("--out .*locked", "not writable"),
+    ),
 ]
 
 
@@ -424,7 +719,8 @@ def render_doc() -> str:
 
 def test_docs_table_is_up_to_date():
     assert DOC.exists() and DOC.read_text() == render_doc(), (
-        "docs/bad_inputs.md is out of date: run `python tests/test_bad_inputs.py`")
+        "docs/bad_inputs.md is out of date: run `python tests/test_bad_inputs.py`"
+    )
 
 
 if __name__ == "__main__":

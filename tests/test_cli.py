@@ -2,8 +2,6 @@
 
 import dataclasses
 
-import pytest
-
 from metaprior.cli import main
 from metaprior.experiments import discover
 

@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # ----------------------------------------------------------------------------- fixtures
 
+
 def _register(monkeypatch, root: Path, relpath: str) -> store.FileRecord:
     """Record the content digest of a generated file, as KNOWN_FILES does for releases."""
     path = root / relpath
@@ -64,8 +65,10 @@ def _write_omniglot_zip(path: Path, set_name: str, characters: dict[str, int], d
             for c in range(1, n + 1):
                 key = f"{alphabet}/character{c:02d}"
                 for d in range(1, drawings + 1):
-                    zf.writestr(f"{set_name}/{key}/{1000 + c:04d}_{d:02d}.png",
-                                _character_png(key, d, left_ink=alphabet == "Left"))
+                    zf.writestr(
+                        f"{set_name}/{key}/{1000 + c:04d}_{d:02d}.png",
+                        _character_png(key, d, left_ink=alphabet == "Left"),
+                    )
 
 
 SMALL1 = {"Alpha": 3, "Greek": 2, "Left": 1}
@@ -99,6 +102,7 @@ def _idx_arrays(n: int = 50, seed: int = 0):
 
 
 # ----------------------------------------------------------------------------- store
+
 
 def test_data_dir_resolution(tmp_path, monkeypatch):
     monkeypatch.setenv("METAPRIOR_DATA", str(tmp_path / "env"))
@@ -193,6 +197,7 @@ def test_download_is_verified_before_it_lands(tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------- IDX
 
+
 @pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.int16, np.int32, np.float32, np.float64])
 def test_idx_round_trip(dtype):
     array = (np.arange(2 * 3 * 5) - 7).reshape(2, 3, 5).astype(dtype)
@@ -229,8 +234,10 @@ def test_load_idx_count_mismatch(tmp_path):
         mdata.load_idx(tmp_path / "nope.gz", tmp_path / "train-labels-idx1-ubyte.gz")
 
 
-@pytest.mark.parametrize("loader,folder", [(mdata.load_mnist, "mnist"), (mdata.load_notmnist, "notmnist"),
-                                           (mdata.load_fashion_mnist, "fashion-mnist")])
+@pytest.mark.parametrize(
+    "loader,folder",
+    [(mdata.load_mnist, "mnist"), (mdata.load_notmnist, "notmnist"), (mdata.load_fashion_mnist, "fashion-mnist")],
+)
 def test_mnist_style_loaders_scale_and_shape(tmp_path, monkeypatch, loader, folder):
     images, labels = _idx_arrays()
     _write_idx_pair(tmp_path / folder, "train", images, labels)
@@ -258,6 +265,7 @@ def test_decompressed_copy_is_accepted_and_verified(tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------- class arrays
 
+
 def test_as_class_array_truncates_to_the_smallest_class():
     labels = np.array([2, 0, 1, 0, 2, 2, 1, 0, 0])
     images = np.arange(len(labels))[:, None] * 1.0
@@ -283,8 +291,8 @@ def test_split_by_group_is_disjoint_and_complete():
     assert set(splits) == {"train", "val", "test"}
     names = [set(s.class_names) for s in splits.values()]
     groups = [set(s.groups) for s in splits.values()]
-    assert all(not (a & b) for i, a in enumerate(names) for b in names[i + 1:])
-    assert all(not (a & b) for i, a in enumerate(groups) for b in groups[i + 1:])
+    assert all(not (a & b) for i, a in enumerate(names) for b in names[i + 1 :])
+    assert all(not (a & b) for i, a in enumerate(groups) for b in groups[i + 1 :])
     assert set().union(*names) == set(ds.class_names)
     # 10 classes in groups of 2, 1, 3, 1, 1, 1, 1: targets 6 / 2 / 2 classes, met
     # as closely as whole groups allow (within the largest group, 3)
@@ -343,6 +351,7 @@ def test_with_rotations():
 
 
 # ----------------------------------------------------------------------------- Omniglot
+
 
 def test_omniglot_round_trip(omniglot_dir, tmp_path):
     ds = mdata.load_omniglot(data_dir=omniglot_dir, cache_dir=tmp_path / "cache")
@@ -439,6 +448,7 @@ def test_omniglot_splits(omniglot_dir, tmp_path):
 
 # ----------------------------------------------------------------------------- one-shot runs
 
+
 def _stripe_png(j: int, shift: int) -> bytes:
     """Class ``j`` of 20: a black square at grid cell ``j`` (5 x 4 grid), shifted."""
     im = Image.new("1", (105, 105), 1)
@@ -525,6 +535,7 @@ def test_oneshot_runs_missing_and_broken(tmp_path):
 
 # ----------------------------------------------------------------------------- miniImageNet
 
+
 def _mini_arrays(num_classes=3, per_class=7, seed=0):
     rng = np.random.default_rng(seed)
     images = rng.integers(0, 256, (num_classes * per_class, 84, 84, 3), dtype=np.uint8)
@@ -546,8 +557,12 @@ def test_miniimagenet_npz_round_trip(tmp_path):
     assert raw.images.dtype == np.uint8 and raw.images.shape == (3, 5, 84, 84, 3)
     # integer labels with class names
     labels = np.searchsorted(np.array(ds.class_names), wnids)
-    np.savez(tmp_path / "miniimagenet/mini-imagenet-test.npz", images=images, labels=labels,
-             class_names=np.array(ds.class_names))
+    np.savez(
+        tmp_path / "miniimagenet/mini-imagenet-test.npz",
+        images=images,
+        labels=labels,
+        class_names=np.array(ds.class_names),
+    )
     again = mdata.load_miniimagenet("test", tmp_path, dtype=np.uint8)
     assert again.class_names == ds.class_names
     np.testing.assert_array_equal(again.images, mdata.load_miniimagenet("val", tmp_path, dtype=np.uint8).images)
@@ -573,8 +588,11 @@ def test_miniimagenet_missing_and_corrupt(tmp_path):
     with pytest.raises(mdata.MissingDataError, match="mini-imagenet-train.npz"):
         mdata.load_miniimagenet("train", tmp_path)
     (tmp_path / "miniimagenet").mkdir()
-    np.savez(tmp_path / "miniimagenet/mini-imagenet-train.npz", images=np.zeros((2, 84, 84), np.uint8),
-             labels=np.zeros(2, np.int64))
+    np.savez(
+        tmp_path / "miniimagenet/mini-imagenet-train.npz",
+        images=np.zeros((2, 84, 84), np.uint8),
+        labels=np.zeros(2, np.int64),
+    )
     with pytest.raises(mdata.CorruptDataError, match="expected uint8 images"):
         mdata.load_miniimagenet("train", tmp_path)
     (tmp_path / "miniimagenet/mini-imagenet-train.npz").write_bytes(b"not a zip")

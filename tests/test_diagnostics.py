@@ -11,7 +11,6 @@ from metaprior.inference.diagnostics import (
     reliability_curve,
 )
 
-
 # ------------------------------------------------------------------------ calibration
 
 
@@ -81,9 +80,9 @@ def test_plot_reliability_draws_one_line_per_method():
 import arviz as az  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
 from numpyro.infer import SVI, Trace_ELBO  # noqa: E402
 from numpyro.infer.autoguide import AutoNormal  # noqa: E402
-import optax  # noqa: E402
 
 from metaprior.inference.diagnostics import (  # noqa: E402
     from_guide,

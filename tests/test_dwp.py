@@ -131,8 +131,9 @@ def _aux_guide(net, encoders, **kwargs):
     for layer, shape in enumerate(net.kernel_shapes):
         names = kernel_sites(layer)
         enc = encoders[layer]
-        sites.append(AuxiliarySite(names.w, names.plate, shape[0] * shape[1], shape[2:],
-                                   None if enc is None else names.z, enc))
+        sites.append(
+            AuxiliarySite(names.w, names.plate, shape[0] * shape[1], shape[2:], None if enc is None else names.z, enc)
+        )
     return AuxiliaryGuide(tuple(sites), **kwargs)
 
 
@@ -145,8 +146,9 @@ def _guide_params(guide, net, key):
     return params
 
 
-def _elbo_pair(small, stretch, shift, num_particles, key=jax.random.key(5)):
+def _elbo_pair(small, stretch, shift, num_particles, key=None):
     """(L_aux estimate, true ELBO estimate) from the same w draws, and the number of kernels."""
+    key = jax.random.key(5) if key is None else key
     net, x, y, decs = small["net"], small["x"], small["y"], small["decoders"]
     d = decs[0].latent_dim
     encoders = [PosteriorEncoder(dec, jnp.full((d,), shift), jnp.full((d,), stretch)) for dec in decs]
@@ -155,10 +157,12 @@ def _elbo_pair(small, stretch, shift, num_particles, key=jax.random.key(5)):
     params = _guide_params(aux_guide, net, jax.random.key(2))
     plain_params = {k: v for k, v in params.items() if "encoder" not in k}
     elbo = Trace_ELBO(num_particles=num_particles)
-    l_aux = -elbo.loss(key, params, dwp_model, aux_guide, x, y, net=net,
-                       priors=tuple(DeepKernelPrior(dec) for dec in decs))
-    true = -elbo.loss(key, plain_params, dwp_model, plain_guide, x, y, net=net,
-                      priors=tuple(MarginalKernelPrior(dec) for dec in decs))
+    l_aux = -elbo.loss(
+        key, params, dwp_model, aux_guide, x, y, net=net, priors=tuple(DeepKernelPrior(dec) for dec in decs)
+    )
+    true = -elbo.loss(
+        key, plain_params, dwp_model, plain_guide, x, y, net=net, priors=tuple(MarginalKernelPrior(dec) for dec in decs)
+    )
     num_kernels = sum(s[0] * s[1] for s in net.kernel_shapes)
     return float(l_aux), float(true), num_kernels
 
@@ -207,7 +211,8 @@ def test_latent_elbo_is_the_bound_without_observations(small):
     _, k_guide = jax.random.split(key)
     tr = handlers.trace(handlers.seed(handlers.substitute(guide, data=params), k_guide)).get_trace()
     mtr = handlers.trace(handlers.replay(handlers.substitute(dwp_model, data=params), tr)).get_trace(
-        x, y, net=net, priors=priors)
+        x, y, net=net, priors=priors
+    )
     loglik = mtr["y"]["fn"].log_prob(mtr["y"]["value"]).sum()
     assert float(full) == pytest.approx(float(prior_part + loglik), rel=1e-5, abs=1e-3)
 
@@ -218,8 +223,9 @@ def test_latent_elbo_is_the_bound_without_observations(small):
 def _traces(net, priors, guide, params, x, y, batch_size=None):
     key = jax.random.key(0)
     gtr = handlers.trace(handlers.seed(handlers.substitute(guide, data=params), key)).get_trace()
-    mtr = handlers.trace(handlers.replay(handlers.seed(handlers.substitute(dwp_model, data=params), key), gtr)
-                         ).get_trace(x, y, net=net, priors=priors, batch_size=batch_size)
+    mtr = handlers.trace(
+        handlers.replay(handlers.seed(handlers.substitute(dwp_model, data=params), key), gtr)
+    ).get_trace(x, y, net=net, priors=priors, batch_size=batch_size)
     return mtr, gtr
 
 
@@ -228,8 +234,11 @@ def test_site_shapes(small, kind):
     net, x, y = small["net"], small["x"], small["y"]
     vaes = [KernelVAE(K, 2, (8,), key=jax.random.key(i)) for i in range(2)]
     prior = DeepWeightPrior(vaes)
-    priors = {"dwp": prior.priors(), "normal": (NormalKernelPrior(),) * 2,
-              "loguniform": (LogUniformKernelPrior(),) * 2}[kind]
+    priors = {
+        "dwp": prior.priors(),
+        "normal": (NormalKernelPrior(),) * 2,
+        "loguniform": (LogUniformKernelPrior(),) * 2,
+    }[kind]
     guide = build_guide(net, priors, prior=prior)
     params = {**guide.init_params(jax.random.key(1)), **dwp_model_params(net)}
     mtr, gtr = _traces(net, priors, guide, params, x, y, batch_size=4)
@@ -292,8 +301,13 @@ def test_local_reparam_conv_matches_weight_sampling_moments():
     x = jax.random.normal(k_x, (2, 3, 6, 6))
     loc = jax.random.normal(k_l, (4, 3, 3, 3))
     scale = 0.5 * jax.random.uniform(k_s, (4, 3, 3, 3))
-    conv = lambda a, w: jax.lax.conv_general_dilated(a, w, (1, 1), "VALID",  # noqa: E731
-                                                     dimension_numbers=("NCHW", "OIHW", "NCHW"))
+    conv = lambda a, w: jax.lax.conv_general_dilated(
+        a,
+        w,
+        (1, 1),
+        "VALID",
+        dimension_numbers=("NCHW", "OIHW", "NCHW"),
+    )
     n = 4000
     lrt = jax.vmap(lambda k: local_reparam_conv2d(k, x, loc, scale))(jax.random.split(k_e, n))
     sampled = jax.vmap(lambda k: conv(x, loc + scale * jax.random.normal(k, loc.shape)))(jax.random.split(k_w, n))
@@ -326,7 +340,7 @@ def test_loguniform_kl_approximation_up_to_a_constant():
     alphas = np.logspace(-3, 3, 13)
     for a in alphas:
         sd = math.sqrt(a)
-        f = lambda e: math.log(abs(e)) * math.exp(-0.5 * ((e - 1) / sd) ** 2) / (sd * math.sqrt(2 * math.pi))  # noqa: E731
+        f = lambda e: math.log(abs(e)) * math.exp(-0.5 * ((e - 1) / sd) ** 2) / (sd * math.sqrt(2 * math.pi))
         lo, hi = 1 - 12 * sd, 1 + 12 * sd
         pts = [0.0] if lo < 0 < hi else None
         e_log, _ = integrate.quad(f, lo, hi, points=pts, limit=400)
@@ -367,9 +381,16 @@ def test_kernel_vae_elbo_improves_with_training():
         return float(jnp.mean(jax.vmap(lambda k: kernel_vae_elbo(k, v, test))(jax.random.split(k_ev, 8))))
 
     before = score(vae)
-    result = fit(k_fit, meta_learner(loss, optax.adam(3e-3)), vae, 300, data=train,
-                 sample_batch=lambda k, d: d[jax.random.randint(k, (128,), 0, d.shape[0])],
-                 steps_per_call=50, progress=False)
+    result = fit(
+        k_fit,
+        meta_learner(loss, optax.adam(3e-3)),
+        vae,
+        300,
+        data=train,
+        sample_batch=lambda k, d: d[jax.random.randint(k, (128,), 0, d.shape[0])],
+        steps_per_call=50,
+        progress=False,
+    )
     after = score(result.state.params)
     # held-out ELBO per kernel (25 numbers): starts near -25 nats (unit-scale decoder);
     # training must gain tens of nats; 20 is far beyond the estimate's noise (< 0.5)
@@ -407,8 +428,9 @@ def test_paired_win_rate_compares_within_pairs():
 
 
 def test_prior_samples_have_the_kernel_shape():
-    prior = DeepWeightPrior([KernelVAE(7, 2, (8,), key=jax.random.key(0)),
-                             KernelVAE(5, 4, (8,), key=jax.random.key(1))])
+    prior = DeepWeightPrior(
+        [KernelVAE(7, 2, (8,), key=jax.random.key(0)), KernelVAE(5, 4, (8,), key=jax.random.key(1))]
+    )
     assert prior.kernel_sizes == (7, 5)
     assert prior.vaes[0].sample(jax.random.key(2), 11).shape == (11, 7, 7)
     assert prior.vaes[1].sample(jax.random.key(2), 3, noise=False).shape == (3, 5, 5)
@@ -424,13 +446,16 @@ def test_prior_samples_have_the_kernel_shape():
 
 
 def test_prior_save_load_roundtrip(tmp_path):
-    prior = DeepWeightPrior([KernelVAE(7, 2, (8, 8), key=jax.random.key(0)),
-                             KernelVAE(5, 4, (16,), key=jax.random.key(1), min_scale=1e-2)])
+    prior = DeepWeightPrior(
+        [KernelVAE(7, 2, (8, 8), key=jax.random.key(0)), KernelVAE(5, 4, (16,), key=jax.random.key(1), min_scale=1e-2)]
+    )
     path = prior.save(tmp_path / "sub" / "prior.npz", metadata={"source": "test"})
     assert [p.name for p in path.parent.iterdir()] == ["prior.npz"]  # no temporary file left
     loaded, meta = DeepWeightPrior.load_with_metadata(path)
     assert meta == {"source": "test"}
-    for a, b in zip(jax.tree.leaves(eqx.filter(prior, eqx.is_array)), jax.tree.leaves(eqx.filter(loaded, eqx.is_array))):
+    for a, b in zip(
+        jax.tree.leaves(eqx.filter(prior, eqx.is_array)), jax.tree.leaves(eqx.filter(loaded, eqx.is_array))
+    ):
         assert np.array_equal(a, b)
     assert loaded.vaes[1].decoder.min_scale == 1e-2 and loaded.vaes[0].hidden == (8, 8)
     key = jax.random.key(9)
@@ -473,8 +498,9 @@ def test_bnn_loss_traces_once_and_is_finite(small):
     assert len(traces) == 1
     # vmap over two data sets (the experiment stacks splits this way)
     stacked = jax.tree.map(lambda a: jnp.stack([a, a]), params)
-    out = jax.vmap(inner)(stacked, jax.random.split(jax.random.key(0), 2),
-                          (jnp.stack([x, x]), jnp.stack([y, y]), jnp.array([4, 8])))
+    out = jax.vmap(inner)(
+        stacked, jax.random.split(jax.random.key(0), 2), (jnp.stack([x, x]), jnp.stack([y, y]), jnp.array([4, 8]))
+    )
     assert out.shape == (2,) and bool(jnp.all(jnp.isfinite(out)))
 
 
@@ -492,12 +518,20 @@ def test_lrt_expected_log_likelihood_is_exact_for_one_output_position():
 
     def expected_loglik(draw_logits, n):
         keys = jax.random.split(jax.random.key(7), n)
-        vals = jax.vmap(lambda k: jnp.sum(jnp.take_along_axis(
-            jax.nn.log_softmax(draw_logits(k).reshape(16, 3)), y[:, None], axis=-1)))(keys)
+        vals = jax.vmap(
+            lambda k: jnp.sum(
+                jnp.take_along_axis(jax.nn.log_softmax(draw_logits(k).reshape(16, 3)), y[:, None], axis=-1)
+            )
+        )(keys)
         return float(vals.mean()), float(vals.std() / math.sqrt(n)), float(vals.std())
 
-    conv = lambda a, w: jax.lax.conv_general_dilated(a, w, (1, 1), "VALID",  # noqa: E731
-                                                     dimension_numbers=("NCHW", "OIHW", "NCHW"))
+    conv = lambda a, w: jax.lax.conv_general_dilated(
+        a,
+        w,
+        (1, 1),
+        "VALID",
+        dimension_numbers=("NCHW", "OIHW", "NCHW"),
+    )
     m_lrt, se_lrt, sd_lrt = expected_loglik(lambda k: local_reparam_conv2d(k, x, loc, scale), 20000)
     m_w, se_w, sd_w = expected_loglik(lambda k: conv(x, loc + scale * jax.random.normal(k, loc.shape)), 20000)
     assert abs(m_lrt - m_w) < 4 * math.hypot(se_lrt, se_w)

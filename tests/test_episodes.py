@@ -107,7 +107,8 @@ def test_sampling_is_uniform(rng_key):
     # (a false alarm has probability ~1e-6 per count).
     num_tasks, num_classes, num_examples, ways, k = 20_000, 10, 6, 3, 2
     idx = jax.jit(sample_episode_indices, static_argnums=range(1, 7))(
-        rng_key, num_classes, num_examples, num_tasks, ways, k - 1, 1)
+        rng_key, num_classes, num_examples, num_tasks, ways, k - 1, 1
+    )
     classes, examples = np.asarray(idx.classes), np.asarray(idx.examples)
 
     def check(counts, n, p):
@@ -126,13 +127,16 @@ def test_sampling_is_uniform(rng_key):
     check(counts[~np.eye(5, dtype=bool)], num_tasks, 1 / 20)
 
 
-@pytest.mark.parametrize("request_,match", [
-    ((2, NUM_CLASSES + 1, 1, 1), "13-way episodes need 13 classes but the data has 12"),
-    ((2, 5, 5, 4), "5 \\+ 4 = 9 examples per class are needed but the data has 8"),
-    ((0, 5, 1, 1), "num_tasks >= 1"),
-    ((2, 5, 0, 0), "shots \\+ queries >= 1"),
-    ((2, 5, -1, 2), "shots >= 0"),
-])
+@pytest.mark.parametrize(
+    "request_,match",
+    [
+        ((2, NUM_CLASSES + 1, 1, 1), "13-way episodes need 13 classes but the data has 12"),
+        ((2, 5, 5, 4), "5 \\+ 4 = 9 examples per class are needed but the data has 8"),
+        ((0, 5, 1, 1), "num_tasks >= 1"),
+        ((2, 5, 0, 0), "shots \\+ queries >= 1"),
+        ((2, 5, -1, 2), "shots >= 0"),
+    ],
+)
 def test_bad_requests_raise(rng_key, request_, match):
     with pytest.raises(ValueError, match=match):
         sample_episodes(rng_key, _coded_images(), *request_)

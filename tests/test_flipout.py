@@ -63,7 +63,7 @@ def test_flipout_marginals_match_the_closed_form(kind, rng_key):
     ys = _draws(fo.flipout, loc, scale, x, k_est)
     mean = jax.vmap(loc)(x)
     var_layer = jax.tree.map(jnp.square, scale)
-    var = jax.vmap(var_layer)(x ** 2)   # sum_i s_ji^2 x_ni^2 + s_bj^2 (the layer is affine in x)
+    var = jax.vmap(var_layer)(x**2)  # sum_i s_ji^2 x_ni^2 + s_bj^2 (the layer is affine in x)
     se_mean = jnp.sqrt(var / NUM_DRAWS)
     assert jnp.all(jnp.abs(ys.mean(0) - mean) < 5 * se_mean)
     se_var = jnp.sqrt(2.0 / NUM_DRAWS) * var
@@ -97,6 +97,7 @@ def test_flipout_expected_output_matches_per_example_sampling(kind, rng_key):
             ka, kb = jax.random.split(key)
             h = flatten(jax.nn.relu(estimator(ka, first, s_first, x)))
             return jax.nn.softmax(estimator(kb, second, s_second, h), axis=-1)
+
         return jax.jit(jax.vmap(f))(jax.random.split(k_a, NUM_DRAWS))
 
     a, b = output(fo.flipout), output(fo.per_example)

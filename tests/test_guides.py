@@ -46,8 +46,15 @@ def data():
 def fit_guide(guide, data, steps=2500):
     params = init_params(jax.random.key(1), linear_gaussian_model, guide, data)
     loss = elbo_loss(linear_gaussian_model, guide, num_particles=32)
-    res = fit(jax.random.key(2), meta_learner(loss, optax.adam(0.01)), params, steps, data=data,
-              steps_per_call=50, progress=False)
+    res = fit(
+        jax.random.key(2),
+        meta_learner(loss, optax.adam(0.01)),
+        params,
+        steps,
+        data=data,
+        steps_per_call=50,
+        progress=False,
+    )
     z = Predictive(guide, params=res.state.params, num_samples=20000)(jax.random.key(3), data)["z"]
     return np.asarray(z.mean(0)), np.asarray(jax.vmap(lambda a: jnp.cov(a.T), in_axes=1)(z))
 
@@ -94,8 +101,9 @@ def test_fit_local_matches_exact_posterior_mean_and_keeps_best_restart(data):
     """New-task inference: each task alone, 3 restarts in parallel, best ELBO kept."""
     mean, cov = exact_posterior(*data)
     guide = TaskNormalGuide.build(jax.random.key(0), linear_gaussian_model, data)
-    local = fit_local(jax.random.key(1), linear_gaussian_model, guide, data, num_steps=1500, num_restarts=3,
-                      num_particles=8)
+    local = fit_local(
+        jax.random.key(1), linear_gaussian_model, guide, data, num_steps=1500, num_restarts=3, num_particles=8
+    )
     assert local.restart_elbo.shape == (3, 3) and local.losses.shape == (3, 3, 1500)
     np.testing.assert_allclose(local.elbo, local.restart_elbo.max(1))
     sd = np.sqrt(np.diagonal(np.asarray(cov), axis1=1, axis2=2))
@@ -164,8 +172,9 @@ def test_restart_mixture_covers_both_modes_and_weights_are_softmax_elbo():
 
     y = jnp.ones(6)
     guide = TaskNormalGuide.build(jax.random.key(0), _two_mode_model, y, init_scale=0.1)
-    fit = fit_local(jax.random.key(2), _two_mode_model, guide, y, num_steps=300, num_restarts=8,
-                    num_candidates=64, num_particles=4)
+    fit = fit_local(
+        jax.random.key(2), _two_mode_model, guide, y, num_steps=300, num_restarts=8, num_candidates=64, num_particles=4
+    )
     w = np.asarray(restart_weights(fit))
     np.testing.assert_allclose(w, np.asarray(jax.nn.softmax(fit.restart_elbo, axis=-1)), rtol=1e-6)
     np.testing.assert_allclose(w.sum(-1), 1.0, rtol=1e-6)

@@ -47,8 +47,7 @@ def _run(out: Path, args=ARGS, **env) -> None:
 
 
 def _start(out: Path, args=ARGS, **env) -> subprocess.Popen:
-    return subprocess.Popen(_cmd(out, args), env=_env(**env), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    return subprocess.Popen(_cmd(out, args), env=_env(**env), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def _wait_for(cond, proc: subprocess.Popen, what: str) -> None:
@@ -113,8 +112,11 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(uninterrupted,
     out = tmp_path / "midwrite"
     proc = _start(out, METAPRIOR_TEST_SLOW_WRITE_S="1.0")
     # the second write of the first model's checkpoint: an old one exists and a new one is in flight
-    _wait_for(lambda: (out / "meta_kl.ckpt").exists() and list(out.glob(".meta_kl.ckpt.*.tmp")), proc,
-              "a checkpoint write after the first")
+    _wait_for(
+        lambda: (out / "meta_kl.ckpt").exists() and list(out.glob(".meta_kl.ckpt.*.tmp")),
+        proc,
+        "a checkpoint write after the first",
+    )
     _kill(proc)
     assert list(out.glob(".meta_kl.ckpt.*.tmp")), "the kill should land mid-write"
     previous = read_tagged_npz(out / "meta_kl.ckpt", _FORMAT, label="checkpoint")  # still readable

@@ -66,8 +66,9 @@ def conv_data(rng_key):
 def posterior(net, x, y, structure, *, likelihood=categorical, apply_fn=L.vmap_apply, **kw):
     # compiled once per configuration: eager dispatch of every small op is what makes
     # tests slow on a 2-core machine
-    return _laplace_jit(kw.pop("rng_key", None), net, x, y, apply_fn=apply_fn, likelihood=likelihood,
-                        structure=structure, **kw)
+    return _laplace_jit(
+        kw.pop("rng_key", None), net, x, y, apply_fn=apply_fn, likelihood=likelihood, structure=structure, **kw
+    )
 
 
 @eqx.filter_jit
@@ -174,7 +175,9 @@ def test_kfac_conv_factors_match_patches_and_location_gradients(rng_key, x64):
     y = jnp.array([0, 1, 2, 3])
     post = posterior(Net(conv), x, y, "kfac")
     (block,) = post.curvature.blocks
-    patches = jax.vmap(lambda xi: jax.lax.conv_general_dilated_patches(xi[None], (3, 3), (1, 1), ((1, 1), (1, 1)))[0])(x)
+    patches = jax.vmap(lambda xi: jax.lax.conv_general_dilated_patches(xi[None], (3, 3), (1, 1), ((1, 1), (1, 1)))[0])(
+        x
+    )
     cols = jnp.concatenate([patches.reshape(4, 18, 25), jnp.ones((4, 1, 25))], axis=1)
     np.testing.assert_allclose(block.a, jnp.einsum("ndt,net->de", cols, cols), rtol=1e-10)
     np.testing.assert_allclose(block.count, 4 * 25)
@@ -182,7 +185,11 @@ def test_kfac_conv_factors_match_patches_and_location_gradients(rng_key, x64):
     pre = jax.vmap(conv)(x)  # [N, 3, 5, 5]
     logits = jax.vmap(lambda h: readout @ jnp.tanh(h).reshape(-1))(pre)
     lsqrt = L.output_hessian_sqrt(categorical, logits)  # [N, C, S]
-    back = jax.vmap(lambda h, v: jax.vmap(lambda vs: jax.vjp(lambda hh: readout @ jnp.tanh(hh).reshape(-1), h)[1](vs)[0], in_axes=1)(v))(pre, lsqrt)
+    back = jax.vmap(
+        lambda h, v: jax.vmap(
+            lambda vs: jax.vjp(lambda hh: readout @ jnp.tanh(hh).reshape(-1), h)[1](vs)[0], in_axes=1
+        )(v)
+    )(pre, lsqrt)
     g = jnp.einsum("nsctu,nsdtu->cd", back, back)
     np.testing.assert_allclose(block.g, g, rtol=1e-9)
 
@@ -194,7 +201,7 @@ def test_output_hessian_sqrt_matches_autodiff_hessian(rng_key, x64):
     hess = jax.vmap(jax.hessian(lambda fn, yn: -categorical(fn).log_prob(yn)))(f, y)
     np.testing.assert_allclose(jnp.einsum("ncs,nds->ncd", lsq, lsq), hess, atol=1e-12)
     # the generic (eigh) fallback agrees with the closed form
-    lik = lambda f: dist.Categorical(probs=jax.nn.softmax(f))  # noqa: E731  -> CategoricalProbs
+    lik = lambda f: dist.Categorical(probs=jax.nn.softmax(f))  # -> CategoricalProbs
     lsq2 = L.output_hessian_sqrt(lik, f, y)
     np.testing.assert_allclose(jnp.einsum("ncs,nds->ncd", lsq2, lsq2), hess, atol=1e-10)
 
@@ -358,9 +365,19 @@ def test_fit_laplace_matches_numpyro_autolaplace(rng_key, x64):
     y = x @ w_true + 0.3 + 0.2 * jax.random.normal(k2, (30,))
     tau, sigma = 2.0, 0.2
     layer = eqx.nn.Linear(3, 1, key=k3)
-    post, _ = L.fit_laplace(None, layer, x, y, apply_fn=L.vmap_apply, likelihood=gaussian(sigma),
-                            optimizer=optax.adam(0.05), num_steps=3000, structure="full",
-                            fisher="hessian", prior_precision=tau)
+    post, _ = L.fit_laplace(
+        None,
+        layer,
+        x,
+        y,
+        apply_fn=L.vmap_apply,
+        likelihood=gaussian(sigma),
+        optimizer=optax.adam(0.05),
+        num_steps=3000,
+        structure="full",
+        fisher="hessian",
+        prior_precision=tau,
+    )
     xt = jnp.concatenate([x, jnp.ones((30, 1))], axis=1)
     prec = xt.T @ xt / sigma**2 + tau * jnp.eye(4)
     mean = jnp.linalg.solve(prec, xt.T @ y / sigma**2)
@@ -385,8 +402,18 @@ def test_log_marginal_likelihood_exact_for_linear_gaussian(rng_key, x64):
     y = x[:, 0] - x[:, 1] + 0.1 * jax.random.normal(k2, (8,))
     tau, sigma = 1.5, 0.4
     layer = eqx.nn.Linear(2, 1, use_bias=False, key=k1)
-    post, _ = L.fit_laplace(None, layer, x, y, apply_fn=L.vmap_apply, likelihood=gaussian(sigma),
-                            optimizer=optax.adam(0.05), num_steps=2000, structure="kfac", prior_precision=tau)
+    post, _ = L.fit_laplace(
+        None,
+        layer,
+        x,
+        y,
+        apply_fn=L.vmap_apply,
+        likelihood=gaussian(sigma),
+        optimizer=optax.adam(0.05),
+        num_steps=2000,
+        structure="kfac",
+        prior_precision=tau,
+    )
     lml = L.log_marginal_likelihood(post, x, y, apply_fn=L.vmap_apply, likelihood=gaussian(sigma))
     cov = x @ x.T / tau + sigma**2 * jnp.eye(8)
     exact = jax.scipy.stats.multivariate_normal.logpdf(y, jnp.zeros(8), cov)
@@ -408,7 +435,7 @@ def test_glm_predictive_is_the_linearised_network(mlp_data, rng_key):
     post = posterior(net, x, y, "kfac", prior_precision=2.0)
     glm = L.predictive(rng_key, post, x, apply_fn=L.vmap_apply, num_samples=5, pred_type="glm")
     flat_mean, unravel = ravel_pytree(post.mean)
-    f = lambda flat: L.vmap_apply(eqx.combine(unravel(flat), post.rest), x)  # noqa: E731
+    f = lambda flat: L.vmap_apply(eqx.combine(unravel(flat), post.rest), x)
     jac = jax.jacobian(f)(flat_mean)  # [N, C, P]
     draws = jax.vmap(lambda p: ravel_pytree(p)[0])(L.sample_params(rng_key, post, 5))  # [S, P]
     expected = f(flat_mean)[None] + jnp.einsum("ncp,sp->snc", jac, draws - flat_mean)
@@ -436,10 +463,14 @@ def test_fisher_mc_is_unbiased_for_exact(mlp_data, rng_key):
     # E over sampled outputs of the MC Fisher is the exact Fisher (full structure).
     net, x, y = mlp_data
     exact = posterior(net, x, y, "full").curvature.matrix
-    mc = jax.jit(jax.vmap(lambda k: L.laplace(k, net, x, y, apply_fn=L.vmap_apply, likelihood=categorical,
-                                               structure="full", fisher="mc").curvature.matrix))(
-        jax.random.split(rng_key, 4000)
-    ).mean(0)
+    mc = jax.jit(
+        jax.vmap(
+            lambda k: (
+                L.laplace(
+                    k, net, x, y, apply_fn=L.vmap_apply, likelihood=categorical, structure="full", fisher="mc"
+                ).curvature.matrix
+            )
+        )
+    )(jax.random.split(rng_key, 4000)).mean(0)
     # Monte Carlo error of 4000 draws: a few percent of the largest entries.
     assert jnp.max(jnp.abs(mc - exact)) < 0.05 * jnp.max(jnp.abs(exact))
-

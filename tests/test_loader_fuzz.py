@@ -20,8 +20,12 @@ from hypothesis import strategies as st
 
 from metaprior.data.store import DataError
 
-FUZZ = settings(max_examples=60, deadline=2000, derandomize=True,
-                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=60,
+    deadline=2000,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 OURS = (DataError, ValueError, FileNotFoundError)
 
 

@@ -123,11 +123,18 @@ def test_first_order_meta_gradient_is_query_gradient_at_phi(sine_tasks):
 def test_ml_laplace_meta_gradient_through_log_det_matches_finite_differences(sine_tasks, kron_damping):
     with jax.enable_x64(True):
         net, tasks = to64(sine_tasks)
-        posterior_fn = functools.partial(L.laplace, apply_fn=L.vmap_apply, likelihood=gaussian,
-                                         structure="kfac", prior_precision=1e-2)
+        posterior_fn = functools.partial(
+            L.laplace, apply_fn=L.vmap_apply, likelihood=gaussian, structure="kfac", prior_precision=1e-2
+        )
         # eta = 1 so that the log-det term dominates what is checked
-        objective = ml_laplace(mse_loss(L.vmap_apply), optax.sgd(0.05), 2, posterior_fn, eta=1.0,
-                               log_det_fn=functools.partial(L.log_det, kron_damping=kron_damping))
+        objective = ml_laplace(
+            mse_loss(L.vmap_apply),
+            optax.sgd(0.05),
+            2,
+            posterior_fn,
+            eta=1.0,
+            log_det_fn=functools.partial(L.log_det, kron_damping=kron_damping),
+        )
         f, flat = flat_fn(objective, net, tasks)
         check_fd(f, flat, jax.random.key(4), rtol=1e-5)
 
@@ -135,8 +142,9 @@ def test_ml_laplace_meta_gradient_through_log_det_matches_finite_differences(sin
 def test_ml_laplace_is_ml_point_plus_half_eta_log_det(sine_tasks):
     net, tasks = sine_tasks
     loss = mse_loss(L.vmap_apply)
-    posterior_fn = functools.partial(L.laplace, apply_fn=L.vmap_apply, likelihood=gaussian,
-                                     structure="kfac", prior_precision=1e-3)
+    posterior_fn = functools.partial(
+        L.laplace, apply_fn=L.vmap_apply, likelihood=gaussian, structure="kfac", prior_precision=1e-3
+    )
     point, aux_p = jax.jit(ml_point(loss, optax.sgd(0.05), 1))(net, jax.random.key(0), tasks)
     lap, aux_l = jax.jit(ml_laplace(loss, optax.sgd(0.05), 1, posterior_fn, eta=0.01))(net, jax.random.key(0), tasks)
     np.testing.assert_allclose(lap, point + 0.01 * 0.5 * aux_l.log_det, rtol=1e-5)
@@ -169,7 +177,7 @@ def test_objective_vmaps_over_tasks_like_a_loop(sine_tasks):
     net, tasks = sine_tasks
     objective = jax.jit(ml_point(mse_loss(L.vmap_apply), optax.sgd(0.05), 2))
     total, _ = objective(net, jax.random.key(0), tasks)
-    singles = [objective(net, jax.random.key(0), jax.tree.map(lambda a: a[j:j + 1], tasks))[0] for j in range(3)]
+    singles = [objective(net, jax.random.key(0), jax.tree.map(lambda a: a[j : j + 1], tasks))[0] for j in range(3)]
     np.testing.assert_allclose(total, np.mean(singles), rtol=1e-5)
 
 
@@ -192,8 +200,9 @@ def test_model_sites_shapes(sine_tasks):
     assert tr["y_support"]["fn"].batch_shape == (3, 4) and tr["y_support"]["is_observed"]
     assert tr["y_query"]["fn"].batch_shape == (3, 5) and not tr["y_query"]["is_observed"]
     assert tr["theta$params"]["type"] == "param"
-    assert [f.name for f in tr["y_support"]["cond_indep_stack"]] == ["examples", "tasks"] or \
-        {f.name for f in tr["y_support"]["cond_indep_stack"]} == {"examples", "tasks"}
+    assert [f.name for f in tr["y_support"]["cond_indep_stack"]] == ["examples", "tasks"] or {
+        f.name for f in tr["y_support"]["cond_indep_stack"]
+    } == {"examples", "tasks"}
 
 
 def test_model_log_density_matches_the_objectives_terms(sine_tasks):
@@ -203,13 +212,18 @@ def test_model_log_density_matches_the_objectives_terms(sine_tasks):
     kwargs = dict(net=net, apply_fn=L.vmap_apply, likelihood=gaussian, prior_precision=4.0)
     phis = {}
     for j in range(3):
-        phi, _ = adapt(net, tasks.support_x[j], tasks.support_y[j], loss_fn=mse_loss(L.vmap_apply),
-                       inner_optimizer=optax.sgd(0.05), num_steps=2)
+        phi, _ = adapt(
+            net,
+            tasks.support_x[j],
+            tasks.support_y[j],
+            loss_fn=mse_loss(L.vmap_apply),
+            inner_optimizer=optax.sgd(0.05),
+            num_steps=2,
+        )
         phis[j] = phi
     stacked = jax.tree.map(lambda *a: jnp.stack(a), *[eqx.filter(phis[j], eqx.is_array) for j in range(3)])
     values = {n: leaf[:, None] for n, leaf in zip(phi_site_names(net), jax.tree.leaves(stacked))}
-    logp, _ = log_density(maml_model, (tasks.support_x, tasks.support_y, tasks.query_x, tasks.query_y),
-                          kwargs, values)
+    logp, _ = log_density(maml_model, (tasks.support_x, tasks.support_y, tasks.query_x, tasks.query_y), kwargs, values)
     nll = nll_loss(L.vmap_apply, gaussian)
     expected = 0.0
     theta = ravel_pytree(eqx.filter(net, eqx.is_array))[0]
@@ -221,7 +235,8 @@ def test_model_log_density_matches_the_objectives_terms(sine_tasks):
     np.testing.assert_allclose(logp, expected, rtol=1e-5)
     nets = task_networks(net, values)
     f = jax.vmap(lambda p, x: L.vmap_apply(eqx.combine(p, eqx.filter(net, eqx.is_array, inverse=True)), x))(
-        eqx.filter(nets, eqx.is_array), tasks.query_x)
+        eqx.filter(nets, eqx.is_array), tasks.query_x
+    )
     assert f.shape == (3, 5, 1)
 
 
@@ -231,7 +246,8 @@ def test_model_prior_predictive_runs_with_conv_net(rng_key):
     x = jax.random.normal(k2, (2, 6, 8, 8, 1))
     with handlers.seed(rng_seed=1):
         tr = handlers.trace(maml_model).get_trace(
-            x, None, net=net, apply_fn=lambda n, x: n(x), likelihood=lambda f: dist.Categorical(logits=f))
+            x, None, net=net, apply_fn=lambda n, x: n(x), likelihood=lambda f: dist.Categorical(logits=f)
+        )
     assert tr["y_support"]["value"].shape == (2, 6)
     assert "phi.norms[0].scale" not in tr  # batch norm is shared, not task-specific
 

@@ -23,8 +23,14 @@ NUM_CHAINS, NUM_DRAWS = 2, 1000
 @pytest.fixture(scope="module")
 def linear_run():
     batch, _ = hierarchical_linear_tasks(jax.random.key(1), 4, 6)
-    mcmc = run_nuts(jax.random.key(2), hierarchical_linear_model, batch,
-                    num_chains=NUM_CHAINS, num_warmup=500, num_samples=NUM_DRAWS)
+    mcmc = run_nuts(
+        jax.random.key(2),
+        hierarchical_linear_model,
+        batch,
+        num_chains=NUM_CHAINS,
+        num_warmup=500,
+        num_samples=NUM_DRAWS,
+    )
     return batch, mcmc
 
 
@@ -44,8 +50,11 @@ def test_nuts_matches_closed_form(linear_run):
     ratio = draws.std(0) / np.sqrt(np.diag(exact.joint_cov))
     assert np.abs(ratio - 1).max() < 5 / np.sqrt(2 * health.ess_bulk_min), ratio
     # Correlations: the mu / w coupling of a hierarchical model, within 0.1.
-    np.testing.assert_allclose(np.corrcoef(draws.T), exact.joint_cov / np.sqrt(
-        np.outer(np.diag(exact.joint_cov), np.diag(exact.joint_cov))), atol=0.1)
+    np.testing.assert_allclose(
+        np.corrcoef(draws.T),
+        exact.joint_cov / np.sqrt(np.outer(np.diag(exact.joint_cov), np.diag(exact.joint_cov))),
+        atol=0.1,
+    )
 
 
 def test_health_of_a_good_run(linear_run):
@@ -87,10 +96,8 @@ def test_run_nuts_rejects_bad_counts(linear_run):
 def test_nuts_enumerates_discrete_cluster_index():
     # Well separated clusters, enough tasks per cluster: NUTS over the continuous
     # latents with c summed out recovers every task's cluster with probability > 0.95.
-    batch, clusters = task_mixture_tasks(jax.random.key(4), 12, 8, noise=0.3,
-                                         intercepts=(-3.0, 0.0, 3.0))
-    mcmc = run_nuts(jax.random.key(5), task_mixture_model, batch, num_chains=2,
-                    num_warmup=300, num_samples=300)
+    batch, clusters = task_mixture_tasks(jax.random.key(4), 12, 8, noise=0.3, intercepts=(-3.0, 0.0, 3.0))
+    mcmc = run_nuts(jax.random.key(5), task_mixture_model, batch, num_chains=2, num_warmup=300, num_samples=300)
     samples = mcmc.get_samples()
     assert "c" not in samples  # summed out, not sampled
     probs = np.asarray(cluster_probabilities(samples, batch))

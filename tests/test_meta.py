@@ -1,7 +1,5 @@
 """The meta-training loop: determinism, resume, checkpoints, NaN handling, tracing."""
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +7,11 @@ import optax
 import pytest
 
 from metaprior.inference.meta import (
-    NonFiniteLossError, fit, load_checkpoint, meta_learner, save_checkpoint,
+    NonFiniteLossError,
+    fit,
+    load_checkpoint,
+    meta_learner,
+    save_checkpoint,
 )
 
 
@@ -28,8 +30,16 @@ def learner():
 
 
 def run(learner, steps, **kw):
-    return fit(jax.random.key(3), learner, {"w": jnp.zeros(4)}, steps, data=jnp.arange(4.0),
-               sample_batch=sample_batch, progress=False, **kw)
+    return fit(
+        jax.random.key(3),
+        learner,
+        {"w": jnp.zeros(4)},
+        steps,
+        data=jnp.arange(4.0),
+        sample_batch=sample_batch,
+        progress=False,
+        **kw,
+    )
 
 
 def test_fits_and_is_deterministic(learner):
@@ -68,8 +78,17 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     learner = meta_learner(loss, optax.sgd(0.05))
     ckpt = tmp_path / "ckpt.npz"
     with pytest.raises(NonFiniteLossError, match=r"loss became nan at step \d+.*last good checkpoint"):
-        fit(jax.random.key(0), learner, {"w": jnp.zeros(2)}, 100, data=jnp.zeros(()), sample_batch=batch_fn,
-            checkpoint=ckpt, checkpoint_every=2, progress=False)
+        fit(
+            jax.random.key(0),
+            learner,
+            {"w": jnp.zeros(2)},
+            100,
+            data=jnp.zeros(()),
+            sample_batch=batch_fn,
+            checkpoint=ckpt,
+            checkpoint_every=2,
+            progress=False,
+        )
     state, losses = load_checkpoint(ckpt, like=learner.init({"w": jnp.zeros(2)}))
     assert np.all(np.isfinite(losses)) and float(state.params["w"][0]) <= 0.5 + 0.05
     assert int(state.step) == len(losses) > 0
@@ -82,8 +101,15 @@ def test_step_traces_once(tmp_path):
         traces.append(1)  # runs only while tracing
         return jnp.sum((params - batch) ** 2)
 
-    fit(jax.random.key(0), meta_learner(loss, optax.sgd(0.1)), jnp.zeros(3), 25, data=jnp.ones(3),
-        steps_per_call=5, progress=False)
+    fit(
+        jax.random.key(0),
+        meta_learner(loss, optax.sgd(0.1)),
+        jnp.zeros(3),
+        25,
+        data=jnp.ones(3),
+        steps_per_call=5,
+        progress=False,
+    )
     assert len(traces) == 1
 
 
@@ -103,9 +129,18 @@ def test_checkpoint_errors(learner, tmp_path):
         load_checkpoint(good, like=learner.init({"v": jnp.zeros(4), "w": jnp.zeros(4)}))
 
 
-@pytest.mark.parametrize("kwargs, match", [(dict(num_steps=-1), "num_steps"), (dict(steps_per_call=0), "steps_per_call")])
+@pytest.mark.parametrize(
+    "kwargs, match", [(dict(num_steps=-1), "num_steps"), (dict(steps_per_call=0), "steps_per_call")]
+)
 def test_bad_arguments(learner, kwargs, match):
     args = dict(num_steps=3) | kwargs
     with pytest.raises(ValueError, match=match):
-        fit(jax.random.key(0), learner, {"w": jnp.zeros(4)}, args.pop("num_steps"), data=jnp.zeros(4),
-            progress=False, **args)
+        fit(
+            jax.random.key(0),
+            learner,
+            {"w": jnp.zeros(4)},
+            args.pop("num_steps"),
+            data=jnp.zeros(4),
+            progress=False,
+            **args,
+        )

@@ -15,8 +15,16 @@ import pytest
 
 from metaprior.cli import main
 
-EXPERIMENTS = ["harmonic", "sinusoid-maml", "sinusoid-llama", "omniglot-maml", "omniglot-llama",
-               "omniglot-amortized", "sib-omniglot", "dwp-mnist"]
+EXPERIMENTS = [
+    "harmonic",
+    "sinusoid-maml",
+    "sinusoid-llama",
+    "omniglot-maml",
+    "omniglot-llama",
+    "omniglot-amortized",
+    "sib-omniglot",
+    "dwp-mnist",
+]
 NEEDS_DATA = {"omniglot-maml", "omniglot-llama", "omniglot-amortized", "sib-omniglot", "dwp-mnist"}
 
 
@@ -41,8 +49,9 @@ def test_nan_after_a_checkpoint_names_it(tmp_path, monkeypatch, capsys):
     from metaprior.inference.meta import _FORMAT
 
     monkeypatch.setenv("METAPRIOR_TEST_NAN_AT_STEP", "30")
-    status = main(["run", "harmonic", "--quick", "--no-progress", "--set", "checkpoint_every=20",
-                   "--out", str(tmp_path)])
+    status = main(
+        ["run", "harmonic", "--quick", "--no-progress", "--set", "checkpoint_every=20", "--out", str(tmp_path)]
+    )
     err = capsys.readouterr().err
     assert status == 3, err
     assert "at step 30" in err and f"{tmp_path / 'meta_kl.ckpt'} (step 20) is intact" in err

@@ -28,13 +28,13 @@ def test_shift_conv_matches_under_vmap_over_kernels_and_in_derivatives():
     x = jax.random.normal(jax.random.key(1), (5, 2, 3, 6, 6))  # [tasks, N, C, H, W]
     p_ref, static_ref = eqx.partition(ref, eqx.is_array)
     p_fast, static_fast = eqx.partition(fast, eqx.is_array)
-    spread = lambda p: jax.tree.map(  # noqa: E731
-        lambda a: a + 0.1 * jax.random.normal(jax.random.key(2), (5,) + a.shape), p)
+    spread = lambda p: jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(2), (5,) + a.shape), p)
     per_task, per_task_fast = spread(p_ref), spread(p_fast)
 
     def loss(params, static):
         def one(p, xt):
             return jnp.sum(jnp.tanh(jax.vmap(eqx.combine(p, static))(xt)) ** 2)
+
         return jnp.sum(jax.vmap(one)(params, x))
 
     np.testing.assert_allclose(loss(per_task_fast, static_fast), loss(per_task, static_ref), rtol=1e-5)
@@ -43,8 +43,7 @@ def test_shift_conv_matches_under_vmap_over_kernels_and_in_derivatives():
     for a, b in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_ref)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
     # forward-over-reverse (Hessian-vector product) agrees too
-    hvp = lambda p0, static: jax.jvp(  # noqa: E731
-        lambda p: jax.grad(loss)(p, static), (p0,), (jax.tree.map(jnp.ones_like, p0),))[1]
+    hvp = lambda p0, static: jax.jvp(lambda p: jax.grad(loss)(p, static), (p0,), (jax.tree.map(jnp.ones_like, p0),))[1]
     for a, b in zip(jax.tree.leaves(hvp(per_task_fast, static_fast)), jax.tree.leaves(hvp(per_task, static_ref))):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
 
@@ -60,8 +59,12 @@ def test_im2col_conv_nhwc_matches_conv(padding):
     np.testing.assert_allclose(fast(x[0]), ref(x[0]), rtol=1e-5, atol=1e-5)  # per-example call kept
     strided = Im2colConv2d(3, 4, kernel_size=3, stride=2, key=jax.random.key(0))  # falls back
     ref_s = eqx.nn.Conv2d(3, 4, kernel_size=3, stride=2, key=jax.random.key(0))
-    np.testing.assert_allclose(strided.nhwc(jnp.transpose(x, (0, 2, 3, 1))),
-                               jnp.transpose(jax.vmap(ref_s)(x), (0, 2, 3, 1)), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        strided.nhwc(jnp.transpose(x, (0, 2, 3, 1))),
+        jnp.transpose(jax.vmap(ref_s)(x), (0, 2, 3, 1)),
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 def test_max_pool_2x2_nhwc_matches_reduce_window():
@@ -70,8 +73,9 @@ def test_max_pool_2x2_nhwc_matches_reduce_window():
     np.testing.assert_array_equal(max_pool_2x2_nhwc(x), want)
     # without ties the gradients are the same one-hot selections
     g = jax.grad(lambda a: jnp.sum(max_pool_2x2_nhwc(a) ** 2))(x)
-    g_ref = jax.grad(lambda a: jnp.sum(jax.lax.reduce_window(a, -jnp.inf, jax.lax.max, (1, 2, 2, 1),
-                                                             (1, 2, 2, 1), "VALID") ** 2))(x)
+    g_ref = jax.grad(
+        lambda a: jnp.sum(jax.lax.reduce_window(a, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID") ** 2)
+    )(x)
     np.testing.assert_allclose(g, g_ref, rtol=1e-6)
 
 
@@ -114,8 +118,12 @@ def test_maml_meta_gradient_is_the_same_for_every_conv_impl(first_order):
     k1, k2 = jax.random.split(jax.random.key(3))
     from metaprior.inference.maml import SupportQuery
 
-    batch = SupportQuery(jax.random.uniform(k1, (3, 4, 28, 28, 1)), jnp.tile(jnp.arange(4), (3, 1)),
-                         jax.random.uniform(k2, (3, 8, 28, 28, 1)), jnp.tile(jnp.arange(4).repeat(2), (3, 1)))
+    batch = SupportQuery(
+        jax.random.uniform(k1, (3, 4, 28, 28, 1)),
+        jnp.tile(jnp.arange(4), (3, 1)),
+        jax.random.uniform(k2, (3, 8, 28, 28, 1)),
+        jnp.tile(jnp.arange(4).repeat(2), (3, 1)),
+    )
     loss = nll_loss(lambda n, x: n(x), lambda f: dist.Categorical(logits=f))
     objective = ml_point(loss, optax.sgd(0.4), 2, first_order=first_order)
 

@@ -42,8 +42,9 @@ def test_per_task_log_joint_sums_to_the_log_density():
     total, _ = log_density(_bimodal_model, (Y,), {}, {"z": z})
     np.testing.assert_allclose(per_task.sum(), total, rtol=1e-6)
     # Task 0 alone is task 0's term (the tasks are independent).
-    np.testing.assert_allclose(per_task_log_joint(_bimodal_model, Y[:1], values={"z": z[:1]})[0], per_task[0],
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        per_task_log_joint(_bimodal_model, Y[:1], values={"z": z[:1]})[0], per_task[0], rtol=1e-6
+    )
 
 
 def test_per_task_log_joint_refuses_shared_latents():
@@ -52,8 +53,9 @@ def test_per_task_log_joint_refuses_shared_latents():
 
 
 def test_restart_init_finds_the_higher_mode_and_the_gap():
-    found = restart_init(jax.random.key(0), _bimodal_model, Y, site="z", num_chains=3, num_starts=32,
-                         num_steps=500, jitter=0.0)
+    found = restart_init(
+        jax.random.key(0), _bimodal_model, Y, site="z", num_chains=3, num_starts=32, num_steps=500, jitter=0.0
+    )
     assert found.init_params["z"].shape == (3, 2, 1)
     # Both modes are reached by some restart; the kept one is the higher (+sqrt(mean y)).
     best = np.asarray(found.best["z"][:, 0])
@@ -72,8 +74,15 @@ def test_restart_init_errors():
 
 def test_run_nuts_checks_init_params_shape():
     with pytest.raises(ValueError, match="leading axis of num_chains=2"):
-        run_nuts(jax.random.key(0), _bimodal_model, Y, num_chains=2, num_warmup=5, num_samples=5,
-                 init_params={"z": jnp.zeros((3, 2, 1))})
+        run_nuts(
+            jax.random.key(0),
+            _bimodal_model,
+            Y,
+            num_chains=2,
+            num_warmup=5,
+            num_samples=5,
+            init_params={"z": jnp.zeros((3, 2, 1))},
+        )
 
 
 def test_grid_posterior_on_a_two_component_mixture():
@@ -115,8 +124,9 @@ def test_latent_case_nuts_from_restarts_matches_quadrature(tmp_path):
     # (the single-start guides of the default run: 50).
     from metaprior.experiments.validate import make_config, run
 
-    config = dataclasses.replace(make_config("quick"), cases=("latent",), methods=("exact",), num_warmup=300,
-                                 num_samples=300, num_draws=2000)
+    config = dataclasses.replace(
+        make_config("quick"), cases=("latent",), methods=("exact",), num_warmup=300, num_samples=300, num_draws=2000
+    )
     metrics = run(jax.random.key(0), config, tmp_path)
     assert metrics["w1exact_latent_nuts"] < 0.25
     # (No R-hat bound here: the quick network, 100 SVI steps, leaves two modes within

@@ -89,16 +89,19 @@ def _run_worker(args: list[str], env_extra: dict[str, str], timeout: float) -> s
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
     env.update(env_extra)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    return subprocess.run([sys.executable, str(HERE), *args], env=env, capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, str(HERE), *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO
+    )
 
 
 @pytest.fixture(scope="module")
 def four_devices(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("sharding") / "report.json"
-    proc = _run_worker(["four-devices", str(out)],
-                       {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"},
-                       timeout=900)
+    proc = _run_worker(
+        ["four-devices", str(out)],
+        {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"},
+        timeout=900,
+    )
     assert proc.returncode == 0, f"4-device worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return json.loads(out.read_text())
 
@@ -191,10 +194,16 @@ def test_two_processes_on_loopback(tmp_path):
         e = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
         e.update(env)
         e["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), e.get("PYTHONPATH")]))
-        procs.append(subprocess.Popen(
-            [sys.executable, str(HERE), "two-processes", str(tmp_path), str(pid), str(port)],
-            env=e, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        ))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(HERE), "two-processes", str(tmp_path), str(pid), str(port)],
+                env=e,
+                cwd=REPO,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     outputs = []
     try:
         for p in procs:
@@ -284,10 +293,10 @@ def _maml_like(num_tasks: int):
 def _four_devices(out: str) -> None:
     import warnings
 
-    import optax
-    from jax.sharding import PartitionSpec as P
     import numpyro
     import numpyro.distributions as dist
+    import optax
+    from jax.sharding import PartitionSpec as P
     from numpyro import handlers
 
     from metaprior.inference import sharding
@@ -301,8 +310,7 @@ def _four_devices(out: str) -> None:
     num_tasks, subsample = 32, 8
     data, params, model, guide, kwargs, elbo_loss = _harmonic(num_tasks, subsample)
     loss_plain = elbo_loss(model, guide, model_kwargs=kwargs)
-    loss_plate = elbo_loss(sharding.shard_plate(model, mesh), sharding.shard_plate(guide, mesh),
-                           model_kwargs=kwargs)
+    loss_plate = elbo_loss(sharding.shard_plate(model, mesh), sharding.shard_plate(guide, mesh), model_kwargs=kwargs)
     vg = jax.jit(jax.value_and_grad(loss_plain))
     vg_plate = jax.jit(jax.value_and_grad(loss_plate))
     l0, g0 = vg(params, key, data)
@@ -319,33 +327,42 @@ def _four_devices(out: str) -> None:
     z = jax.jit(lambda k, b: handlers.seed(sharding.shard_plate(probe, mesh), k)(b))(key, s_data)
     per_task = {n: _rows(v) for n, v in s_params.items() if np.shape(v)[:1] == (num_tasks,)}
     report["elbo"] = {
-        "num_tasks": num_tasks, "subsample_size": subsample,
-        "loss_plain": float(l0), "loss_sharded": float(l1), "loss_plate": float(l2),
-        "grad_rel_err_sharded": _rel_err(g1, g0), "grad_rel_err_plate": _rel_err(g2, g0),
+        "num_tasks": num_tasks,
+        "subsample_size": subsample,
+        "loss_plain": float(l0),
+        "loss_sharded": float(l1),
+        "loss_plate": float(l2),
+        "grad_rel_err_sharded": _rel_err(g1, g0),
+        "grad_rel_err_plate": _rel_err(g2, g0),
         "grad_norm": float(optax.global_norm(g0)),
         "data_shard_rows": {f: _rows(getattr(s_data, f)) for f in ("x", "y", "mask")},
         "per_task_param_shard_rows": per_task,
         "global_params_replicated": all(
             leaf.sharding.spec == P() and len(leaf.addressable_shards) == 4
-            for leaf in jax.tree.leaves(s_params["net$params"])),
+            for leaf in jax.tree.leaves(s_params["net$params"])
+        ),
         "latent_shard_rows": _rows(z),
     }
 
     # ---- fit with and without a mesh
     plain = fit(key, meta_learner(loss_plain, optax.adam(1e-2)), params, 6, data=data, progress=False)
-    meshed = fit(key, meta_learner(loss_plate, optax.adam(1e-2)), params, 6, data=data, progress=False,
-                 mesh=mesh)
+    meshed = fit(key, meta_learner(loss_plate, optax.adam(1e-2)), params, 6, data=data, progress=False, mesh=mesh)
+
     def compare_fits(plain, meshed, opt_state):
         """Losses and parameters of both runs, how the meshed run's per-task state is laid
         out, and how many per-task leaves of ``opt_state`` are split in four."""
         return {
-            "losses_plain": plain.losses.tolist(), "losses_mesh": meshed.losses.tolist(),
+            "losses_plain": plain.losses.tolist(),
+            "losses_mesh": meshed.losses.tolist(),
             "param_rel_err": _rel_err(meshed.state.params, plain.state.params),
-            "state_per_task_specs": sorted({str(v.sharding.spec) for n, v in meshed.state.params.items()
-                                            if np.shape(v)[:1] == (num_tasks,)}),
+            "state_per_task_specs": sorted(
+                {str(v.sharding.spec) for n, v in meshed.state.params.items() if np.shape(v)[:1] == (num_tasks,)}
+            ),
             "split_leaves": sum(
-                1 for leaf in jax.tree.leaves(opt_state)
-                if np.shape(leaf)[:1] == (num_tasks,) and _rows(leaf) == [num_tasks // 4] * 4),
+                1
+                for leaf in jax.tree.leaves(opt_state)
+                if np.shape(leaf)[:1] == (num_tasks,) and _rows(leaf) == [num_tasks // 4] * 4
+            ),
         }
 
     report["fit_elbo"] = compare_fits(plain, meshed, meshed.state.opt_state)
@@ -355,8 +372,13 @@ def _four_devices(out: str) -> None:
     from metaprior.inference.local import task_batch_learner
 
     rows_learner = task_batch_learner(
-        model, guide, task_batch=subsample, optimizer=optax.adam(1e-2), local_steps=2,
-        model_kwargs={k: v for k, v in kwargs.items() if k != "subsample_size"})
+        model,
+        guide,
+        task_batch=subsample,
+        optimizer=optax.adam(1e-2),
+        local_steps=2,
+        model_kwargs={k: v for k, v in kwargs.items() if k != "subsample_size"},
+    )
     plain = fit(key, rows_learner, params, 6, data=data, progress=False)
     meshed = fit(key, rows_learner, params, 6, data=data, progress=False, mesh=mesh)
     report["fit_rows"] = compare_fits(plain, meshed, meshed.state.opt_state.rows)
@@ -373,19 +395,22 @@ def _four_devices(out: str) -> None:
 
     batch = sample_batch(key, mdata)
     (la, _), ga = jax.jit(jax.value_and_grad(mloss, has_aux=True))(mparams, key, batch)
-    layout_fn = jax.jit(lambda p, k, b: jax.value_and_grad(mloss, has_aux=True)(
-        p, k, sharding.constrain_tasks(b, mesh)))
-    (lb, (adapted, fisher)), gb = layout_fn(sharding.replicate(mparams, mesh), key,
-                                            sharding.shard_tasks(batch, mesh))
+    layout_fn = jax.jit(
+        lambda p, k, b: jax.value_and_grad(mloss, has_aux=True)(p, k, sharding.constrain_tasks(b, mesh))
+    )
+    (lb, (adapted, fisher)), gb = layout_fn(sharding.replicate(mparams, mesh), key, sharding.shard_tasks(batch, mesh))
     mlearner = meta_learner(mloss, optax.adam(1e-2), has_aux=True)
     fp = fit(key, mlearner, mparams, 5, data=mdata, sample_batch=sample_batch, progress=False)
     fm = fit(key, mlearner, mparams, 5, data=mdata, sample_batch=sample_batch, progress=False, mesh=mesh)
     report["maml_like"] = {
-        "task_batch": batch_size, "loss_plain": float(la), "loss_sharded": float(lb),
+        "task_batch": batch_size,
+        "loss_plain": float(la),
+        "loss_sharded": float(lb),
         "grad_rel_err": _rel_err(gb, ga),
         "adapted_shard_rows": _rows(jax.tree.leaves(adapted)[0]),
         "curvature_shard_rows": _rows(jax.tree.leaves(fisher)[0]),
-        "fit_losses_plain": fp.losses.tolist(), "fit_losses_mesh": fm.losses.tolist(),
+        "fit_losses_plain": fp.losses.tolist(),
+        "fit_losses_mesh": fm.losses.tolist(),
     }
 
     # ---- checkpoint and resume on the mesh
@@ -393,16 +418,19 @@ def _four_devices(out: str) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / "run.ckpt"
-        straight = fit(key, mlearner, mparams, 4, data=mdata, sample_batch=sample_batch,
-                       progress=False, mesh=mesh)
-        fit(key, mlearner, mparams, 2, data=mdata, sample_batch=sample_batch, progress=False,
-            mesh=mesh, checkpoint=ckpt)
-        resumed = fit(key, mlearner, mparams, 4, data=mdata, sample_batch=sample_batch,
-                      progress=False, mesh=mesh, checkpoint=ckpt)
-        same = all(np.array_equal(a, b) for a, b in
-                   zip(jax.tree.leaves(straight.state), jax.tree.leaves(resumed.state)))
-        report["checkpoint"] = {"resumed_equals_straight": bool(same and np.array_equal(
-            straight.losses, resumed.losses))}
+        straight = fit(key, mlearner, mparams, 4, data=mdata, sample_batch=sample_batch, progress=False, mesh=mesh)
+        fit(
+            key, mlearner, mparams, 2, data=mdata, sample_batch=sample_batch, progress=False, mesh=mesh, checkpoint=ckpt
+        )
+        resumed = fit(
+            key, mlearner, mparams, 4, data=mdata, sample_batch=sample_batch, progress=False, mesh=mesh, checkpoint=ckpt
+        )
+        same = all(
+            np.array_equal(a, b) for a, b in zip(jax.tree.leaves(straight.state), jax.tree.leaves(resumed.state))
+        )
+        report["checkpoint"] = {
+            "resumed_equals_straight": bool(same and np.array_equal(straight.losses, resumed.losses))
+        }
 
     # ---- task counts that are not a multiple of the device count
     try:
@@ -413,9 +441,15 @@ def _four_devices(out: str) -> None:
     odd = {"x": jnp.zeros((6, 2)), "y": jnp.zeros((6, 2))}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        res = fit(key, meta_learner(lambda p, k, b: jnp.mean((p["r"][:, None] - b["y"]) ** 2),
-                                    optax.sgd(0.1)), {"r": jnp.ones((6,))}, 2, data=odd,
-                  progress=False, mesh=mesh)
+        res = fit(
+            key,
+            meta_learner(lambda p, k, b: jnp.mean((p["r"][:, None] - b["y"]) ** 2), optax.sgd(0.1)),
+            {"r": jnp.ones((6,))},
+            2,
+            data=odd,
+            progress=False,
+            mesh=mesh,
+        )
     report["uneven"] = {
         "shard_tasks_error": error,
         "fit_warned": any("not a multiple" in str(w.message) for w in caught),
@@ -427,8 +461,9 @@ def _four_devices(out: str) -> None:
 def _two_processes(out_dir: str, pid: int, port: int) -> None:
     from metaprior.inference import sharding
 
-    info = sharding.initialize_distributed(f"127.0.0.1:{port}", num_processes=2, process_id=pid,
-                                           initialization_timeout=120)
+    info = sharding.initialize_distributed(
+        f"127.0.0.1:{port}", num_processes=2, process_id=pid, initialization_timeout=120
+    )
     import optax
 
     from metaprior.inference.meta import fit, load_checkpoint, meta_learner
@@ -445,20 +480,24 @@ def _two_processes(out_dir: str, pid: int, port: int) -> None:
     local = jax.local_devices()[0]
     plain_learner = meta_learner(elbo_loss(model, guide, model_kwargs=kwargs), optax.adam(1e-2))
     with jax.default_device(local):
-        plain = fit(key, plain_learner, jax.device_put(params, local), 4, data=jax.device_put(data, local),
-                    progress=False)
+        plain = fit(
+            key, plain_learner, jax.device_put(params, local), 4, data=jax.device_put(data, local), progress=False
+        )
     host = sharding.to_host(meshed.state)
     rows = next(v for v in meshed.state.params.values() if np.shape(v)[:1] == (num_tasks,))
     report = {
-        **info._asdict(), "num_tasks": num_tasks,
+        **info._asdict(),
+        "num_tasks": num_tasks,
         "local_rows": _rows(rows),
-        "losses_mesh": meshed.losses.tolist(), "losses_plain": plain.losses.tolist(),
+        "losses_mesh": meshed.losses.tolist(),
+        "losses_plain": plain.losses.tolist(),
         "param_rel_err": _rel_err(host.params, plain.state.params),
     }
     if pid == 0:  # fit returns after process 0 has written the checkpoint
         loaded, _ = load_checkpoint(ckpt, like=plain.state)
         report["checkpoint_matches"] = all(
-            np.array_equal(a, b) for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(host)))
+            np.array_equal(a, b) for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(host))
+        )
     Path(out_dir, f"proc{pid}.json").write_text(json.dumps(report))
     jax.distributed.shutdown()
 

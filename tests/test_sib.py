@@ -74,7 +74,7 @@ def _linear_problem(rng_key, num_examples=7, num_in=4, num_out=3):
     )
     prior = DiagGaussian(
         {k: 0.1 * jax.random.normal(jax.random.fold_in(kp, i), s) for i, (k, s) in enumerate(shapes.items())},
-        {"W": jnp.full(shapes["W"], -0.5, jnp.float32), "b": jnp.zeros((), jnp.float32)},   # "b" broadcasts
+        {"W": jnp.full(shapes["W"], -0.5, jnp.float32), "b": jnp.zeros((), jnp.float32)},  # "b" broadcasts
     )
     return x, y, q0, prior
 
@@ -123,8 +123,9 @@ def test_true_gradient_recovers_gradient_descent_on_the_elbo(rng_key, num_sample
     """With ``xi`` = the exact d(NLL)/d(y_hat), equation (9) is SGD on the negative ELBO."""
     x, y, q0, prior = _linear_problem(rng_key)
     eta, num_steps = 0.05, 3
-    alg = synthetic_gradient_vi(_predict_linear, _true_gradient(y), lambda ctx: ctx, prior,
-                                optax.sgd(eta), num_samples=num_samples)
+    alg = synthetic_gradient_vi(
+        _predict_linear, _true_gradient(y), lambda ctx: ctx, prior, optax.sgd(eta), num_samples=num_samples
+    )
     got, info = run_synthetic_gradient_vi(rng_key, alg, q0, x, num_steps)
 
     def negative_elbo(theta, eps):  # the same reparameterised estimate, written directly
@@ -155,8 +156,9 @@ def test_true_gradient_identity_on_the_sib_classifier(rng_key, params, episodes)
     got, _ = run_synthetic_gradient_vi(rng_key, alg, (sx, sy), qx, 1)
     q0 = init((sx, sy))
     eps = sample_noise(jax.random.fold_in(rng_key, 0), q0, 1)
-    loss = lambda th: _nll(predict(reparameterize(th, jax.tree.map(lambda e: e[0], eps)), qx), qy) \
-        + diag_gaussian_kl(th, prior)
+    loss = lambda th: (
+        _nll(predict(reparameterize(th, jax.tree.map(lambda e: e[0], eps)), qx), qy) + diag_gaussian_kl(th, prior)
+    )
     want = jax.tree.map(lambda a, g: a - 0.02 * g, q0, jax.grad(loss)(q0))
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
@@ -169,8 +171,10 @@ def test_kl_matches_numpyro_closed_form(rng_key):
     _, _, q, p = _linear_problem(rng_key)
     want = sum(
         jnp.sum(dist.kl_divergence(dist.Normal(mq, jnp.exp(lq)), dist.Normal(*jnp.broadcast_arrays(mp, jnp.exp(lp)))))
-        for mq, lq, mp, lp in zip(*(jax.tree.leaves(t) for t in (q.loc, q.log_scale, p.loc)),
-                                  [p.log_scale["W"], jnp.broadcast_to(p.log_scale["b"], (3,))])
+        for mq, lq, mp, lp in zip(
+            *(jax.tree.leaves(t) for t in (q.loc, q.log_scale, p.loc)),
+            [p.log_scale["W"], jnp.broadcast_to(p.log_scale["b"], (3,))],
+        )
     )
     np.testing.assert_allclose(diag_gaussian_kl(q, p), want, rtol=1e-5)
 
@@ -199,8 +203,9 @@ def test_kl_matches_monte_carlo(rng_key):
 
 def test_inner_step_traces_once_under_jit(rng_key):
     x, y, q0, prior = _linear_problem(rng_key)
-    alg = synthetic_gradient_vi(_predict_linear, _true_gradient(y), lambda ctx: ctx, prior, optax.sgd(0.1),
-                                num_samples=2)
+    alg = synthetic_gradient_vi(
+        _predict_linear, _true_gradient(y), lambda ctx: ctx, prior, optax.sgd(0.1), num_samples=2
+    )
     traces = 0
 
     def counted(key, state, inputs):
@@ -241,7 +246,8 @@ def test_sib_meta_step_traces_once_under_jit(rng_key, params, episodes):
 
 def test_model_and_guide_site_shapes(rng_key, params, episodes):
     model_trace = numpyro.handlers.trace(numpyro.handlers.seed(sib_model, rng_key)).get_trace(
-        params, episodes, num_ways=WAYS)
+        params, episodes, num_ways=WAYS
+    )
     n = WAYS * QUERIES
     assert model_trace["w"]["value"].shape == (TASKS, 1, WAYS, FEATURES)
     assert model_trace["w"]["fn"].event_shape == (WAYS, FEATURES)
@@ -250,12 +256,14 @@ def test_model_and_guide_site_shapes(rng_key, params, episodes):
     assert model_trace["probs"]["value"].shape == (TASKS, n, WAYS)
     assert {f.name: f.dim for f in model_trace["y"]["cond_indep_stack"]} == {"tasks": -2, "examples": -1}
     guide_trace = numpyro.handlers.trace(numpyro.handlers.seed(sib_guide, rng_key)).get_trace(
-        params, episodes, num_ways=WAYS, num_steps=1, inner_optimizer=optax.sgd(0.1))
+        params, episodes, num_ways=WAYS, num_steps=1, inner_optimizer=optax.sgd(0.1)
+    )
     assert guide_trace["w"]["fn"].batch_shape == (TASKS, 1)
     assert guide_trace["w"]["fn"].event_shape == (WAYS, FEATURES)
     # unobserved labels: the model is its own prior predictive
     prior_trace = numpyro.handlers.trace(numpyro.handlers.seed(sib_model, rng_key)).get_trace(
-        params, episodes._replace(query_y=None), num_ways=WAYS)
+        params, episodes._replace(query_y=None), num_ways=WAYS
+    )
     assert not prior_trace["y"]["is_observed"] and prior_trace["y"]["value"].shape == (TASKS, n)
 
 
@@ -300,8 +308,9 @@ def test_loss_gradients_reach_xi_only_with_steps(rng_key, params, episodes):
 
 
 def test_predictive_probabilities(rng_key, params, episodes):
-    probs = sib_predict(rng_key, params, episodes, num_ways=WAYS, num_steps=1,
-                        inner_optimizer=optax.sgd(0.1), num_draws=4)
+    probs = sib_predict(
+        rng_key, params, episodes, num_ways=WAYS, num_steps=1, inner_optimizer=optax.sgd(0.1), num_draws=4
+    )
     assert probs.shape == (TASKS, WAYS * QUERIES, WAYS)
     np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
 
@@ -312,8 +321,9 @@ def test_meta_training_learns_on_separable_features(rng_key, episodes):
 
     loss = functools.partial(sib_loss, num_ways=WAYS, num_steps=1, inner_optimizer=optax.sgd(0.1))
     params = init_sib_params(rng_key, FEATURES, WAYS)
-    result = fit(rng_key, meta_learner(loss, optax.adam(3e-2)), params, 60, data=episodes,
-                 steps_per_call=20, progress=False)
+    result = fit(
+        rng_key, meta_learner(loss, optax.adam(3e-2)), params, 60, data=episodes, steps_per_call=20, progress=False
+    )
     assert result.losses[-10:].mean() < 0.8 * result.losses[:10].mean()
 
 

@@ -108,7 +108,10 @@ def test_recovers_type_two_ml_offset_and_exact_posterior_means(data):
     guide = TaskNormalGuide.build(jax.random.key(1), offset_model, data)
     params = init_params(jax.random.key(2), offset_model, guide, data)
     learner = task_batch_learner(
-        offset_model, guide, task_batch=BATCH, local_steps=5,
+        offset_model,
+        guide,
+        task_batch=BATCH,
+        local_steps=5,
         optimizer=optax.adam(optax.cosine_decay_schedule(0.02, 3000, alpha=0.005)),
         # each task's optimizer counts its own steps: ~3000 * 8/40 visits x 6 steps = 3600
         local_optimizer=optax.adam(optax.cosine_decay_schedule(0.05, 3600, alpha=0.01)),
@@ -131,8 +134,9 @@ def test_rejects_bad_arguments(data):
     with pytest.raises(ValueError, match="local_steps"):
         task_batch_learner(offset_model, guide, task_batch=4, optimizer=optax.adam(0.1), local_steps=-1)
     with pytest.raises(ValueError, match="subsample_size"):
-        task_batch_learner(offset_model, guide, task_batch=4, optimizer=optax.adam(0.1),
-                           model_kwargs={"subsample_size": 4})
+        task_batch_learner(
+            offset_model, guide, task_batch=4, optimizer=optax.adam(0.1), model_kwargs={"subsample_size": 4}
+        )
 
 
 def test_harmonic_meta_training_resumes_from_its_checkpoint(tmp_path):
@@ -148,8 +152,17 @@ def test_harmonic_meta_training_resumes_from_its_checkpoint(tmp_path):
     # The stop is simulated by a shorter num_steps, so the learning rate must not depend on
     # num_steps (the default warm-up + cosine schedule is stretched to the new length, as
     # make_optimizer documents): a constant one here.
-    config = dataclasses.replace(make_config("quick"), guide="normal", num_tasks=12, task_batch=4, width=8,
-                                 num_steps=8, steps_per_call=2, local_steps=1, schedule="constant")
+    config = dataclasses.replace(
+        make_config("quick"),
+        guide="normal",
+        num_tasks=12,
+        task_batch=4,
+        width=8,
+        num_steps=8,
+        steps_per_call=2,
+        local_steps=1,
+        schedule="constant",
+    )
     train, _ = harmonic_tasks(jax.random.key(3), config.num_tasks, 10, min_examples=4)
     key = jax.random.key(4)
     ckpt = tmp_path / "meta_kl.ckpt"
@@ -171,8 +184,18 @@ def test_harmonic_paper_net_still_trains():
     from metaprior.experiments.harmonic import make_config, meta_train
     from metaprior.models.nets import ConcatNet
 
-    config = dataclasses.replace(make_config("quick"), net="paper", width=8, num_layers=2, num_tasks=8,
-                                 task_batch=4, num_steps=2, steps_per_call=1, local_steps=1, encoder_width=8)
+    config = dataclasses.replace(
+        make_config("quick"),
+        net="paper",
+        width=8,
+        num_layers=2,
+        num_tasks=8,
+        task_batch=4,
+        num_steps=2,
+        steps_per_call=1,
+        local_steps=1,
+        encoder_width=8,
+    )
     train, _ = harmonic_tasks(jax.random.key(3), config.num_tasks, 6, min_examples=4)
     net, encoder, result = meta_train(jax.random.key(4), config, train, kl_weight=1.0, desc="paper")
     assert isinstance(net, ConcatNet) and encoder is not None

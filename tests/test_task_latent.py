@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from numpyro import handlers
 
-from metaprior.data.tasks import TaskBatch, harmonic_tasks
+from metaprior.data.tasks import harmonic_tasks
 from metaprior.inference.guides import TaskIAFGuide, TaskNormalGuide
 from metaprior.inference.svi import elbo_loss, elbo_terms, init_params
 from metaprior.models.task_latent import make_task_latent_net, task_latent_model
@@ -116,11 +116,14 @@ def test_kl_weight_zero_drops_prior_and_entropy(setup):
     np.testing.assert_allclose(nokl, -loglik, rtol=1e-6)
 
 
-@pytest.mark.parametrize("mutate, match", [
-    (lambda b: b._replace(x=b.x[0]), r"batch\.x must have shape"),
-    (lambda b: b._replace(y=b.y.at[0, 0].set(jnp.nan)), "NaN"),
-    (lambda b: b._replace(mask=b.mask.at[3].set(False)), "empty support set"),
-])
+@pytest.mark.parametrize(
+    "mutate, match",
+    [
+        (lambda b: b._replace(x=b.x[0]), r"batch\.x must have shape"),
+        (lambda b: b._replace(y=b.y.at[0, 0].set(jnp.nan)), "NaN"),
+        (lambda b: b._replace(mask=b.mask.at[3].set(False)), "empty support set"),
+    ],
+)
 def test_model_rejects_bad_batches(setup, mutate, match):
     batch, model = setup
     with pytest.raises(ValueError, match=match):
@@ -185,8 +188,11 @@ def test_film_net_shapes_and_siren_identity(num_layers):
     out = net(x, z)
     assert out.shape == (2,)
     last = mean.mapping.layers[-1]
-    zeroed = eqx.tree_at(lambda m: (m.mapping.layers[-1].weight, m.mapping.layers[-1].bias), mean,
-                         (jnp.zeros_like(last.weight), jnp.zeros_like(last.bias)))
+    zeroed = eqx.tree_at(
+        lambda m: (m.mapping.layers[-1].weight, m.mapping.layers[-1].bias),
+        mean,
+        (jnp.zeros_like(last.weight), jnp.zeros_like(last.bias)),
+    )
     h = x
     for layer in mean.layers:
         h = jnp.sin(layer(h))
@@ -204,8 +210,9 @@ def test_film_gain_scales_the_mean_linearly():
     last = mean.mapping.layers[-1]
     w, b = jnp.zeros_like(last.weight), jnp.zeros_like(last.bias)
     base = eqx.tree_at(lambda m: (m.mapping.layers[-1].weight, m.mapping.layers[-1].bias), mean, (w, b))
-    gained = eqx.tree_at(lambda m: (m.mapping.layers[-1].weight, m.mapping.layers[-1].bias), mean,
-                         (w, b.at[-8:].set(0.5)))
+    gained = eqx.tree_at(
+        lambda m: (m.mapping.layers[-1].weight, m.mapping.layers[-1].bias), mean, (w, b.at[-8:].set(0.5))
+    )
     x, z = jnp.array([1.7]), jnp.zeros(D)
     np.testing.assert_allclose(gained(x, z) - mean.head.bias, 1.5 * (base(x, z) - mean.head.bias), rtol=1e-5)
 
@@ -252,8 +259,10 @@ def test_guide_with_fresh_encoder_equals_guide_without(setup, guide_cls):
 
     batch, model = setup
     enc = SetEncoder(1, 2 * D, width=8, key=jax.random.key(1))
-    for guide in (guide_cls.build(jax.random.key(0), model, batch, init_scale=1e-6),
-                  guide_cls.build(jax.random.key(0), model, batch, init_scale=1e-6, encoder=enc)):
+    for guide in (
+        guide_cls.build(jax.random.key(0), model, batch, init_scale=1e-6),
+        guide_cls.build(jax.random.key(0), model, batch, init_scale=1e-6, encoder=enc),
+    ):
         params = init_params(jax.random.key(1), model, guide, batch, which="guide")
         params["q_loc"] = jax.random.normal(jax.random.key(5), params["q_loc"].shape)
         if guide_cls is TaskIAFGuide:  # make the flows the identity: gates fully open
@@ -281,8 +290,9 @@ def test_fit_local_with_encoder_keeps_the_best_candidate(setup):
     enc = SetEncoder(1, 2 * D, width=8, key=jax.random.key(1))
     kw = dict(num_steps=1, num_restarts=2, num_candidates=2, optimizer=optax.sgd(0.0), eval_particles=2)
     plain = fit_local(jax.random.key(4), model, TaskNormalGuide.build(jax.random.key(0), model, batch), batch, **kw)
-    amort = fit_local(jax.random.key(4), model, TaskNormalGuide.build(jax.random.key(0), model, batch, encoder=enc),
-                      batch, **kw)
+    amort = fit_local(
+        jax.random.key(4), model, TaskNormalGuide.build(jax.random.key(0), model, batch, encoder=enc), batch, **kw
+    )
     locs = np.asarray(amort.restart_params["q_loc"])
     np.testing.assert_array_equal(locs[:, 0], 0.0)
     np.testing.assert_allclose(locs[:, 1], np.asarray(plain.restart_params["q_loc"])[:, 0])

@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 
 from metaprior.data.tasks import (
-    TaskBatch, check_task_batch, harmonic_fn, harmonic_tasks, sinusoid_fn, sinusoid_tasks, split_support_query,
+    TaskBatch,
+    check_task_batch,
+    harmonic_fn,
+    harmonic_tasks,
+    sinusoid_fn,
+    sinusoid_tasks,
+    split_support_query,
 )
 
 
@@ -71,14 +77,17 @@ def test_split_support_query(rng_key):
         split_support_query(batch, 10)
 
 
-@pytest.mark.parametrize("bad, match", [
-    (lambda b: b._replace(x=b.x[..., 0]), r"batch\.x must have shape"),
-    (lambda b: b._replace(y=b.y[:, :3]), r"batch\.y must have shape"),
-    (lambda b: b._replace(mask=b.mask[:, :3]), r"batch\.mask must have shape"),
-    (lambda b: b._replace(y=b.y.at[0, 0].set(jnp.nan)), r"batch\.y contains NaN"),
-    (lambda b: b._replace(x=b.x.at[1, 2, 0].set(jnp.inf)), r"batch\.x contains NaN"),
-    (lambda b: b._replace(mask=b.mask.at[2].set(False)), r"empty support set"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (lambda b: b._replace(x=b.x[..., 0]), r"batch\.x must have shape"),
+        (lambda b: b._replace(y=b.y[:, :3]), r"batch\.y must have shape"),
+        (lambda b: b._replace(mask=b.mask[:, :3]), r"batch\.mask must have shape"),
+        (lambda b: b._replace(y=b.y.at[0, 0].set(jnp.nan)), r"batch\.y contains NaN"),
+        (lambda b: b._replace(x=b.x.at[1, 2, 0].set(jnp.inf)), r"batch\.x contains NaN"),
+        (lambda b: b._replace(mask=b.mask.at[2].set(False)), r"empty support set"),
+    ],
+)
 def test_check_task_batch_errors(rng_key, bad, match):
     batch, _ = sinusoid_tasks(rng_key, 3, 5)
     check_task_batch(batch)

@@ -41,8 +41,15 @@ def test_flatten_draws_names():
 @pytest.fixture(scope="module")
 def linear_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("validate")
-    config = dataclasses.replace(make_config("quick"), cases=("linear",), methods=(), num_warmup=300,
-                                 num_samples=500, num_steps=1000, num_draws=1000)
+    config = dataclasses.replace(
+        make_config("quick"),
+        cases=("linear",),
+        methods=(),
+        num_warmup=300,
+        num_samples=500,
+        num_steps=1000,
+        num_draws=1000,
+    )
     metrics = run(jax.random.key(0), config, out)
     return metrics, out
 
@@ -54,8 +61,11 @@ def test_nuts_agrees_with_closed_form_in_the_experiment(linear_run):
     assert metrics["w1exact_linear_nuts"] < 0.15
     # And it is the reference for a reason: closer to the exact posterior than every
     # approximation (the full run: 0.03 against 0.12 for the best guide).
-    guides = [k for k in metrics if k.startswith("w1exact_linear_") and k not in
-              ("w1exact_linear_nuts", "w1exact_linear_exact")]
+    guides = [
+        k
+        for k in metrics
+        if k.startswith("w1exact_linear_") and k not in ("w1exact_linear_nuts", "w1exact_linear_exact")
+    ]
     assert len(guides) == 5
     assert all(metrics["w1exact_linear_nuts"] < metrics[k] for k in guides)
 

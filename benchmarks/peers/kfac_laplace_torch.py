@@ -53,8 +53,13 @@ def main():
     loader = DataLoader(TensorDataset(x, y), batch_size=int(d["batch_size"]))
     times, log_det = [], None
     for r in range(a.repeats + 1):
-        la = Laplace(model, "classification", subset_of_weights="all", hessian_structure="kron",
-                     prior_precision=a.prior_precision)
+        la = Laplace(
+            model,
+            "classification",
+            subset_of_weights="all",
+            hessian_structure="kron",
+            prior_precision=a.prior_precision,
+        )
         t = time.perf_counter()
         la.fit(loader)
         log_det = float(la.log_det_posterior_precision)
@@ -62,9 +67,16 @@ def main():
             times.append(time.perf_counter() - t)
     import laplace
 
-    print(json.dumps({"seconds": times, "log_det": log_det, "backend": type(la.backend).__name__,
-                      "versions": {"torch": torch.__version__,
-                                   "laplace-torch": getattr(laplace, "__version__", "0.3")}}))
+    print(
+        json.dumps(
+            {
+                "seconds": times,
+                "log_det": log_det,
+                "backend": type(la.backend).__name__,
+                "versions": {"torch": torch.__version__, "laplace-torch": getattr(laplace, "__version__", "0.3")},
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

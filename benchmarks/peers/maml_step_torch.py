@@ -89,8 +89,7 @@ def main():
         t = time.perf_counter()
         value = step()
         times.append(time.perf_counter() - t)
-    print(json.dumps({"seconds": times, "loss": value, "torch": torch.__version__,
-                      "threads": torch.get_num_threads()}))
+    print(json.dumps({"seconds": times, "loss": value, "torch": torch.__version__, "threads": torch.get_num_threads()}))
 
 
 if __name__ == "__main__":

@@ -31,8 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["Episodes", "EpisodeIndices", "sample_episode_indices", "sample_episodes",
-           "check_episode_request"]
+__all__ = ["Episodes", "EpisodeIndices", "sample_episode_indices", "sample_episodes", "check_episode_request"]
 
 
 class Episodes(NamedTuple):
@@ -64,21 +63,26 @@ class EpisodeIndices(NamedTuple):
     examples: jax.Array
 
 
-def check_episode_request(num_classes: int, num_examples: int, num_tasks: int, ways: int,
-                          shots: int, queries: int) -> None:
+def check_episode_request(
+    num_classes: int, num_examples: int, num_tasks: int, ways: int, shots: int, queries: int
+) -> None:
     """Raise ``ValueError`` unless the counts describe a possible episode batch."""
     for name, value in (("num_tasks", num_tasks), ("ways", ways), ("shots", shots), ("queries", queries)):
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
             raise TypeError(f"{name} must be a Python int (a static count), got {type(value).__name__}")
     if num_tasks < 1 or ways < 1 or shots < 0 or queries < 0 or shots + queries < 1:
-        raise ValueError(f"need num_tasks >= 1, ways >= 1, shots >= 0, queries >= 0 and "
-                         f"shots + queries >= 1; got num_tasks={num_tasks}, ways={ways}, "
-                         f"shots={shots}, queries={queries}")
+        raise ValueError(
+            f"need num_tasks >= 1, ways >= 1, shots >= 0, queries >= 0 and "
+            f"shots + queries >= 1; got num_tasks={num_tasks}, ways={ways}, "
+            f"shots={shots}, queries={queries}"
+        )
     if ways > num_classes:
         raise ValueError(f"{ways}-way episodes need {ways} classes but the data has {num_classes}")
     if shots + queries > num_examples:
-        raise ValueError(f"shots + queries = {shots} + {queries} = {shots + queries} examples per "
-                         f"class are needed but the data has {num_examples} per class")
+        raise ValueError(
+            f"shots + queries = {shots} + {queries} = {shots + queries} examples per "
+            f"class are needed but the data has {num_examples} per class"
+        )
 
 
 def _random_subset(rng_key: jax.Array, shape: tuple[int, ...], n: int, k: int) -> jax.Array:
@@ -107,8 +111,9 @@ def _random_subset(rng_key: jax.Array, shape: tuple[int, ...], n: int, k: int) -
     return jnp.take_along_axis(chosen, order, axis=-1)
 
 
-def sample_episode_indices(rng_key: jax.Array, num_classes: int, num_examples: int,
-                           num_tasks: int, ways: int, shots: int, queries: int) -> EpisodeIndices:
+def sample_episode_indices(
+    rng_key: jax.Array, num_classes: int, num_examples: int, num_tasks: int, ways: int, shots: int, queries: int
+) -> EpisodeIndices:
     """The class and example indices of a batch of episodes (see the module docstring).
 
     Args:
@@ -129,8 +134,7 @@ def sample_episode_indices(rng_key: jax.Array, num_classes: int, num_examples: i
     return EpisodeIndices(classes, examples)
 
 
-def sample_episodes(rng_key: jax.Array, images, num_tasks: int, ways: int, shots: int,
-                    queries: int) -> Episodes:
+def sample_episodes(rng_key: jax.Array, images, num_tasks: int, ways: int, shots: int, queries: int) -> Episodes:
     """Sample a batch of N-way K-shot classification episodes.
 
     Pure and jit-able with the counts static, e.g.

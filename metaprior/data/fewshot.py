@@ -9,7 +9,8 @@ group so that no alphabet is seen both in meta-training and in evaluation.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -52,12 +53,14 @@ class FewShotDataset(NamedTuple):
     def select(self, classes: Sequence[int] | np.ndarray) -> FewShotDataset:
         """The sub-dataset of the given class indices (in that order)."""
         idx = np.asarray(classes, dtype=np.int64).reshape(-1)
-        return FewShotDataset(self.images[idx], tuple(self.class_names[i] for i in idx),
-                              tuple(self.groups[i] for i in idx))
+        return FewShotDataset(
+            self.images[idx], tuple(self.class_names[i] for i in idx), tuple(self.groups[i] for i in idx)
+        )
 
 
-def as_class_array(images: np.ndarray, labels: np.ndarray, num_per_class: int | None = None,
-                   class_names: Sequence[str] | None = None) -> FewShotDataset:
+def as_class_array(
+    images: np.ndarray, labels: np.ndarray, num_per_class: int | None = None, class_names: Sequence[str] | None = None
+) -> FewShotDataset:
     """Turn a labelled set (MNIST-style) into the class-indexed layout.
 
     Classes are the sorted distinct labels. Each class keeps its first
@@ -88,8 +91,9 @@ def as_class_array(images: np.ndarray, labels: np.ndarray, num_per_class: int | 
         num_per_class = int(counts.min()) if len(counts) else 0
     short = [(c, n) for c, n in zip(classes, counts) if n < num_per_class]
     if short:
-        raise ValueError(f"num_per_class={num_per_class} but classes have fewer examples: "
-                         f"{', '.join(f'{c}: {n}' for c, n in short)}")
+        raise ValueError(
+            f"num_per_class={num_per_class} but classes have fewer examples: {', '.join(f'{c}: {n}' for c, n in short)}"
+        )
     order = np.argsort(labels, kind="stable")
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     idx = order[starts[:, None] + np.arange(num_per_class)[None, :]]
@@ -126,8 +130,9 @@ def _assign_groups(sizes: Sequence[int], fractions: Sequence[float]) -> list[int
     return out
 
 
-def split_by_group(dataset: FewShotDataset, fractions: Sequence[float] = (0.6, 0.2, 0.2),
-                   seed: int = 0) -> dict[str, FewShotDataset]:
+def split_by_group(
+    dataset: FewShotDataset, fractions: Sequence[float] = (0.6, 0.2, 0.2), seed: int = 0
+) -> dict[str, FewShotDataset]:
     """Split classes into train / val / test by group (Omniglot: by alphabet).
 
     The distinct groups are shuffled with ``seed`` and dealt out in that order, each
@@ -155,8 +160,10 @@ def split_by_group(dataset: FewShotDataset, fractions: Sequence[float] = (0.6, 0
     order = [groups[i] for i in np.random.default_rng(seed).permutation(len(groups))]
     sizes = [dataset.groups.count(g) for g in order]
     split_of = dict(zip(order, _assign_groups(sizes, fractions)))
-    return {name: dataset.select([c for c, g in enumerate(dataset.groups) if split_of[g] == s])
-            for s, name in enumerate(SPLIT_NAMES)}
+    return {
+        name: dataset.select([c for c, g in enumerate(dataset.groups) if split_of[g] == s])
+        for s, name in enumerate(SPLIT_NAMES)
+    }
 
 
 def mix_held_out(splits: dict[str, FewShotDataset], seed: int = 0) -> dict[str, FewShotDataset]:
@@ -181,10 +188,12 @@ def mix_held_out(splits: dict[str, FewShotDataset], seed: int = 0) -> dict[str, 
     """
     val, test = splits["val"], splits["test"]
     if val.num_classes == 0 or test.num_classes == 0:
-        raise ValueError(f"splits: val and test must both have classes to mix, got "
-                         f"{val.num_classes} and {test.num_classes}")
-    pool = FewShotDataset(np.concatenate([val.images, test.images]), val.class_names + test.class_names,
-                          val.groups + test.groups)
+        raise ValueError(
+            f"splits: val and test must both have classes to mix, got {val.num_classes} and {test.num_classes}"
+        )
+    pool = FewShotDataset(
+        np.concatenate([val.images, test.images]), val.class_names + test.class_names, val.groups + test.groups
+    )
     share = val.num_classes / pool.num_classes
     rng = np.random.default_rng(seed)
     val_idx, test_idx = [], []

@@ -65,13 +65,13 @@ def parse_idx(data: bytes, source: str = "<bytes>") -> np.ndarray:
     header = 4 + 4 * ndim
     if len(data) < header:
         raise CorruptDataError(f"{source}: truncated IDX header")
-    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     dtype = _IDX_TYPES[code]
     expected = header + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if len(data) != expected:
         raise CorruptDataError(
-            f"{source}: IDX header says shape {shape} ({expected} bytes) but the file has "
-            f"{len(data)} bytes")
+            f"{source}: IDX header says shape {shape} ({expected} bytes) but the file has {len(data)} bytes"
+        )
     array = np.frombuffer(data, dtype=dtype, offset=header).reshape(shape)
     return array.astype(dtype.newbyteorder("="), copy=True)
 
@@ -98,8 +98,7 @@ def _check_pair(images: np.ndarray, labels: np.ndarray, source: str) -> tuple[np
     return images, labels.astype(np.int32)
 
 
-def load_idx(images_path: str | os.PathLike, labels_path: str | os.PathLike
-             ) -> tuple[np.ndarray, np.ndarray]:
+def load_idx(images_path: str | os.PathLike, labels_path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """Read an images/labels pair of IDX files (gzip-compressed or not).
 
     The gzip CRC and the IDX header are checked; checksums of known releases are
@@ -124,8 +123,9 @@ def load_idx(images_path: str | os.PathLike, labels_path: str | os.PathLike
     return _check_pair(arrays[0], arrays[1], f"{images_path} / {labels_path}")
 
 
-def load_idx_dataset(folder: str, split: str = "test", data_dir: str | os.PathLike | None = None
-                     ) -> tuple[np.ndarray, np.ndarray]:
+def load_idx_dataset(
+    folder: str, split: str = "test", data_dir: str | os.PathLike | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Load ``<data_dir>/<folder>/{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz``,
     verified (see :mod:`metaprior.data.store`).
 
@@ -149,8 +149,7 @@ def load_idx_dataset(folder: str, split: str = "test", data_dir: str | os.PathLi
     return (images.astype(np.float32) / 255.0)[..., None], labels
 
 
-def load_mnist(split: str = "test", data_dir: str | os.PathLike | None = None
-               ) -> tuple[np.ndarray, np.ndarray]:
+def load_mnist(split: str = "test", data_dir: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
     """MNIST digits from ``<data_dir>/mnist/``.
 
     Returns:
@@ -160,8 +159,7 @@ def load_mnist(split: str = "test", data_dir: str | os.PathLike | None = None
     return load_idx_dataset("mnist", split, data_dir)
 
 
-def load_notmnist(split: str = "test", data_dir: str | os.PathLike | None = None
-                  ) -> tuple[np.ndarray, np.ndarray]:
+def load_notmnist(split: str = "test", data_dir: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
     """notMNIST letters A-J (labels 0-9) in MNIST's IDX format from ``<data_dir>/notmnist/``.
 
     Returns:
@@ -173,8 +171,7 @@ def load_notmnist(split: str = "test", data_dir: str | os.PathLike | None = None
     return load_idx_dataset("notmnist", split, data_dir)
 
 
-def load_fashion_mnist(split: str = "test", data_dir: str | os.PathLike | None = None
-                       ) -> tuple[np.ndarray, np.ndarray]:
+def load_fashion_mnist(split: str = "test", data_dir: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Fashion-MNIST from ``<data_dir>/fashion-mnist/``.
 
     Returns:

@@ -31,21 +31,28 @@ from pathlib import Path
 import numpy as np
 
 from metaprior.data.fewshot import FewShotDataset, as_class_array
-from metaprior.data.store import CorruptDataError, MissingDataError, data_dir as _data_dir
+from metaprior.data.store import CorruptDataError, MissingDataError
+from metaprior.data.store import data_dir as _data_dir
 
-__all__ = ["MINIIMAGENET_SPLITS", "load_miniimagenet", "read_miniimagenet_npz",
-           "read_miniimagenet_pickle", "convert_miniimagenet_pickle"]
+__all__ = [
+    "MINIIMAGENET_SPLITS",
+    "load_miniimagenet",
+    "read_miniimagenet_npz",
+    "read_miniimagenet_pickle",
+    "convert_miniimagenet_pickle",
+]
 
 MINIIMAGENET_SPLITS = ("train", "val", "test")
-_RELEASE = ("the miniImageNet cache of the few-shot community, split of Ravi & Larochelle (2017): "
-            "https://github.com/twitter/meta-learning-lstm (csv splits) and e.g. "
-            "https://github.com/renmengye/few-shot-ssl-public (mini-imagenet-cache-*.pkl)")
+_RELEASE = (
+    "the miniImageNet cache of the few-shot community, split of Ravi & Larochelle (2017): "
+    "https://github.com/twitter/meta-learning-lstm (csv splits) and e.g. "
+    "https://github.com/renmengye/few-shot-ssl-public (mini-imagenet-cache-*.pkl)"
+)
 
 
 def _check_images(images: np.ndarray, source: str) -> np.ndarray:
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise CorruptDataError(f"{source}: expected uint8 images [N, H, W, 3], got "
-                               f"{images.dtype} {images.shape}")
+        raise CorruptDataError(f"{source}: expected uint8 images [N, H, W, 3], got {images.dtype} {images.shape}")
     return images
 
 
@@ -87,11 +94,17 @@ class _ArrayUnpickler(pickle.Unpickler):
     """Resolves only the globals that plain dicts, lists and NumPy arrays pickle to."""
 
     ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-        ("numpy", "ndarray"), ("numpy", "dtype"),
-        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
-        ("builtins", "list"), ("builtins", "dict"), ("collections", "OrderedDict"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
+        ("builtins", "list"),
+        ("builtins", "dict"),
+        ("collections", "OrderedDict"),
     }
 
     def find_class(self, module: str, name: str):
@@ -100,8 +113,7 @@ class _ArrayUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def read_miniimagenet_pickle(path: str | os.PathLike
-                             ) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+def read_miniimagenet_pickle(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
     """Read a ``mini-imagenet-cache-{split}.pkl`` with a restricted unpickler.
 
     Only the globals a NumPy array needs are resolved (:class:`_ArrayUnpickler`); any
@@ -137,9 +149,14 @@ def convert_miniimagenet_pickle(pkl_path: str | os.PathLike, npz_path: str | os.
     return npz_path
 
 
-def load_miniimagenet(split: str = "train", data_dir: str | os.PathLike | None = None, *,
-                      num_per_class: int | None = None, dtype=np.float32,
-                      allow_pickle: bool = False) -> FewShotDataset:
+def load_miniimagenet(
+    split: str = "train",
+    data_dir: str | os.PathLike | None = None,
+    *,
+    num_per_class: int | None = None,
+    dtype=np.float32,
+    allow_pickle: bool = False,
+) -> FewShotDataset:
     """Load one miniImageNet split as a class-indexed array.
 
     Args:
@@ -174,10 +191,13 @@ def load_miniimagenet(split: str = "train", data_dir: str | os.PathLike | None =
         raise MissingDataError(
             f"data file {npz.name!r} not found: expected it at {npz}. There is a pickle at "
             f"{pkl}; reading it unpickles (runs code from the file): if you trust it, pass "
-            f"allow_pickle=True or convert it once with convert_miniimagenet_pickle.")
+            f"allow_pickle=True or convert it once with convert_miniimagenet_pickle."
+        )
     else:
-        raise MissingDataError(f"data file {npz.name!r} not found: expected it at {npz} (or a "
-                               f"trusted {pkl.name} with allow_pickle=True). Source: {_RELEASE}.")
+        raise MissingDataError(
+            f"data file {npz.name!r} not found: expected it at {npz} (or a "
+            f"trusted {pkl.name} with allow_pickle=True). Source: {_RELEASE}."
+        )
     num_classes = len(names)
     present = np.unique(labels)
     dataset = as_class_array(images, labels, num_per_class)

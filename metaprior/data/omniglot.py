@@ -37,16 +37,24 @@ import os
 import tempfile
 import warnings
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
 
 from metaprior.data.episodes import Episodes
 from metaprior.data.fewshot import FewShotDataset, mix_held_out, split_by_group, with_rotations
-from metaprior.data.store import (CorruptDataError, MissingDataError, cache_dir as _cache_dir,
-                                  file_sha256, locate, read_zip_members, read_zip_verified)
+from metaprior.data.store import (
+    CorruptDataError,
+    MissingDataError,
+    file_sha256,
+    locate,
+    read_zip_members,
+    read_zip_verified,
+)
+from metaprior.data.store import cache_dir as _cache_dir
 
 __all__ = [
     "OMNIGLOT_SETS",
@@ -59,8 +67,7 @@ __all__ = [
     "score_oneshot_runs",
 ]
 
-OMNIGLOT_SETS = ("images_background", "images_evaluation",
-                 "images_background_small1", "images_background_small2")
+OMNIGLOT_SETS = ("images_background", "images_evaluation", "images_background_small1", "images_background_small2")
 _DEFAULT_SETS = ("images_background_small1", "images_background_small2")
 _CACHE_VERSION = 1  # bump when the decoding changes
 
@@ -82,8 +89,7 @@ def decode_omniglot_png(data: bytes, image_size: int | None = 28, source: str = 
         raise CorruptDataError(f"{source}: cannot decode PNG ({err})") from err
     ink = 1.0 - grey
     if image_size is not None and ink.shape != (image_size, image_size):
-        resized = Image.fromarray(ink, mode="F").resize((image_size, image_size),
-                                                        Image.Resampling.LANCZOS)
+        resized = Image.fromarray(ink, mode="F").resize((image_size, image_size), Image.Resampling.LANCZOS)
         ink = np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
     return ink[..., None]
 
@@ -112,11 +118,12 @@ def _decode_sets(sets: Sequence[str], image_size: int, data_dir) -> FewShotDatas
     if len(counts) != 1:
         bad = [f"{c}: {len(source[c][2])}" for c in names if len(source[c][2]) != max(counts)]
         raise CorruptDataError(f"Omniglot characters have unequal numbers of drawings ({', '.join(bad[:5])})")
-    images = np.stack([
-        np.stack([decode_omniglot_png(source[c][1][f], image_size, f"{source[c][0]}:{f}")
-                  for f in source[c][2]])
-        for c in names
-    ]).astype(np.float32)
+    images = np.stack(
+        [
+            np.stack([decode_omniglot_png(source[c][1][f], image_size, f"{source[c][0]}:{f}") for f in source[c][2]])
+            for c in names
+        ]
+    ).astype(np.float32)
     return FewShotDataset(images, tuple(names), tuple(c.split("/")[0] for c in names))
 
 
@@ -131,9 +138,14 @@ def _write_atomic_npz(path: Path, **arrays) -> None:
         Path(tmp).unlink(missing_ok=True)
 
 
-def load_omniglot(sets: Sequence[str] = _DEFAULT_SETS, image_size: int = 28,
-                  data_dir: str | os.PathLike | None = None, *,
-                  cache_dir: str | os.PathLike | None = None, cache: bool = True) -> FewShotDataset:
+def load_omniglot(
+    sets: Sequence[str] = _DEFAULT_SETS,
+    image_size: int = 28,
+    data_dir: str | os.PathLike | None = None,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    cache: bool = True,
+) -> FewShotDataset:
     """Load Omniglot characters as a class-indexed array.
 
     With the two small background sets (the default, as in ``../shared/data``) this
@@ -161,32 +173,37 @@ def load_omniglot(sets: Sequence[str] = _DEFAULT_SETS, image_size: int = 28,
     if not cache:
         return _decode_sets(sets, image_size, data_dir)
     paths = [locate(f"omniglot/{s}.zip", data_dir) for s in sets]
-    key = json.dumps({"version": _CACHE_VERSION, "sets": sets, "image_size": image_size,
-                      "zips": [file_sha256(p) for p in paths]}).encode()
+    key = json.dumps(
+        {"version": _CACHE_VERSION, "sets": sets, "image_size": image_size, "zips": [file_sha256(p) for p in paths]}
+    ).encode()
     cached = _cache_dir(cache_dir) / f"omniglot-{hashlib.sha256(key).hexdigest()[:24]}.npz"
     if cached.is_file():
         try:
             with np.load(cached, allow_pickle=False) as z:
-                return FewShotDataset(z["images"], tuple(z["class_names"].tolist()),
-                                      tuple(z["groups"].tolist()))
+                return FewShotDataset(z["images"], tuple(z["class_names"].tolist()), tuple(z["groups"].tolist()))
         except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
-            warnings.warn(f"ignoring unreadable Omniglot cache {cached} ({err}); decoding again",
-                          stacklevel=2)
+            warnings.warn(f"ignoring unreadable Omniglot cache {cached} ({err}); decoding again", stacklevel=2)
     dataset = _decode_sets(sets, image_size, data_dir)
     try:
-        _write_atomic_npz(cached, images=dataset.images, class_names=np.array(dataset.class_names),
-                          groups=np.array(dataset.groups))
+        _write_atomic_npz(
+            cached, images=dataset.images, class_names=np.array(dataset.class_names), groups=np.array(dataset.groups)
+        )
     except OSError as err:
         warnings.warn(f"could not write the Omniglot cache {cached} ({err})", stacklevel=2)
     return dataset
 
 
-def omniglot_splits(image_size: int = 28, rotations: bool = True, seed: int = 0,
-                    data_dir: str | os.PathLike | None = None, *,
-                    sets: Sequence[str] = _DEFAULT_SETS,
-                    fractions: Sequence[float] = (0.6, 0.2, 0.2),
-                    cache_dir: str | os.PathLike | None = None,
-                    held_out: str = "alphabet") -> dict[str, FewShotDataset]:
+def omniglot_splits(
+    image_size: int = 28,
+    rotations: bool = True,
+    seed: int = 0,
+    data_dir: str | os.PathLike | None = None,
+    *,
+    sets: Sequence[str] = _DEFAULT_SETS,
+    fractions: Sequence[float] = (0.6, 0.2, 0.2),
+    cache_dir: str | os.PathLike | None = None,
+    held_out: str = "alphabet",
+) -> dict[str, FewShotDataset]:
     """Omniglot split by alphabet into train / val / test, for meta-learning.
 
     The split is :func:`metaprior.data.split_by_group` with ``seed``. With
@@ -249,16 +266,19 @@ def _runs_source(path: Path) -> dict[str, dict[str, bytes]]:
             elif len(parts) >= 3 and parts[-2] in ("training", "test"):
                 runs.setdefault(parts[-3], {})[f"{parts[-2]}/{parts[-1]}"] = data
         return runs
-    run_dirs = [path] if (path / "class_labels.txt").is_file() else sorted(
-        p for p in path.iterdir() if (p / "class_labels.txt").is_file())
+    run_dirs = (
+        [path]
+        if (path / "class_labels.txt").is_file()
+        else sorted(p for p in path.iterdir() if (p / "class_labels.txt").is_file())
+    )
     for run in run_dirs:
-        runs[run.name] = {str(f.relative_to(run).as_posix()): f.read_bytes()
-                          for f in run.rglob("*") if f.is_file()}
+        runs[run.name] = {str(f.relative_to(run).as_posix()): f.read_bytes() for f in run.rglob("*") if f.is_file()}
     return runs
 
 
-def load_oneshot_runs(path: str | os.PathLike | None = None, image_size: int = 28, *,
-                      data_dir: str | os.PathLike | None = None) -> list[OneShotRun]:
+def load_oneshot_runs(
+    path: str | os.PathLike | None = None, image_size: int = 28, *, data_dir: str | os.PathLike | None = None
+) -> list[OneShotRun]:
     """Load the Omniglot one-shot classification runs.
 
     Each run folder holds ``training/classNN.png`` (one drawing of each of 20
@@ -285,7 +305,8 @@ def load_oneshot_runs(path: str | os.PathLike | None = None, image_size: int = 2
         raise MissingDataError(
             f"one-shot runs not found: expected them at {path} (the all_runs folder or "
             f"all_runs.zip of the public release https://github.com/brendenlake/omniglot, "
-            f"python/one-shot-classification/)")
+            f"python/one-shot-classification/)"
+        )
     source = _runs_source(path)
     if not source:
         raise MissingDataError(f"no runNN/class_labels.txt found under {path}")
@@ -299,24 +320,25 @@ def load_oneshot_runs(path: str | os.PathLike | None = None, image_size: int = 2
             if line.strip():
                 test, train = line.split()
                 pairs.append(tuple("/".join(PurePosixPath(p).parts[-2:]) for p in (test, train)))
-        support_files = tuple(sorted({train for _, train in pairs}
-                                     | {f for f in files if f.startswith("training/")}))
+        support_files = tuple(sorted({train for _, train in pairs} | {f for f in files if f.startswith("training/")}))
         query_files = tuple(sorted(test for test, _ in pairs))
         answer = dict(pairs)
         missing = [f for f in support_files + query_files if f not in files]
         if missing:
             raise CorruptDataError(f"{path}: run {name} lists missing images {missing[:3]}")
-        decode = lambda f: decode_omniglot_png(files[f], image_size, f"{path}:{name}/{f}")  # noqa: E731
+        decode = lambda f: decode_omniglot_png(files[f], image_size, f"{path}:{name}/{f}")
         support_index = {f: j for j, f in enumerate(support_files)}
-        runs.append(OneShotRun(
-            name=name,
-            support_x=np.stack([decode(f) for f in support_files]),
-            support_y=np.arange(len(support_files), dtype=np.int32),
-            query_x=np.stack([decode(f) for f in query_files]),
-            query_y=np.array([support_index[answer[f]] for f in query_files], dtype=np.int32),
-            support_files=support_files,
-            query_files=query_files,
-        ))
+        runs.append(
+            OneShotRun(
+                name=name,
+                support_x=np.stack([decode(f) for f in support_files]),
+                support_y=np.arange(len(support_files), dtype=np.int32),
+                query_x=np.stack([decode(f) for f in query_files]),
+                query_y=np.array([support_index[answer[f]] for f in query_files], dtype=np.int32),
+                support_files=support_files,
+                query_files=query_files,
+            )
+        )
     return runs
 
 
@@ -352,7 +374,6 @@ def score_oneshot_runs(predictions, runs: Sequence[OneShotRun]) -> float:
         if pred.ndim == 2:
             pred = pred.argmax(axis=-1)
         if pred.shape != run.query_y.shape:
-            raise ValueError(f"run {run.name}: predictions of shape {pred.shape}, "
-                             f"expected {run.query_y.shape}")
+            raise ValueError(f"run {run.name}: predictions of shape {pred.shape}, expected {run.query_y.shape}")
         errors.append(np.mean(pred != run.query_y))
     return float(np.mean(errors))

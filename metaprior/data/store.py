@@ -109,45 +109,64 @@ _FASHION = "https://github.com/zalandoresearch/fashion-mnist"
 _FASHION_RAW = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 
 # IDX sizes: 16-byte header + N*28*28 for images, 8-byte header + N for labels.
-_IDX_SIZES = {"train-images-idx3-ubyte": 47_040_016, "train-labels-idx1-ubyte": 60_008,
-              "t10k-images-idx3-ubyte": 7_840_016, "t10k-labels-idx1-ubyte": 10_008}
+_IDX_SIZES = {
+    "train-images-idx3-ubyte": 47_040_016,
+    "train-labels-idx1-ubyte": 60_008,
+    "t10k-images-idx3-ubyte": 7_840_016,
+    "t10k-labels-idx1-ubyte": 10_008,
+}
 
 KNOWN_FILES: dict[str, FileRecord] = {
     # Omniglot (Lake et al. 2015). The two small sets are the copies in ../shared/data.
     "omniglot/images_background_small1.zip": FileRecord(
-        _OMNIGLOT_RAW + "images_background_small1.zip", _OMNIGLOT,
-        656_309, "29283030a9db62d85c0d517b695cc5d5f543852015727451c514adc081805f5c"),
+        _OMNIGLOT_RAW + "images_background_small1.zip",
+        _OMNIGLOT,
+        656_309,
+        "29283030a9db62d85c0d517b695cc5d5f543852015727451c514adc081805f5c",
+    ),
     "omniglot/images_background_small2.zip": FileRecord(
-        _OMNIGLOT_RAW + "images_background_small2.zip", _OMNIGLOT,
-        798_023, "1fd1f44e4bfb8ad2625aa11f2e6b2c0bb1c9b45d325a6cd03bad335c23e53c63"),
-    "omniglot/images_background.zip": FileRecord(
-        _OMNIGLOT_RAW + "images_background.zip", _OMNIGLOT),
-    "omniglot/images_evaluation.zip": FileRecord(
-        _OMNIGLOT_RAW + "images_evaluation.zip", _OMNIGLOT),
-    "omniglot/all_runs.zip": FileRecord(
-        _OMNIGLOT_RAW + "one-shot-classification/all_runs.zip", _OMNIGLOT),
+        _OMNIGLOT_RAW + "images_background_small2.zip",
+        _OMNIGLOT,
+        798_023,
+        "1fd1f44e4bfb8ad2625aa11f2e6b2c0bb1c9b45d325a6cd03bad335c23e53c63",
+    ),
+    "omniglot/images_background.zip": FileRecord(_OMNIGLOT_RAW + "images_background.zip", _OMNIGLOT),
+    "omniglot/images_evaluation.zip": FileRecord(_OMNIGLOT_RAW + "images_evaluation.zip", _OMNIGLOT),
+    "omniglot/all_runs.zip": FileRecord(_OMNIGLOT_RAW + "one-shot-classification/all_runs.zip", _OMNIGLOT),
     # MNIST test set as in ../shared/data; the training set by size only.
     "mnist/t10k-images-idx3-ubyte.gz": FileRecord(
-        _MNIST_RAW + "t10k-images-idx3-ubyte.gz", _MNIST, 7_840_016,
-        "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7"),
+        _MNIST_RAW + "t10k-images-idx3-ubyte.gz",
+        _MNIST,
+        7_840_016,
+        "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+    ),
     "mnist/t10k-labels-idx1-ubyte.gz": FileRecord(
-        _MNIST_RAW + "t10k-labels-idx1-ubyte.gz", _MNIST, 10_008,
-        "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2"),
+        _MNIST_RAW + "t10k-labels-idx1-ubyte.gz",
+        _MNIST,
+        10_008,
+        "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+    ),
     "mnist/train-images-idx3-ubyte.gz": FileRecord(
-        _MNIST_RAW + "train-images-idx3-ubyte.gz", _MNIST, _IDX_SIZES["train-images-idx3-ubyte"]),
+        _MNIST_RAW + "train-images-idx3-ubyte.gz", _MNIST, _IDX_SIZES["train-images-idx3-ubyte"]
+    ),
     "mnist/train-labels-idx1-ubyte.gz": FileRecord(
-        _MNIST_RAW + "train-labels-idx1-ubyte.gz", _MNIST, _IDX_SIZES["train-labels-idx1-ubyte"]),
+        _MNIST_RAW + "train-labels-idx1-ubyte.gz", _MNIST, _IDX_SIZES["train-labels-idx1-ubyte"]
+    ),
     # notMNIST (Bulatov 2011) in MNIST's IDX format.
     "notmnist/t10k-images-idx3-ubyte.gz": FileRecord(
-        _NOTMNIST_RAW + "t10k-images-idx3-ubyte.gz", _NOTMNIST, 7_840_016,
-        "8e7f38ae95cc8f48e0986175ffc9137e5007ebcf3d8fdf6656c904eb9dab198b"),
+        _NOTMNIST_RAW + "t10k-images-idx3-ubyte.gz",
+        _NOTMNIST,
+        7_840_016,
+        "8e7f38ae95cc8f48e0986175ffc9137e5007ebcf3d8fdf6656c904eb9dab198b",
+    ),
     "notmnist/t10k-labels-idx1-ubyte.gz": FileRecord(
-        _NOTMNIST_RAW + "t10k-labels-idx1-ubyte.gz", _NOTMNIST, 10_008,
-        "5f8e6012f2ce730700d8d05fca098bc47f71d25b890e4bec7ac5ebfd614a4001"),
-    "notmnist/train-images-idx3-ubyte.gz": FileRecord(
-        _NOTMNIST_RAW + "train-images-idx3-ubyte.gz", _NOTMNIST),
-    "notmnist/train-labels-idx1-ubyte.gz": FileRecord(
-        _NOTMNIST_RAW + "train-labels-idx1-ubyte.gz", _NOTMNIST),
+        _NOTMNIST_RAW + "t10k-labels-idx1-ubyte.gz",
+        _NOTMNIST,
+        10_008,
+        "5f8e6012f2ce730700d8d05fca098bc47f71d25b890e4bec7ac5ebfd614a4001",
+    ),
+    "notmnist/train-images-idx3-ubyte.gz": FileRecord(_NOTMNIST_RAW + "train-images-idx3-ubyte.gz", _NOTMNIST),
+    "notmnist/train-labels-idx1-ubyte.gz": FileRecord(_NOTMNIST_RAW + "train-labels-idx1-ubyte.gz", _NOTMNIST),
     # miniImageNet has no single public release of the cached arrays; see miniimagenet.py.
     **{
         f"fashion-mnist/{name}.gz": FileRecord(_FASHION_RAW + f"{name}.gz", _FASHION, size)
@@ -225,7 +244,8 @@ def locate(relpath: str, data_dir: str | os.PathLike | None = None) -> Path:
         f"data file {path.name!r} not found: expected it at {path}. Get it from the "
         f"{_where_from(relpath, record)} and put it at that path{hint}; the data "
         f"directory is the loader's data_dir argument, else ${DATA_ENV_VAR}, else "
-        f"{_user_cache_root()}.")
+        f"{_user_cache_root()}."
+    )
 
 
 def content_digest(members: dict[str, bytes] | bytes) -> tuple[int, str]:
@@ -262,14 +282,16 @@ def _check(path: Path, relpath: str | None, size: int, digest: str) -> None:
         raise CorruptDataError(
             f"data file {path.name!r} at {path} failed verification ({'; '.join(problems)}). "
             f"It is not used: replace it with a fresh copy from the "
-            f"{_where_from(relpath, record)}.")
+            f"{_where_from(relpath, record)}."
+        )
 
 
 def _corrupt(path: Path, relpath: str | None, why: str) -> CorruptDataError:
     record = _record(relpath) if relpath is not None else None
     return CorruptDataError(
         f"data file {path.name!r} at {path} is corrupt ({why}). It is not used: replace "
-        f"it with a fresh copy from the {_where_from(relpath or '', record)}.")
+        f"it with a fresh copy from the {_where_from(relpath or '', record)}."
+    )
 
 
 def _read_gz(path: Path, relpath: str | None, *, must_be_gzip: bool | None = None) -> bytes:
@@ -304,11 +326,21 @@ def read_zip_members(path: Path, what: str = "zip") -> dict[str, bytes]:
             infos = [info for info in zf.infolist() if not info.is_dir()]
             declared = sum(info.file_size for info in infos)
             if declared > MAX_ZIP_BYTES:
-                raise CorruptDataError(f"{what} {path}: members declare {declared} bytes uncompressed, more "
-                                       f"than the {MAX_ZIP_BYTES}-byte limit (not a data file we know)")
+                raise CorruptDataError(
+                    f"{what} {path}: members declare {declared} bytes uncompressed, more "
+                    f"than the {MAX_ZIP_BYTES}-byte limit (not a data file we know)"
+                )
             return {info.filename: zf.read(info) for info in infos}
-    except (zipfile.BadZipFile, OSError, EOFError, zlib.error, NotImplementedError, RuntimeError,
-            ValueError, OverflowError) as err:
+    except (
+        zipfile.BadZipFile,
+        OSError,
+        EOFError,
+        zlib.error,
+        NotImplementedError,
+        RuntimeError,
+        ValueError,
+        OverflowError,
+    ) as err:
         if isinstance(err, CorruptDataError):
             raise
         # BadZipFile includes "Bad CRC-32 for file ..." of a damaged member; RuntimeError
@@ -339,8 +371,7 @@ def read_gz_verified(relpath: str, data_dir: str | os.PathLike | None = None) ->
     return content
 
 
-def read_zip_verified(relpath: str, data_dir: str | os.PathLike | None = None
-                      ) -> tuple[Path, dict[str, bytes]]:
+def read_zip_verified(relpath: str, data_dir: str | os.PathLike | None = None) -> tuple[Path, dict[str, bytes]]:
     """The path and verified member contents (name -> bytes) of a zip of the data
     directory.
 
@@ -375,8 +406,9 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def download(relpath: str, data_dir: str | os.PathLike | None = None, *,
-             url: str | None = None, overwrite: bool = False) -> Path:
+def download(
+    relpath: str, data_dir: str | os.PathLike | None = None, *, url: str | None = None, overwrite: bool = False
+) -> Path:
     """Opt-in: fetch a known file from its public release into the data directory.
 
     The file is downloaded to a temporary name next to its destination, verified

@@ -181,8 +181,9 @@ def split_support_query(batch: TaskBatch, num_support: int) -> tuple[TaskBatch, 
     return part(slice(0, num_support)), part(slice(num_support, n))
 
 
-def check_task_batch(batch: TaskBatch, *, name: str = "batch", x_dim: int | None = None,
-                     require_y: bool = False) -> None:
+def check_task_batch(
+    batch: TaskBatch, *, name: str = "batch", x_dim: int | None = None, require_y: bool = False
+) -> None:
     """Validate a :class:`TaskBatch` eagerly; raise ``ValueError`` naming what is wrong.
 
     Checks shapes (``x [T, N, D]``, ``y [T, N]``, ``mask [T, N]``), that no task is empty
@@ -214,11 +215,14 @@ def check_task_batch(batch: TaskBatch, *, name: str = "batch", x_dim: int | None
     bad_x = ~np.isfinite(np.asarray(x)).all(axis=-1) & m
     if bad_x.any():
         t, n = np.argwhere(bad_x)[0]
-        raise ValueError(f"{name}.x contains NaN or infinite values (first at task {t}, example {n}: "
-                         f"{np.asarray(x)[t, n].tolist()})")
+        raise ValueError(
+            f"{name}.x contains NaN or infinite values (first at task {t}, example {n}: {np.asarray(x)[t, n].tolist()})"
+        )
     if y is not None:
         bad_y = ~np.isfinite(np.asarray(y)) & m
         if bad_y.any():
             t, n = np.argwhere(bad_y)[0]
-            raise ValueError(f"{name}.y contains NaN or infinite values (first at task {t}, example {n}: "
-                             f"{float(np.asarray(y)[t, n])})")
+            raise ValueError(
+                f"{name}.y contains NaN or infinite values (first at task {t}, example {n}: "
+                f"{float(np.asarray(y)[t, n])})"
+            )

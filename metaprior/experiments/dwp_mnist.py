@@ -40,8 +40,9 @@ from __future__ import annotations
 import dataclasses
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -135,18 +136,47 @@ def make_config(size: str) -> DWPConfig:
     CPU-minutes. ``"full"``: the paper's sizes (its nets, 10 splits, 10,000 steps)."""
     if size == "quick":
         return DWPConfig(
-            sizes=(20, 40), num_splits=2, test_size=100, num_source_nets=2, source_filters=(4, 4),
-            kernel_sizes=(3, 3), latent_dims=(2, 2), source_steps=10, source_batch=16, vae_hidden=(8,),
-            vae_steps=20, filters=(2, 4), num_steps=10, batch_size=10, num_eval_samples=2, posterior_samples=4,
-            init_train_size=100, init_splits=2, init_eval_steps=(0, 5), init_batch=16, steps_per_call=5,
+            sizes=(20, 40),
+            num_splits=2,
+            test_size=100,
+            num_source_nets=2,
+            source_filters=(4, 4),
+            kernel_sizes=(3, 3),
+            latent_dims=(2, 2),
+            source_steps=10,
+            source_batch=16,
+            vae_hidden=(8,),
+            vae_steps=20,
+            filters=(2, 4),
+            num_steps=10,
+            batch_size=10,
+            num_eval_samples=2,
+            posterior_samples=4,
+            init_train_size=100,
+            init_splits=2,
+            init_eval_steps=(0, 5),
+            init_batch=16,
+            steps_per_call=5,
             min_kernel_norm=1e-3,
         )
     if size == "default":
         return DWPConfig(
-            num_splits=5, test_size=1000, source_filters=(16, 32), source_steps=300, source_batch=32,
-            vae_hidden=(32, 32), vae_steps=1500, filters=(8, 16), num_steps=500, batch_size=32,
-            num_eval_samples=5, posterior_samples=20, init_train_size=1000, init_splits=5,
-            init_eval_steps=(0, 25, 50, 100, 200, 400), init_batch=32,
+            num_splits=5,
+            test_size=1000,
+            source_filters=(16, 32),
+            source_steps=300,
+            source_batch=32,
+            vae_hidden=(32, 32),
+            vae_steps=1500,
+            filters=(8, 16),
+            num_steps=500,
+            batch_size=32,
+            num_eval_samples=5,
+            posterior_samples=20,
+            init_train_size=1000,
+            init_splits=5,
+            init_eval_steps=(0, 25, 50, 100, 200, 400),
+            init_batch=32,
         )
     if size == "full":
         return DWPConfig()
@@ -157,16 +187,18 @@ def _check(config: DWPConfig) -> None:
     n = len(config.kernel_sizes)
     for name in ("source_filters", "filters", "latent_dims"):
         if len(getattr(config, name)) != n:
-            raise ValueError(f"config.{name} has {len(getattr(config, name))} entries, "
-                             f"config.kernel_sizes has {n}")
+            raise ValueError(f"config.{name} has {len(getattr(config, name))} entries, config.kernel_sizes has {n}")
     if max(config.sizes) > 5000 or config.init_train_size > 5000:
-        raise ValueError("training sets are drawn from a pool of 5,000 MNIST images; "
-                         f"got sizes {config.sizes}, init_train_size {config.init_train_size}")
+        raise ValueError(
+            "training sets are drawn from a pool of 5,000 MNIST images; "
+            f"got sizes {config.sizes}, init_train_size {config.init_train_size}"
+        )
     if not 1 <= config.test_size <= 5000:
         raise ValueError(f"config.test_size must be in 1..5000, got {config.test_size}")
     if config.batch_size > min(config.sizes):
-        raise ValueError(f"config.batch_size={config.batch_size} exceeds the smallest training set "
-                         f"({min(config.sizes)})")
+        raise ValueError(
+            f"config.batch_size={config.batch_size} exceeds the smallest training set ({min(config.sizes)})"
+        )
     if config.num_splits < 1 or config.init_splits < 1 or config.num_source_nets < 1:
         raise ValueError("config.num_splits, init_splits and num_source_nets must be >= 1")
     if sorted(config.init_eval_steps) != list(config.init_eval_steps) or min(config.init_eval_steps) < 0:
@@ -203,8 +235,7 @@ def mnist_splits(config: DWPConfig, data_dir: str | None = None):
     half = x.shape[0] // 2
     pool, test = perm[:half], perm[half:][: config.test_size]
     num = max(config.num_splits, config.init_splits)
-    orders = np.stack([np.asarray(jax.random.permutation(jax.random.fold_in(key, 1 + s), half))
-                       for s in range(num)])
+    orders = np.stack([np.asarray(jax.random.permutation(jax.random.fold_in(key, 1 + s), half)) for s in range(num)])
     return x[pool], y[pool], x[test], y[test], orders
 
 
@@ -251,7 +282,8 @@ def _cross_entropy(logits, labels) -> jax.Array:
 def _make_nets(rng_key, num: int, *, filters, kernel_sizes) -> ConvNet:
     """``num`` networks with their arrays stacked on a leading axis."""
     return jax.vmap(lambda k: ConvNet(filters=filters, kernel_sizes=kernel_sizes, key=k))(
-        jax.random.split(rng_key, num))
+        jax.random.split(rng_key, num)
+    )
 
 
 # --------------------------------------------------------------------------- 1. source nets
@@ -278,9 +310,16 @@ def train_source_nets(rng_key, config: DWPConfig, x, y):
     m = config.num_source_nets
     nets = _make_nets(k_init, m, filters=config.source_filters, kernel_sizes=config.kernel_sizes)
     learner = meta_learner(source_net_loss(config.source_l2), optax.adam(config.source_lr))
-    result = fit(k_fit, learner, nets, config.source_steps, data=(x, y),
-                 sample_batch=_shared_minibatch(config.source_batch, m),
-                 steps_per_call=config.steps_per_call, desc="source nets (notMNIST)")
+    result = fit(
+        k_fit,
+        learner,
+        nets,
+        config.source_steps,
+        data=(x, y),
+        sample_batch=_shared_minibatch(config.source_batch, m),
+        steps_per_call=config.steps_per_call,
+        desc="source nets (notMNIST)",
+    )
     return result.state.params, result
 
 
@@ -316,9 +355,16 @@ def train_kernel_vae(rng_key, config: DWPConfig, kernels: np.ndarray, layer: int
     def sample(key, data):
         return data[jax.random.randint(key, (batch,), 0, data.shape[0])]
 
-    result = fit(k_fit, meta_learner(vae_loss, optax.adam(config.vae_lr)), vae, config.vae_steps,
-                 data=train, sample_batch=sample, steps_per_call=config.steps_per_call,
-                 desc=f"kernel VAE, layer {layer}")
+    result = fit(
+        k_fit,
+        meta_learner(vae_loss, optax.adam(config.vae_lr)),
+        vae,
+        config.vae_steps,
+        data=train,
+        sample_batch=sample,
+        steps_per_call=config.steps_per_call,
+        desc=f"kernel VAE, layer {layer}",
+    )
     vae = result.state.params
     after = heldout_elbo(k_eval, vae, held)
     return vae, dict(num_kernels=int(kernels.shape[0]), elbo_init=before, elbo_final=after, losses=result.losses)
@@ -336,16 +382,21 @@ def learn_prior(rng_key, config: DWPConfig, data_dir: str | None = None):
     nets, src_fit = train_source_nets(k_src, config, jnp.asarray(sx), jnp.asarray(sy))
     vx, vy = jnp.asarray(vx), jnp.asarray(vy)
     acc = eqx.filter_jit(lambda ns: jax.lax.map(lambda n: _accuracy(_forward(n, vx), vy), ns))(nets)
-    info: dict[str, Any] = {"time_source_s": time.perf_counter() - start,
-                            "source_acc": float(jnp.mean(acc)), "source_acc_std": float(jnp.std(acc))}
+    info: dict[str, Any] = {
+        "time_source_s": time.perf_counter() - start,
+        "source_acc": float(jnp.mean(acc)),
+        "source_acc_std": float(jnp.std(acc)),
+    }
     start = time.perf_counter()
     vaes, kernels = [], []
     for layer in range(len(config.kernel_sizes)):
         raw = collect_kernels(nets, layer)
         kept = drop_small_kernels(raw, config.min_kernel_norm)
         if kept.shape[0] < 2:
-            raise RuntimeError(f"layer {layer}: only {kept.shape[0]} source kernels have norm >= "
-                               f"{config.min_kernel_norm}; lower config.min_kernel_norm")
+            raise RuntimeError(
+                f"layer {layer}: only {kept.shape[0]} source kernels have norm >= "
+                f"{config.min_kernel_norm}; lower config.min_kernel_norm"
+            )
         vae, vinfo = train_kernel_vae(jax.random.fold_in(k_vae, layer), config, kept, layer)
         vaes.append(vae)
         kernels.append(kept)
@@ -353,8 +404,7 @@ def learn_prior(rng_key, config: DWPConfig, data_dir: str | None = None):
         info[f"num_dropped_kernels_l{layer}"] = int(raw.shape[0] - kept.shape[0])
         info[f"vae_l{layer}_elbo_init"] = vinfo["elbo_init"]
         info[f"vae_l{layer}_elbo_final"] = vinfo["elbo_final"]
-        info[f"prior_snr_l{layer}"] = decoder_snr(jax.random.fold_in(k_vae, 1000 + layer), vae.decoder,
-                                                  vae.latent_dim)
+        info[f"prior_snr_l{layer}"] = decoder_snr(jax.random.fold_in(k_vae, 1000 + layer), vae.decoder, vae.latent_dim)
         info[f"vae_l{layer}_losses"] = vinfo["losses"]
     info["time_vae_s"] = time.perf_counter() - start
     return DeepWeightPrior(vaes), kernels, info
@@ -375,8 +425,14 @@ def make_priors(kind: str, prior: DeepWeightPrior) -> tuple[KernelPrior, ...]:
     raise ValueError(f"unknown prior {kind!r}; expected one of {PRIORS}")
 
 
-def build_guide(net: ConvNet, priors: Sequence[KernelPrior], *, prior: DeepWeightPrior | None = None,
-                init_log_scale: float = -5.0, init_logit_alpha: float = -2.0) -> AuxiliaryGuide:
+def build_guide(
+    net: ConvNet,
+    priors: Sequence[KernelPrior],
+    *,
+    prior: DeepWeightPrior | None = None,
+    init_log_scale: float = -5.0,
+    init_logit_alpha: float = -2.0,
+) -> AuxiliaryGuide:
     """The guide of :func:`dwp_model` for these priors.
 
     Layers with a :class:`~metaprior.models.dwp.DeepKernelPrior` get the auxiliary
@@ -394,8 +450,12 @@ def build_guide(net: ConvNet, priors: Sequence[KernelPrior], *, prior: DeepWeigh
         else:
             sites.append(AuxiliarySite(names.w, names.plate, out * inp, (k, k)))
     log_uniform = any(isinstance(p, LogUniformKernelPrior) for p in priors)
-    return AuxiliaryGuide(tuple(sites), scale_param="truncated_alpha" if log_uniform else "log_scale",
-                          init_log_scale=init_log_scale, init_logit_alpha=init_logit_alpha)
+    return AuxiliaryGuide(
+        tuple(sites),
+        scale_param="truncated_alpha" if log_uniform else "log_scale",
+        init_log_scale=init_log_scale,
+        init_logit_alpha=init_logit_alpha,
+    )
 
 
 def _masked_minibatch(rng_key, x, y, n, batch: int):
@@ -407,8 +467,7 @@ def _masked_minibatch(rng_key, x, y, n, batch: int):
     return x[idx], y[idx]
 
 
-def bnn_loss(kind: str, net: ConvNet, priors, guide: AuxiliaryGuide, *, batch_size: int,
-             local_reparam: bool = True):
+def bnn_loss(kind: str, net: ConvNet, priors, guide: AuxiliaryGuide, *, batch_size: int, local_reparam: bool = True):
     """``loss_fn(params, rng_key, data)``: minus ``L_aux`` (or the ELBO) of one data set.
 
     ``data = (images [N_max, 28, 28, 1], labels [N_max], n)``: the data set is the first
@@ -432,20 +491,25 @@ def bnn_loss(kind: str, net: ConvNet, priors, guide: AuxiliaryGuide, *, batch_si
         moments = guide.moments(params)
         keys = jax.random.split(k_lik, len(shapes))
         if local_reparam:
-            kernels = [(k, moments[s][0].reshape(shape), moments[s][1].reshape(shape))
-                       for k, s, shape in zip(keys, sites, shapes)]
-            logits = body.apply(xb, kernels, conv=lambda h, kern: local_reparam_conv2d(
-                kern[0], h, kern[1], kern[2], conv=conv2d_im2col))
+            kernels = [
+                (k, moments[s][0].reshape(shape), moments[s][1].reshape(shape))
+                for k, s, shape in zip(keys, sites, shapes)
+            ]
+            logits = body.apply(
+                xb, kernels, conv=lambda h, kern: local_reparam_conv2d(kern[0], h, kern[1], kern[2], conv=conv2d_im2col)
+            )
         else:
-            kernels = [(moments[s][0] + moments[s][1] * jax.random.normal(k, moments[s][0].shape)).reshape(shape)
-                       for k, s, shape in zip(keys, sites, shapes)]
+            kernels = [
+                (moments[s][0] + moments[s][1] * jax.random.normal(k, moments[s][0].shape)).reshape(shape)
+                for k, s, shape in zip(keys, sites, shapes)
+            ]
             logits = body.apply(xb, kernels, conv=conv2d_im2col)
-        log_lik = (n / batch_size) * jnp.sum(
-            jnp.take_along_axis(jax.nn.log_softmax(logits), yb[:, None], axis=-1))
+        log_lik = (n / batch_size) * jnp.sum(jnp.take_along_axis(jax.nn.log_softmax(logits), yb[:, None], axis=-1))
         if kind == "dwp":
             # The model's own likelihood site is hidden here; its plate size is irrelevant.
-            prior_term = latent_elbo(k_prior, params, dwp_model, guide, xb, yb, net=net, priors=priors,
-                                     conv=conv2d_im2col)
+            prior_term = latent_elbo(
+                k_prior, params, dwp_model, guide, xb, yb, net=net, priors=priors, conv=conv2d_im2col
+            )
         else:
             prior_term = -sum(jnp.sum(p.kl(*moments[s])) for p, s in zip(priors, sites))
         return -(log_lik + prior_term)
@@ -511,8 +575,9 @@ def fit_bnns(rng_key, kind: str, config: DWPConfig, prior: DeepWeightPrior, xs, 
     num = xs.shape[0]
     net = ConvNet(filters=config.filters, kernel_sizes=config.kernel_sizes, key=jax.random.key(0))
     priors = make_priors(kind, prior)
-    guide = build_guide(net, priors, prior=prior, init_log_scale=config.init_log_scale,
-                        init_logit_alpha=config.init_logit_alpha)
+    guide = build_guide(
+        net, priors, prior=prior, init_log_scale=config.init_log_scale, init_logit_alpha=config.init_logit_alpha
+    )
     init = eqx.filter_jit(jax.vmap(lambda k: init_bnn_params(k, kind, config, guide, prior)))
     params = init(jax.random.split(k_init, num))
     single = bnn_loss(kind, net, priors, guide, batch_size=config.batch_size, local_reparam=config.local_reparam)
@@ -522,8 +587,15 @@ def fit_bnns(rng_key, kind: str, config: DWPConfig, prior: DeepWeightPrior, xs, 
         return jnp.sum(jax.vmap(single)(params, keys, data))
 
     learner = meta_learner(loss, optax.adam(config.learning_rate))
-    result = fit(k_fit, learner, params, config.num_steps, data=(xs, ys, ns), steps_per_call=config.steps_per_call,
-                 desc=f"BNN, {kind} prior ({num} data sets)")
+    result = fit(
+        k_fit,
+        learner,
+        params,
+        config.num_steps,
+        data=(xs, ys, ns),
+        steps_per_call=config.steps_per_call,
+        desc=f"BNN, {kind} prior ({num} data sets)",
+    )
     return net, guide, result.state.params, result
 
 
@@ -543,9 +615,12 @@ def bayesian_nets(rng_key, config: DWPConfig, prior: DeepWeightPrior, pool_x, po
     test_x, test_y = jnp.asarray(test_x), jnp.asarray(test_y)
     arch = ConvNet(filters=config.filters, kernel_sizes=config.kernel_sizes, key=jax.random.key(0))
     # one compiled scorer for every prior: it sees only q's moments and the point estimates
-    score = eqx.filter_jit(lambda keys, heads, moments: jax.lax.map(
-        lambda a: predictive_accuracy(a[0], arch, a[1], a[2], test_x, test_y, config.num_eval_samples),
-        (keys, heads, moments)))
+    score = eqx.filter_jit(
+        lambda keys, heads, moments: jax.lax.map(
+            lambda a: predictive_accuracy(a[0], arch, a[1], a[2], test_x, test_y, config.num_eval_samples),
+            (keys, heads, moments),
+        )
+    )
     accs, fits = {}, {}
     for i, kind in enumerate(PRIORS):
         key = jax.random.fold_in(rng_key, i)
@@ -581,7 +656,8 @@ def init_curves(rng_key, config: DWPConfig, prior: DeepWeightPrior, pool_x, pool
     k_net, k_prior, k_fit = jax.random.split(rng_key, 3)
     xavier = _make_nets(k_net, m, filters=config.filters, kernel_sizes=config.kernel_sizes)
     from_prior = eqx.filter_jit(jax.vmap(lambda k, n: prior.init_net(k, n, noise=False)))(
-        jax.random.split(k_prior, m), xavier)
+        jax.random.split(k_prior, m), xavier
+    )
     nets = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), from_prior, xavier)
     batch = min(config.init_batch, config.init_train_size)
 
@@ -601,9 +677,18 @@ def init_curves(rng_key, config: DWPConfig, prior: DeepWeightPrior, pool_x, pool
         current = nets
         for step in config.init_eval_steps:
             if step > 0:
-                res = fit(k_fit, learner, nets, step, data=(x, y), sample_batch=sample,
-                          steps_per_call=config.steps_per_call, checkpoint=ckpt, checkpoint_every=10**9,
-                          desc=f"init dwp vs xavier (to step {step})")
+                res = fit(
+                    k_fit,
+                    learner,
+                    nets,
+                    step,
+                    data=(x, y),
+                    sample_batch=sample,
+                    steps_per_call=config.steps_per_call,
+                    checkpoint=ckpt,
+                    checkpoint_every=10**9,
+                    desc=f"init dwp vs xavier (to step {step})",
+                )
                 current = res.state.params
             accs.append(np.asarray(evaluate(current)))
     accs = np.stack(accs)  # [steps, 2m]
@@ -655,8 +740,7 @@ def plot_accuracy_vs_size(accs, sizes, out_dir) -> None:
     save_figure(fig, out_dir, "accuracy_vs_size.png")
 
 
-def plot_prior_samples(rng_key, prior: DeepWeightPrior, kernels: Sequence[np.ndarray], out_dir,
-                       num: int = 36) -> None:
+def plot_prior_samples(rng_key, prior: DeepWeightPrior, kernels: Sequence[np.ndarray], out_dir, num: int = 36) -> None:
     """The paper's Figure 1c: real source kernels beside samples from the learned prior."""
     plt = _plt()
     layers = len(prior.vaes)
@@ -667,14 +751,16 @@ def plot_prior_samples(rng_key, prior: DeepWeightPrior, kernels: Sequence[np.nda
         real = np.asarray(kernels[layer])
         pick = np.asarray(jax.random.choice(k_real, real.shape[0], (min(num, real.shape[0]),), replace=False))
         samples = np.asarray(prior.vaes[layer].sample(k_samp, num))
-        for ax, group, title in ((axes[layer][0], real[pick], "source kernels (notMNIST nets)"),
-                                 (axes[layer][1], samples, "samples from the prior")):
+        for ax, group, title in (
+            (axes[layer][0], real[pick], "source kernels (notMNIST nets)"),
+            (axes[layer][1], samples, "samples from the prior"),
+        ):
             k = group.shape[-1]
             canvas = np.full((side * (k + 1) - 1, side * (k + 1) - 1), np.nan)
             for t, w in enumerate(group[: side * side]):
                 r, c = divmod(t, side)
                 w = w / (np.abs(w).max() + 1e-8)
-                canvas[r * (k + 1): r * (k + 1) + k, c * (k + 1): c * (k + 1) + k] = w
+                canvas[r * (k + 1) : r * (k + 1) + k, c * (k + 1) : c * (k + 1) + k] = w
             ax.imshow(canvas, cmap="RdBu_r", vmin=-1, vmax=1)
             ax.set_title(f"layer {layer} ({k}x{k}): {title}", fontsize=9)
             ax.axis("off")
@@ -688,8 +774,7 @@ def plot_init_curves(curves, steps, out_dir) -> None:
     for i, (name, label) in enumerate((("dwp", "kernels from the deep weight prior"), ("xavier", "Xavier"))):
         acc = curves[name]
         mean, std = zip(*(_mean_std(row) for row in acc))
-        ax.errorbar(steps, mean, yerr=std, marker="o", capsize=3, label=label,
-                    color=f"C{i}")
+        ax.errorbar(steps, mean, yerr=std, marker="o", capsize=3, label=label, color=f"C{i}")
     ax.set_xlabel("training steps (Adam)")
     ax.set_ylabel("test accuracy")
     ax.set_title("Ordinary training: initialisation (mean +- std over splits)")
@@ -726,10 +811,16 @@ def run(rng_key, config: DWPConfig, out_dir: Path) -> dict[str, float]:
     data_dir = config.data_dir or None
     k_prior, k_bnn, k_init, k_plot, k_post = jax.random.split(rng_key, 5)
     prior, kernels, info = learn_prior(k_prior, config, data_dir)
-    prior.save(out_dir / "dwp_prior.npz", metadata={
-        "source": "notMNIST (9,000 of the 10,000 test images)", "num_source_nets": config.num_source_nets,
-        "source_filters": list(config.source_filters), "kernel_sizes": list(config.kernel_sizes),
-        "min_kernel_norm": config.min_kernel_norm})
+    prior.save(
+        out_dir / "dwp_prior.npz",
+        metadata={
+            "source": "notMNIST (9,000 of the 10,000 test images)",
+            "num_source_nets": config.num_source_nets,
+            "source_filters": list(config.source_filters),
+            "kernel_sizes": list(config.kernel_sizes),
+            "min_kernel_norm": config.min_kernel_norm,
+        },
+    )
     metrics: dict[str, float] = {k: v for k, v in info.items() if not k.endswith("_losses")}
 
     pool_x, pool_y, test_x, test_y, orders = mnist_splits(config, data_dir)
@@ -760,14 +851,18 @@ def run(rng_key, config: DWPConfig, out_dir: Path) -> dict[str, float]:
 
 
 METRICS_DOC = """
-acc_{dwp,normal,loguniform}_n{N}: test accuracy of the posterior predictive, mean over data splits (N = MNIST training examples), plus _std over splits
+acc_{dwp,normal,loguniform}_n{N}: test accuracy of the posterior predictive, mean over data splits (N = MNIST
+    training examples), plus _std over splits
 dwp_minus_{normal,loguniform}_n{N}: acc_dwp_n{N} minus the baseline's
-init_{dwp,xavier}_acc_at_step{S}: test accuracy after S steps of ordinary training from prior-sampled kernels / Xavier, mean over splits, plus _std
-init_dwp_wins_at_step{S}: fraction of splits in which the prior-sampled run is ahead of its paired Xavier run at step S
+init_{dwp,xavier}_acc_at_step{S}: test accuracy after S steps of ordinary training from prior-sampled kernels /
+    Xavier, mean over splits, plus _std
+init_dwp_wins_at_step{S}: fraction of splits in which the prior-sampled run is ahead of its paired Xavier run at
+    step S
 source_acc, source_acc_std: held-out notMNIST accuracy of the source nets
 num_source_kernels_l{L}, num_dropped_kernels_l{L}: source kernels of conv layer L kept / dropped for small norm
 vae_l{L}_elbo_init, vae_l{L}_elbo_final: held-out per-kernel ELBO (nats) of layer L's VAE before / after training
-prior_snr_l{L}: median over z ~ p(z) of |decoder mean| / |decoder sd| (kernel norms) of layer L's prior; below 1 its draws are mostly noise
+prior_snr_l{L}: median over z ~ p(z) of |decoder mean| / |decoder sd| (kernel norms) of layer L's prior; below 1 its
+    draws are mostly noise
 time_source_s, time_vae_s, time_bnn_s, time_init_s: wall time of each step
 """
 

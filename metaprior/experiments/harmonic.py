@@ -37,7 +37,7 @@ from metaprior.inference.local import (
     task_batch_learner,
 )
 from metaprior.inference.meta import fit, progress_enabled
-from metaprior.inference.svi import elbo_loss, init_params
+from metaprior.inference.svi import init_params
 from metaprior.models.task_latent import ARCHS, make_task_latent_net, task_latent_model, task_latent_predict
 
 
@@ -84,13 +84,23 @@ class HarmonicConfig:
 def make_config(size: str) -> HarmonicConfig:
     if size == "quick":
         return HarmonicConfig(
-            num_tasks=200, latent_dim=4, width=32, num_steps=40, eval_tasks=4,
-            support_sizes=(1, 8), num_query=20, adapt_steps=20, adapt_restarts=2, adapt_candidates=8,
-            predictive_samples=16, posterior_support=8,
+            num_tasks=200,
+            latent_dim=4,
+            width=32,
+            num_steps=40,
+            eval_tasks=4,
+            support_sizes=(1, 8),
+            num_query=20,
+            adapt_steps=20,
+            adapt_restarts=2,
+            adapt_candidates=8,
+            predictive_samples=16,
+            posterior_support=8,
         )
     if size == "default":
         return HarmonicConfig(
-            num_steps=5000, eval_tasks=50,
+            num_steps=5000,
+            eval_tasks=50,
         )
     if size == "full":
         # the paper's data (5,000 tasks, 100 eval tasks, 4 restarts) with the default FiLM
@@ -120,8 +130,9 @@ def _check(config: HarmonicConfig) -> None:
 def _build_guide(config: HarmonicConfig, rng_key, model, batch, encoder=None, kind=None, **kwargs):
     kwargs["encoder"] = encoder
     if (kind or config.guide) == "iaf":
-        return TaskIAFGuide.build(rng_key, model, batch, num_flows=config.num_flows,
-                                  init_loc_scale=config.init_loc_scale, **kwargs)
+        return TaskIAFGuide.build(
+            rng_key, model, batch, num_flows=config.num_flows, init_loc_scale=config.init_loc_scale, **kwargs
+        )
     return TaskNormalGuide.build(rng_key, model, batch, init_loc_scale=config.init_loc_scale, **kwargs)
 
 
@@ -133,13 +144,19 @@ def make_optimizer(config: HarmonicConfig) -> optax.GradientTransformation:
     """
     if config.schedule == "constant":
         return optax.adam(config.learning_rate)
-    lr = optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, max(1, config.num_steps // 20),
-                                            config.num_steps, end_value=0.01 * config.learning_rate)
+    lr = optax.warmup_cosine_decay_schedule(
+        0.0,
+        config.learning_rate,
+        max(1, config.num_steps // 20),
+        config.num_steps,
+        end_value=0.01 * config.learning_rate,
+    )
     return optax.adam(lr)
 
 
-def meta_train(rng_key, config: HarmonicConfig, train: TaskBatch, *, kl_weight: float, desc: str,
-               checkpoint: Path | None = None):
+def meta_train(
+    rng_key, config: HarmonicConfig, train: TaskBatch, *, kl_weight: float, desc: str, checkpoint: Path | None = None
+):
     """Meta-train the network, the encoder and the per-task guides.
 
     Returns ``(net, encoder or None, FitResult)``.
@@ -152,8 +169,14 @@ def meta_train(rng_key, config: HarmonicConfig, train: TaskBatch, *, kl_weight: 
     encoder = None
     if config.encoder_width:
         encoder = SetEncoder(1, 2 * config.latent_dim, width=config.encoder_width, key=jax.random.fold_in(k_net, 1))
-    net = make_task_latent_net(k_net, config.latent_dim, arch=config.net, width=config.width or None,
-                               num_layers=config.num_layers or None, omega=config.omega)
+    net = make_task_latent_net(
+        k_net,
+        config.latent_dim,
+        arch=config.net,
+        width=config.width or None,
+        num_layers=config.num_layers or None,
+        omega=config.omega,
+    )
     model = partial(task_latent_model, net=net, latent_dim=config.latent_dim)
     # Lay the guide out on two tasks (its layout depends on site shapes only) and stretch
     # it to all of them: building on the full set would run the network on every task.
@@ -161,13 +184,25 @@ def meta_train(rng_key, config: HarmonicConfig, train: TaskBatch, *, kl_weight: 
     guide = guide_for_num_tasks(_build_guide(config, k_guide, model, proto, encoder), train.x.shape[0])
     params = init_params(k_init, model, guide, train, subsample_size=config.task_batch)
     learner = task_batch_learner(
-        model, guide, task_batch=config.task_batch, optimizer=make_optimizer(config),
-        local_optimizer=optax.adam(config.local_learning_rate), local_steps=config.local_steps,
+        model,
+        guide,
+        task_batch=config.task_batch,
+        optimizer=make_optimizer(config),
+        local_optimizer=optax.adam(config.local_learning_rate),
+        local_steps=config.local_steps,
         kl_weight=kl_weight,
     )
-    result = fit(k_fit, learner, params, config.num_steps, data=train,
-                 steps_per_call=config.steps_per_call, desc=desc, checkpoint=checkpoint,
-                 checkpoint_every=config.checkpoint_every)
+    result = fit(
+        k_fit,
+        learner,
+        params,
+        config.num_steps,
+        data=train,
+        steps_per_call=config.steps_per_call,
+        desc=desc,
+        checkpoint=checkpoint,
+        checkpoint_every=config.checkpoint_every,
+    )
     trained = _with_params(net, result.state.params["net$params"])
     if encoder is not None:
         encoder = _with_params(encoder, result.state.params[guide.encoder_site])
@@ -189,8 +224,16 @@ def _buckets(sizes: tuple[int, ...], pad_to: int) -> list[tuple[int, tuple[int, 
     return out + [(n, (n,)) for n in sizes if n > pad_to]
 
 
-def evaluate(rng_key, config: HarmonicConfig, net, tasks: TaskBatch, *, kl_weight: float, encoder=None,
-             desc: str = "new-task inference"):
+def evaluate(
+    rng_key,
+    config: HarmonicConfig,
+    net,
+    tasks: TaskBatch,
+    *,
+    kl_weight: float,
+    encoder=None,
+    desc: str = "new-task inference",
+):
     """Fit q(z | first N points) per task for each support size; score on the query points.
 
     Support sizes up to ``config.pad_support`` are fitted in one call of
@@ -215,19 +258,27 @@ def evaluate(rng_key, config: HarmonicConfig, net, tasks: TaskBatch, *, kl_weigh
             jnp.concatenate([tasks.y[:, :slots]] * len(group)),
             jnp.concatenate([tasks.mask[:, :slots] & (jnp.arange(slots) < n)[None] for n in group]),
         )
-        guide = _build_guide(config, k_guide, model, jax.tree.map(lambda a: a[:2], padded), encoder,
-                             kind=config.eval_guide)
+        guide = _build_guide(
+            config, k_guide, model, jax.tree.map(lambda a: a[:2], padded), encoder, kind=config.eval_guide
+        )
         local = fit_local(
-            k_fit, model, guide, padded, num_steps=config.adapt_steps,
+            k_fit,
+            model,
+            guide,
+            padded,
+            num_steps=config.adapt_steps,
             num_restarts=config.adapt_restarts,
             optimizer=optax.adam(optax.cosine_decay_schedule(config.adapt_lr, config.adapt_steps, alpha=0.01)),
-            num_particles=config.adapt_particles, kl_weight=kl_weight, num_candidates=config.adapt_candidates,
+            num_particles=config.adapt_particles,
+            kl_weight=kl_weight,
+            num_candidates=config.adapt_candidates,
         )
         if config.predictive == "mixture":
             z_all = sample_restart_mixture(k_pred, local, padded, config.predictive_samples, site="z")
         else:
-            z_all = Predictive(local.guide, params=local.params, num_samples=config.predictive_samples)(
-                k_pred, padded)["z"]
+            z_all = Predictive(local.guide, params=local.params, num_samples=config.predictive_samples)(k_pred, padded)[
+                "z"
+            ]
         for i, n in enumerate(group):
             rows = slice(i * num_tasks, (i + 1) * num_tasks)
             z = z_all[:, rows]
@@ -236,11 +287,18 @@ def evaluate(rng_key, config: HarmonicConfig, net, tasks: TaskBatch, *, kl_weigh
             log_p = jax.scipy.stats.norm.logpdf(query.y[None], mu, sigma)
             nll = -jnp.mean(jax.scipy.special.logsumexp(log_p, axis=0) - jnp.log(log_p.shape[0]), axis=-1)
             support = TaskBatch(tasks.x[:, :n], tasks.y[:, :n], tasks.mask[:, :n])
-            fit_n = LocalFit(guide_for_num_tasks(local.guide, num_tasks),
-                             *jax.tree.map(lambda a: a[rows], tuple(local[1:])))
+            fit_n = LocalFit(
+                guide_for_num_tasks(local.guide, num_tasks), *jax.tree.map(lambda a: a[rows], tuple(local[1:]))
+            )
             weights = np.asarray(restart_weights(fit_n))
-            out[n] = dict(mse=np.asarray(mse), nll=np.asarray(nll), fit=fit_n, support=support, z=np.asarray(z),
-                          restart_ess=1.0 / np.sum(weights**2, axis=-1))
+            out[n] = dict(
+                mse=np.asarray(mse),
+                nll=np.asarray(nll),
+                fit=fit_n,
+                support=support,
+                z=np.asarray(z),
+                restart_ess=1.0 / np.sum(weights**2, axis=-1),
+            )
         bar.update(len(group))
     bar.close()
     return out
@@ -304,8 +362,15 @@ def plot_mse(results_kl, results_nokl, out_dir):
     for label, res, color in (("KL (ELBO)", results_kl, "C0"), ("no KL", results_nokl, "C1")):
         for ax, key in zip(axes, ("mse", "nll")):
             means = [mean_ci95(res[n][key]) for n in sizes]
-            ax.errorbar(sizes, [m for m, _ in means], yerr=[c for _, c in means], label=label, color=color,
-                        marker="o", capsize=3)
+            ax.errorbar(
+                sizes,
+                [m for m, _ in means],
+                yerr=[c for _, c in means],
+                label=label,
+                color=color,
+                marker="o",
+                capsize=3,
+            )
     for ax, title in zip(axes, ("MSE on held-out points", "predictive NLL on held-out points")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("support size")
@@ -321,24 +386,34 @@ def run(rng_key, config: HarmonicConfig, out_dir: Path) -> dict[str, float]:
     _check(config)
     out_dir = Path(out_dir)
     k_data, k_eval_data, k_kl, k_nokl, k_ev, k_post = jax.random.split(rng_key, 6)
-    train, _ = harmonic_tasks(k_data, config.num_tasks, config.max_examples, min_examples=config.min_examples,
-                              noise_std=config.noise_std)
+    train, _ = harmonic_tasks(
+        k_data, config.num_tasks, config.max_examples, min_examples=config.min_examples, noise_std=config.noise_std
+    )
     n_max = max(config.support_sizes)
-    eval_tasks, eval_params = harmonic_tasks(k_eval_data, config.eval_tasks, n_max + config.num_query,
-                                             noise_std=config.noise_std)
+    eval_tasks, eval_params = harmonic_tasks(
+        k_eval_data, config.eval_tasks, n_max + config.num_query, noise_std=config.noise_std
+    )
     metrics: dict[str, float] = {}
     nets, encoders, results = {}, {}, {}
     for tag, key, weight in (("kl", k_kl, 1.0), ("nokl", k_nokl, 0.0)):
         start = time.perf_counter()
         # a checkpoint per model in the output folder: a stopped run resumes there (the
         # same seed and config give the same parameters as an uninterrupted run)
-        nets[tag], encoders[tag], res = meta_train(key, config, train, kl_weight=weight, desc=f"meta-train ({tag})",
-                                    checkpoint=out_dir / f"meta_{tag}.ckpt")
+        nets[tag], encoders[tag], res = meta_train(
+            key, config, train, kl_weight=weight, desc=f"meta-train ({tag})", checkpoint=out_dir / f"meta_{tag}.ckpt"
+        )
         metrics[f"train_time_{tag}_s"] = time.perf_counter() - start
-        metrics[f"final_loss_{tag}"] = float(np.mean(res.losses[-max(1, len(res.losses) // 20):]))
+        metrics[f"final_loss_{tag}"] = float(np.mean(res.losses[-max(1, len(res.losses) // 20) :]))
         start = time.perf_counter()
-        results[tag] = evaluate(k_ev, config, nets[tag], eval_tasks, kl_weight=weight, encoder=encoders[tag],
-                                desc=f"new-task inference ({tag})")
+        results[tag] = evaluate(
+            k_ev,
+            config,
+            nets[tag],
+            eval_tasks,
+            kl_weight=weight,
+            encoder=encoders[tag],
+            desc=f"new-task inference ({tag})",
+        )
         metrics[f"eval_time_{tag}_s"] = time.perf_counter() - start
         for n, r in results[tag].items():
             metrics[f"mse_{tag}_n{n}"], metrics[f"mse_{tag}_n{n}_ci95"] = mean_ci95(r["mse"])
@@ -348,8 +423,9 @@ def run(rng_key, config: HarmonicConfig, out_dir: Path) -> dict[str, float]:
     metrics["kl_beats_nokl_mse_all_n"] = float(
         all(metrics[f"mse_kl_n{n}"] < metrics[f"mse_nokl_n{n}"] for n in config.support_sizes)
     )
-    plot_posterior_functions(k_post, config, nets["kl"], eval_params, 0, results["kl"], out_dir,
-                             "posterior_functions.png")
+    plot_posterior_functions(
+        k_post, config, nets["kl"], eval_params, 0, results["kl"], out_dir, "posterior_functions.png"
+    )
     plot_mse(results["kl"], results["nokl"], out_dir)
     n_post = config.posterior_support if config.posterior_support in results["kl"] else config.support_sizes[0]
     tree = posterior_datatree(k_post, config, nets["kl"], results["kl"][n_post])
@@ -358,10 +434,13 @@ def run(rng_key, config: HarmonicConfig, out_dir: Path) -> dict[str, float]:
 
 
 METRICS_DOC = """
-mse_{kl,nokl}_n{N}: mean over eval tasks of the held-out MSE of the posterior predictive mean (N = support size), plus _ci95
+mse_{kl,nokl}_n{N}: mean over eval tasks of the held-out MSE of the posterior predictive mean (N = support size),
+    plus _ci95
 nll_{kl,nokl}_n{N}: mean held-out predictive NLL per point (mixture over posterior samples of z), plus _ci95
-restart_ess_{kl,nokl}_n{N}: mean over tasks of the effective number of restarts in the ELBO-weighted mixture predictive (1 = one restart carries all the weight; predictive="mixture")
-train_time_{kl,nokl}_s, train_time_s: meta-training wall time of this invocation (a resumed run counts only the steps it ran); eval_time_{kl,nokl}_s: new-task inference time
+restart_ess_{kl,nokl}_n{N}: mean over tasks of the effective number of restarts in the ELBO-weighted mixture
+    predictive (1 = one restart carries all the weight; predictive="mixture")
+train_time_{kl,nokl}_s, train_time_s: meta-training wall time of this invocation (a resumed run counts only the
+    steps it ran); eval_time_{kl,nokl}_s: new-task inference time
 final_loss_{kl,nokl}: mean negative ELBO (or NLL) over the last 5% of steps
 kl_beats_nokl_mse_all_n: 1.0 if the KL model's MSE is below the baseline's at every N
 """

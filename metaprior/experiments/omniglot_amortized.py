@@ -115,15 +115,37 @@ class OmniglotAmortizedConfig:
 def make_config(size: str) -> OmniglotAmortizedConfig:
     if size == "quick":
         return OmniglotAmortizedConfig(
-            ways=(5,), shots=(1,), train_inner_steps=1, eval_inner_steps=(1,), filters=4, hidden_size=16,
-            noise_size=4, num_steps=2, task_batch=2, queries=2, task_batch_size=1, steps_per_call=1,
-            test_episodes=4, test_queries=2, num_samples=2, maml_inner_steps=1, posterior_tasks=2,
+            ways=(5,),
+            shots=(1,),
+            train_inner_steps=1,
+            eval_inner_steps=(1,),
+            filters=4,
+            hidden_size=16,
+            noise_size=4,
+            num_steps=2,
+            task_batch=2,
+            queries=2,
+            task_batch_size=1,
+            steps_per_call=1,
+            test_episodes=4,
+            test_queries=2,
+            num_samples=2,
+            maml_inner_steps=1,
+            posterior_tasks=2,
             posterior_draws=4,
         )
     if size == "default":
         return OmniglotAmortizedConfig(
-            filters=16, hidden_size=64, num_steps=300, task_batch=4, queries=5, task_batch_size=1,
-            train_inner_steps=1, test_episodes=100, test_queries=5, num_samples=4,
+            filters=16,
+            hidden_size=64,
+            num_steps=300,
+            task_batch=4,
+            queries=5,
+            task_batch_size=1,
+            train_inner_steps=1,
+            test_episodes=100,
+            test_queries=5,
+            num_samples=4,
         )
     if size == "full":
         return OmniglotAmortizedConfig()
@@ -156,9 +178,16 @@ def init_params(rng_key, config: OmniglotAmortizedConfig, ways: int) -> tuple[Am
     size = (config.image_size, config.image_size, 1)
     net = Conv4(ways, filters=config.filters, image_size=config.image_size, conv_impl=config.conv_impl, key=k_net)
     embed = Conv4(None, filters=config.filters, image_size=config.image_size, key=k_embed)
-    guide = AmortizedLSTMGuide(weight_layers(net), embed, num_classes=ways, input_shape=size, key=k_guide,
-                               hidden_size=config.hidden_size, noise_size=config.noise_size,
-                               init_log_var=config.init_log_var)
+    guide = AmortizedLSTMGuide(
+        weight_layers(net),
+        embed,
+        num_classes=ways,
+        input_shape=size,
+        key=k_guide,
+        hidden_size=config.hidden_size,
+        noise_size=config.noise_size,
+        init_log_var=config.init_log_var,
+    )
     return AmortizedParams(guide, shared_params(net)), net
 
 
@@ -166,26 +195,41 @@ def meta_train(rng_key, config: OmniglotAmortizedConfig, images, ways: int, shot
     """Meta-train the guide for one (ways, shots); returns ``(params, net, FitResult)``."""
     k_init, k_fit = jax.random.split(rng_key)
     params, net = init_params(k_init, config, ways)
-    loss = amortized_meta_loss(inference_spec(config, net, config.train_inner_steps),
-                               task_batch_size=_task_batch_size(config))
+    loss = amortized_meta_loss(
+        inference_spec(config, net, config.train_inner_steps), task_batch_size=_task_batch_size(config)
+    )
     optimizer = optax.chain(optax.clip_by_global_norm(10.0), optax.adam(config.learning_rate))
     sampler = lambda k, d: sample_episodes(k, d, config.task_batch, ways, shots, config.queries)
-    result = fit(k_fit, meta_learner(loss, optimizer, has_aux=True), params, config.num_steps, data=images,
-                 sample_batch=sampler, steps_per_call=config.steps_per_call,
-                 desc=f"amortized {ways}w{shots}s K={config.train_inner_steps}", checkpoint=checkpoint)
+    result = fit(
+        k_fit,
+        meta_learner(loss, optimizer, has_aux=True),
+        params,
+        config.num_steps,
+        data=images,
+        sample_batch=sampler,
+        steps_per_call=config.steps_per_call,
+        desc=f"amortized {ways}w{shots}s K={config.train_inner_steps}",
+        checkpoint=checkpoint,
+    )
     return result.state.params, net, result
 
 
 def predict(rng_key, config: OmniglotAmortizedConfig, params, net, episodes, chunk: int = 50) -> np.ndarray:
     """Posterior predictive probabilities ``[len(eval_inner_steps), episodes, queries, ways]``
     after each number of inner steps (one compiled program), in chunks of episodes."""
-    fn = eqx.filter_jit(functools.partial(
-        episode_predictions, inference=inference_spec(config, net, max(config.eval_inner_steps)),
-        logits_fn=conv4_logits, num_samples=config.num_samples, inner_steps=tuple(sorted(config.eval_inner_steps)),
-        task_batch_size=_task_batch_size(config)))
+    fn = eqx.filter_jit(
+        functools.partial(
+            episode_predictions,
+            inference=inference_spec(config, net, max(config.eval_inner_steps)),
+            logits_fn=conv4_logits,
+            num_samples=config.num_samples,
+            inner_steps=tuple(sorted(config.eval_inner_steps)),
+            task_batch_size=_task_batch_size(config),
+        )
+    )
     out = []
     for start in range(0, episodes.query_x.shape[0], chunk):
-        part = jax.tree.map(lambda a: a[start:start + chunk], episodes)
+        part = jax.tree.map(lambda a: a[start : start + chunk], episodes)
         out.append(np.asarray(fn(jax.random.fold_in(rng_key, start), params, part)))
     return np.concatenate(out, axis=1)
 
@@ -193,11 +237,21 @@ def predict(rng_key, config: OmniglotAmortizedConfig, params, net, episodes, chu
 def maml_config(config: OmniglotAmortizedConfig, ways: int, shots: int) -> OmniglotMAMLConfig:
     """The MAML baseline of ``omniglot-maml`` (issue 4) at this experiment's budget."""
     return OmniglotMAMLConfig(
-        method="maml", filters=config.filters, image_size=config.image_size, ways=ways, train_shots=shots,
-        train_queries=config.queries, meta_batch=config.task_batch, num_steps=config.num_steps,
-        meta_lr=config.learning_rate, inner_lr=config.inner_lr, train_inner_steps=config.maml_inner_steps,
-        eval_inner_steps=config.maml_inner_steps, first_order=config.maml_first_order,
-        steps_per_call=config.steps_per_call)
+        method="maml",
+        filters=config.filters,
+        image_size=config.image_size,
+        ways=ways,
+        train_shots=shots,
+        train_queries=config.queries,
+        meta_batch=config.task_batch,
+        num_steps=config.num_steps,
+        meta_lr=config.learning_rate,
+        inner_lr=config.inner_lr,
+        train_inner_steps=config.maml_inner_steps,
+        eval_inner_steps=config.maml_inner_steps,
+        first_order=config.maml_first_order,
+        steps_per_call=config.steps_per_call,
+    )
 
 
 def train_maml(rng_key, config: OmniglotAmortizedConfig, images, ways: int, shots: int, checkpoint=None):
@@ -205,15 +259,22 @@ def train_maml(rng_key, config: OmniglotAmortizedConfig, images, ways: int, shot
     returns ``(theta, maml_config, FitResult)``."""
     k_net, k_fit = jax.random.split(rng_key)
     mcfg = maml_config(config, ways, shots)
-    theta = Conv4(ways, filters=config.filters, image_size=config.image_size, conv_impl=config.conv_impl,
-                  key=k_net)
+    theta = Conv4(ways, filters=config.filters, image_size=config.image_size, conv_impl=config.conv_impl, key=k_net)
     params, static = eqx.partition(theta, eqx.is_array)
     loss = lambda p, key, batch: maml_objective(mcfg)(eqx.combine(p, static), key, batch)
     optimizer = optax.chain(optax.clip_by_global_norm(10.0), optax.adam(config.learning_rate))
     sampler = lambda k, d: sample_episodes(k, d, config.task_batch, ways, shots, config.queries)
-    result = fit(k_fit, meta_learner(loss, optimizer, has_aux=True), params, config.num_steps, data=images,
-                 sample_batch=sampler, steps_per_call=config.steps_per_call, desc=f"MAML {ways}w{shots}s",
-                 checkpoint=checkpoint)
+    result = fit(
+        k_fit,
+        meta_learner(loss, optimizer, has_aux=True),
+        params,
+        config.num_steps,
+        data=images,
+        sample_batch=sampler,
+        steps_per_call=config.steps_per_call,
+        desc=f"MAML {ways}w{shots}s",
+        checkpoint=checkpoint,
+    )
     return eqx.combine(result.state.params, static), mcfg, result
 
 
@@ -223,26 +284,37 @@ def predict_maml(theta, mcfg: OmniglotMAMLConfig, episodes, chunk: int = 50) -> 
     fn = eqx.filter_jit(functools.partial(point_probs, config=mcfg))
     out = []
     for start in range(0, episodes.query_x.shape[0], chunk):
-        out.append(np.asarray(fn(theta, jax.tree.map(lambda a: a[start:start + chunk], episodes))))
+        out.append(np.asarray(fn(theta, jax.tree.map(lambda a: a[start : start + chunk], episodes))))
     return np.concatenate(out)
 
 
 def posterior_tree(rng_key, config: OmniglotAmortizedConfig, params, net, episodes, num_inner_steps: int):
     """ArviZ DataTree of a few test tasks' posteriors (first conv and output layer kept)."""
     k_post, k_draw = jax.random.split(rng_key)
-    tasks = jax.tree.map(lambda a: a[:config.posterior_tasks], episodes)
+    tasks = jax.tree.map(lambda a: a[: config.posterior_tasks], episodes)
     inference = inference_spec(config, net, num_inner_steps)
     keys = jax.random.split(k_post, config.posterior_tasks)
     q = jax.jit(jax.vmap(lambda k, sx, sy: task_posterior(k, params, sx, sy, inference)))(
-        keys, tasks.support_x, tasks.support_y)
+        keys, tasks.support_x, tasks.support_y
+    )
     names = weight_site_names(weight_layers(net))
     from numpyro.infer import Predictive
 
     draws = Predictive(numpyro_guide(q, names), num_samples=config.posterior_draws)(k_draw)
     model_net = eqx.combine(params.model, net)  # shapes from the template, batch norm from params
-    tree = from_samples(k_draw, bayes_classifier, draws, tasks.query_x, tasks.query_y, net=model_net,
-                        attrs={"experiment": "omniglot-amortized", "inner_steps": num_inner_steps,
-                               "kept": "layer0 (first conv) and the output layer"})
+    tree = from_samples(
+        k_draw,
+        bayes_classifier,
+        draws,
+        tasks.query_x,
+        tasks.query_y,
+        net=model_net,
+        attrs={
+            "experiment": "omniglot-amortized",
+            "inner_steps": num_inner_steps,
+            "kept": "layer0 (first conv) and the output layer",
+        },
+    )
     keep = set(names[0]) | set(names[-1])
     posterior = tree["posterior"].to_dataset()
     tree["posterior"] = posterior.drop_vars([v for v in posterior.data_vars if v not in keep])
@@ -272,15 +344,27 @@ def run(rng_key, config: OmniglotAmortizedConfig, out_dir: Path) -> dict[str, fl
     for ways in config.ways:
         for shots in config.shots:
             name = _key(ways, shots)
-            episodes = sample_episodes(jax.random.fold_in(k_test, 100 * ways + shots), test_images,
-                                       config.test_episodes, ways, shots, config.test_queries)
+            episodes = sample_episodes(
+                jax.random.fold_in(k_test, 100 * ways + shots),
+                test_images,
+                config.test_episodes,
+                ways,
+                shots,
+                config.test_queries,
+            )
             t0 = time.perf_counter()
-            params, net, result = meta_train(jax.random.fold_in(k_train, 100 * ways + shots), config,
-                                             train, ways, shots, checkpoint=out_dir / f"amortized_{name}.ckpt")
+            params, net, result = meta_train(
+                jax.random.fold_in(k_train, 100 * ways + shots),
+                config,
+                train,
+                ways,
+                shots,
+                checkpoint=out_dir / f"amortized_{name}.ckpt",
+            )
             seconds = time.perf_counter() - t0
             train_time += seconds
             metrics[f"train_time_s_{name}"] = seconds
-            metrics[f"final_loss_{name}"] = float(np.mean(result.losses[-config.steps_per_call:]))
+            metrics[f"final_loss_{name}"] = float(np.mean(result.losses[-config.steps_per_call :]))
             curves[name] = result.losses
             labels = np.asarray(episodes.query_y)
             t0 = time.perf_counter()
@@ -293,11 +377,14 @@ def run(rng_key, config: OmniglotAmortizedConfig, out_dir: Path) -> dict[str, fl
                     metrics[f"ece_{name}_steps{steps}"] = expected_calibration_error(probs, labels)
                     reliability[f"amortized K={steps}"] = reliability_curve(probs, labels)
             if ways == 5 and shots == 1:
-                save_datatree(posterior_tree(k_post, config, params, net, episodes, max(config.eval_inner_steps)),
-                              out_dir / "posterior.nc")
+                save_datatree(
+                    posterior_tree(k_post, config, params, net, episodes, max(config.eval_inner_steps)),
+                    out_dir / "posterior.nc",
+                )
                 t0 = time.perf_counter()
-                theta, mcfg, maml_result = train_maml(k_maml, config, train, ways, shots,
-                                                      checkpoint=out_dir / f"maml_{ways}w{shots}s.ckpt")
+                theta, mcfg, maml_result = train_maml(
+                    k_maml, config, train, ways, shots, checkpoint=out_dir / f"maml_{ways}w{shots}s.ckpt"
+                )
                 metrics["maml_train_time_s"] = time.perf_counter() - t0
                 probs = predict_maml(theta, mcfg, episodes)
                 acc = (probs.argmax(-1) == labels).mean(-1)

@@ -31,7 +31,6 @@ import functools
 import time
 from pathlib import Path
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -106,14 +105,25 @@ class OmniglotMAMLConfig:
 def make_config(method: str, size: str) -> OmniglotMAMLConfig:
     base = OmniglotMAMLConfig(method=method)
     if size == "quick":
-        return dataclasses.replace(base, filters=4, meta_batch=2, num_steps=4, steps_per_call=2,
-                                   num_eval_episodes=4, num_val_episodes=2, eval_batch=2,
-                                   num_posterior_samples=3, tau_grid=(10.0, 1000.0), pred_types=("glm",),
-                                   log_det_tasks=1,
-                                   eval_queries=3)
+        return dataclasses.replace(
+            base,
+            filters=4,
+            meta_batch=2,
+            num_steps=4,
+            steps_per_call=2,
+            num_eval_episodes=4,
+            num_val_episodes=2,
+            eval_batch=2,
+            num_posterior_samples=3,
+            tau_grid=(10.0, 1000.0),
+            pred_types=("glm",),
+            log_det_tasks=1,
+            eval_queries=3,
+        )
     if size == "full":
-        return dataclasses.replace(base, filters=64, meta_batch=32, num_steps=60000, train_queries=15,
-                                   log_det_tasks=32, steps_per_call=50)
+        return dataclasses.replace(
+            base, filters=64, meta_batch=32, num_steps=60000, train_queries=15, log_det_tasks=32, steps_per_call=50
+        )
     return base
 
 
@@ -134,18 +144,37 @@ def objective(config: OmniglotMAMLConfig):
     if config.method == "maml":
         return ml_point(_loss(), inner, config.train_inner_steps, first_order=config.first_order)
     if config.method == "llama":
-        posterior_fn = functools.partial(laplace, apply_fn=_apply, likelihood=_likelihood, structure="kfac",
-                                         fisher=config.fisher, prior_precision=config.tau)
-        return ml_laplace(_loss(), inner, config.train_inner_steps, posterior_fn, eta=config.eta,
-                          log_det_fn=functools.partial(log_det, kron_damping=config.kron_damping),
-                          log_det_tasks=config.log_det_tasks, first_order=config.first_order)
+        posterior_fn = functools.partial(
+            laplace,
+            apply_fn=_apply,
+            likelihood=_likelihood,
+            structure="kfac",
+            fisher=config.fisher,
+            prior_precision=config.tau,
+        )
+        return ml_laplace(
+            _loss(),
+            inner,
+            config.train_inner_steps,
+            posterior_fn,
+            eta=config.eta,
+            log_det_fn=functools.partial(log_det, kron_damping=config.kron_damping),
+            log_det_tasks=config.log_det_tasks,
+            first_order=config.first_order,
+        )
     raise ValueError(f"method must be 'maml' or 'llama', got {config.method!r}")
 
 
 def _adapted(config, theta, episodes):
     def one(sx, sy):
-        phi, _ = adapt(theta, sx, sy, loss_fn=_loss(), inner_optimizer=optax.sgd(config.inner_lr),
-                       num_steps=config.eval_inner_steps)
+        phi, _ = adapt(
+            theta,
+            sx,
+            sy,
+            loss_fn=_loss(),
+            inner_optimizer=optax.sgd(config.inner_lr),
+            num_steps=config.eval_inner_steps,
+        )
         return phi
 
     return jax.vmap(one)(episodes.support_x, episodes.support_y)
@@ -166,8 +195,9 @@ def posterior_probs(rng_key, theta, episodes, tau, *, config, num_samples, pred_
     phis = _adapted(config, theta, episodes)
 
     def one(key, phi, sx, sy, qx):
-        post = laplace(None, phi, sx, sy, apply_fn=_apply, likelihood=_likelihood, structure="kfac",
-                       prior_precision=tau)
+        post = laplace(
+            None, phi, sx, sy, apply_fn=_apply, likelihood=_likelihood, structure="kfac", prior_precision=tau
+        )
         f = predictive(key, post, qx, apply_fn=_apply, num_samples=num_samples, pred_type=pred_type)
         return jax.nn.softmax(f)
 
@@ -179,8 +209,14 @@ def posterior_probs(rng_key, theta, episodes, tau, *, config, num_samples, pred_
 def _episodes(rng_key, images, config, num, shots):
     sample = jax.jit(sample_episodes, static_argnums=(2, 3, 4, 5))
     for i in range(0, num, config.eval_batch):
-        yield sample(jax.random.fold_in(rng_key, i), images, min(config.eval_batch, num - i), config.ways,
-                     shots, config.eval_queries)
+        yield sample(
+            jax.random.fold_in(rng_key, i),
+            images,
+            min(config.eval_batch, num - i),
+            config.ways,
+            shots,
+            config.eval_queries,
+        )
 
 
 def _evaluate(rng_key, probs_fn, images, config, num, shots, desc="evaluate"):
@@ -201,24 +237,37 @@ def run(rng_key: jax.Array, config: OmniglotMAMLConfig, out_dir: Path) -> dict[s
     """Meta-train on the training alphabets; choose ``tau_pred`` on validation
     alphabets (LLAMA); score on test alphabets; plot; save a posterior."""
     out_dir = Path(out_dir)
-    splits = omniglot_splits(image_size=config.image_size, rotations=True, seed=config.split_seed,
-                             held_out=config.held_out)
+    splits = omniglot_splits(
+        image_size=config.image_size, rotations=True, seed=config.split_seed, held_out=config.held_out
+    )
     train = jnp.asarray(splits["train"].images)
     k_init, k_train, k_val, k_test, k_post = jax.random.split(rng_key, 5)
-    net = Conv4(config.ways, filters=config.filters, image_size=config.image_size, conv_impl=config.conv_impl,
-                key=k_init)
+    net = Conv4(
+        config.ways, filters=config.filters, image_size=config.image_size, conv_impl=config.conv_impl, key=k_init
+    )
     learner = meta_learner(objective(config), optax.adam(config.meta_lr), has_aux=True)
     sampler = functools.partial(_train_batch, config=config)
     start = time.perf_counter()
-    result = fit(k_train, learner, net, config.num_steps, data=train, sample_batch=sampler,
-                 steps_per_call=config.steps_per_call, desc=f"omniglot-{config.method}",
-                 checkpoint=config.checkpoint or out_dir / "meta.ckpt")
+    result = fit(
+        k_train,
+        learner,
+        net,
+        config.num_steps,
+        data=train,
+        sample_batch=sampler,
+        steps_per_call=config.steps_per_call,
+        desc=f"omniglot-{config.method}",
+        checkpoint=config.checkpoint or out_dir / "meta.ckpt",
+    )
     train_time = time.perf_counter() - start
     theta = result.state.params
     metrics: dict[str, float] = {
-        "train_steps": config.num_steps, "train_time_s": train_time, "meta_batch": config.meta_batch,
-        "filters": config.filters, "train_shots": config.train_shots,
-        "final_train_loss": float(np.mean(result.losses[-max(1, len(result.losses) // 10):])),
+        "train_steps": config.num_steps,
+        "train_time_s": train_time,
+        "meta_batch": config.meta_batch,
+        "filters": config.filters,
+        "train_shots": config.train_shots,
+        "final_train_loss": float(np.mean(result.losses[-max(1, len(result.losses) // 10) :])),
     }
 
     tau_pred, pred_type = None, "nn"
@@ -226,12 +275,21 @@ def run(rng_key: jax.Array, config: OmniglotMAMLConfig, out_dir: Path) -> dict[s
         val = jnp.asarray(splits["val"].images)
         best = None
         for pred_type in config.pred_types:
-            probs_at = jax.jit(functools.partial(posterior_probs, config=config, pred_type=pred_type,
-                                                 num_samples=config.num_posterior_samples))
+            probs_at = jax.jit(
+                functools.partial(
+                    posterior_probs, config=config, pred_type=pred_type, num_samples=config.num_posterior_samples
+                )
+            )
             for tau in config.tau_grid:
-                p, y = _evaluate(k_val, lambda k, ep, tau=tau: probs_at(k, theta, ep, tau)[0], val, config,
-                                 config.num_val_episodes, config.train_shots,
-                                 desc=f"validation {pred_type} tau={tau:g}")
+                p, y = _evaluate(
+                    k_val,
+                    lambda k, ep, tau=tau: probs_at(k, theta, ep, tau)[0],
+                    val,
+                    config,
+                    config.num_val_episodes,
+                    config.train_shots,
+                    desc=f"validation {pred_type} tau={tau:g}",
+                )
                 nll = -np.mean(np.log(np.take_along_axis(p, y[..., None], -1) + 1e-12))
                 metrics[f"val_nll_{pred_type}_tau{tau:g}"] = float(nll)
                 if best is None or nll < best[0]:
@@ -239,16 +297,23 @@ def run(rng_key: jax.Array, config: OmniglotMAMLConfig, out_dir: Path) -> dict[s
         _, tau_pred, pred_type, probs_at = best
         metrics["tau_pred"] = tau_pred
         metrics["pred_glm"] = float(pred_type == "glm")
-        probs_fn = lambda k, ep: probs_at(k, theta, ep, tau_pred)[0]  # noqa: E731
+        probs_fn = lambda k, ep: probs_at(k, theta, ep, tau_pred)[0]
     else:
         point = jax.jit(functools.partial(point_probs, config=config))
-        probs_fn = lambda k, ep: point(theta, ep)  # noqa: E731
+        probs_fn = lambda k, ep: point(theta, ep)
 
     test = jnp.asarray(splits["test"].images)
     curves = {}
     for shots in config.eval_shots:
-        p, y = _evaluate(jax.random.fold_in(k_test, shots), probs_fn, test, config, config.num_eval_episodes,
-                         shots, desc=f"test {shots}-shot")
+        p, y = _evaluate(
+            jax.random.fold_in(k_test, shots),
+            probs_fn,
+            test,
+            config,
+            config.num_eval_episodes,
+            shots,
+            desc=f"test {shots}-shot",
+        )
         acc = (p.argmax(-1) == y).mean(-1)
         key = f"{config.ways}w{shots}s"
         metrics[f"acc_{key}"], metrics[f"acc_{key}_ci95"] = mean_ci95(acc)
@@ -269,8 +334,7 @@ def run(rng_key: jax.Array, config: OmniglotMAMLConfig, out_dir: Path) -> dict[s
 
 
 def _train_batch(rng_key, images, *, config):
-    return sample_episodes(rng_key, images, config.meta_batch, config.ways, config.train_shots,
-                           config.train_queries)
+    return sample_episodes(rng_key, images, config.meta_batch, config.ways, config.train_shots, config.train_queries)
 
 
 def _posterior_tree(rng_key, config, theta, test, tau_pred, pred_type="nn"):
@@ -278,8 +342,11 @@ def _posterior_tree(rng_key, config, theta, test, tau_pred, pred_type="nn"):
     Laplace samples for LLAMA, the single adapted network for MAML."""
     ep = next(_episodes(rng_key, test, dataclasses.replace(config, eval_batch=1), 1, config.train_shots))
     if config.method == "llama":
-        _, samples = jax.jit(functools.partial(posterior_probs, config=config, pred_type=pred_type,
-                                               num_samples=config.num_posterior_samples))(rng_key, theta, ep, tau_pred)
+        _, samples = jax.jit(
+            functools.partial(
+                posterior_probs, config=config, pred_type=pred_type, num_samples=config.num_posterior_samples
+            )
+        )(rng_key, theta, ep, tau_pred)
         probs = np.asarray(samples[0])  # [S, Q, W]
     else:
         probs = np.asarray(jax.jit(functools.partial(point_probs, config=config))(theta, ep))  # [1, Q, W]

@@ -85,28 +85,45 @@ class SIBOmniglotConfig:
 def make_config(size: str) -> SIBOmniglotConfig:
     if size == "quick":
         return SIBOmniglotConfig(
-            filters=8, pretrain_steps=20, pretrain_batch=32, shots=(1,), inner_steps=(0, 3), task_batch=4,
-            num_steps=20, steps_per_call=10, test_episodes=20, predictive_draws=2,
-            posterior_tasks=2, posterior_draws=10,
+            filters=8,
+            pretrain_steps=20,
+            pretrain_batch=32,
+            shots=(1,),
+            inner_steps=(0, 3),
+            task_batch=4,
+            num_steps=20,
+            steps_per_call=10,
+            test_episodes=20,
+            predictive_draws=2,
+            posterior_tasks=2,
+            posterior_draws=10,
         )
     if size == "default":
-        return SIBOmniglotConfig(filters=32, pretrain_steps=500, pretrain_batch=32, pretrain_lr=3e-3,
-                                 num_steps=1500, learning_rate=3e-3)
+        return SIBOmniglotConfig(
+            filters=32, pretrain_steps=500, pretrain_batch=32, pretrain_lr=3e-3, num_steps=1500, learning_rate=3e-3
+        )
     if size == "full":
         return SIBOmniglotConfig()
     raise ValueError(f"unknown size {size!r}")
 
 
-def pretrain(rng_key, config: SIBOmniglotConfig, images, checkpoint: Path | None = None
-             ) -> tuple[Conv4, np.ndarray]:
+def pretrain(rng_key, config: SIBOmniglotConfig, images, checkpoint: Path | None = None) -> tuple[Conv4, np.ndarray]:
     """Ordinary classification over the meta-training classes; returns ``(net, losses)``."""
     k_net, k_fit = jax.random.split(rng_key)
     net = Conv4(images.shape[0], filters=config.filters, image_size=config.image_size, key=k_net)
     params, static = eqx.partition(net, eqx.is_array)
     loss = lambda p, key, batch: pretrain_loss(eqx.combine(p, static), key, batch)
-    result = fit(k_fit, meta_learner(loss, optax.adam(config.pretrain_lr)), params, config.pretrain_steps,
-                 data=images, sample_batch=lambda k, d: sample_classification_batch(k, d, config.pretrain_batch),
-                 steps_per_call=config.steps_per_call, desc="pretrain", checkpoint=checkpoint)
+    result = fit(
+        k_fit,
+        meta_learner(loss, optax.adam(config.pretrain_lr)),
+        params,
+        config.pretrain_steps,
+        data=images,
+        sample_batch=lambda k, d: sample_classification_batch(k, d, config.pretrain_batch),
+        steps_per_call=config.steps_per_call,
+        desc="pretrain",
+        checkpoint=checkpoint,
+    )
     return eqx.combine(result.state.params, static), result.losses
 
 
@@ -114,27 +131,38 @@ def _inference_kwargs(config: SIBOmniglotConfig, num_steps: int) -> dict:
     return dict(num_ways=config.ways, num_steps=num_steps, inner_optimizer=optax.sgd(config.inner_lr))
 
 
-def meta_train(rng_key, config: SIBOmniglotConfig, features, shots: int, num_steps: int,
-               checkpoint: Path | None = None):
+def meta_train(
+    rng_key, config: SIBOmniglotConfig, features, shots: int, num_steps: int, checkpoint: Path | None = None
+):
     """SIB meta-training on embedded training classes ``[classes, examples, features]``."""
     k_init, k_fit = jax.random.split(rng_key)
-    params = init_sib_params(k_init, features.shape[-1], config.ways, init_std=config.init_std,
-                             query_norm=config.xi_query_norm)
+    params = init_sib_params(
+        k_init, features.shape[-1], config.ways, init_std=config.init_std, query_norm=config.xi_query_norm
+    )
     loss = functools.partial(sib_loss, **_inference_kwargs(config, num_steps))
     optimizer = optax.chain(optax.clip_by_global_norm(10.0), optax.adam(config.learning_rate))
     sampler = lambda k, d: sample_episodes(k, d, config.task_batch, config.ways, shots, config.queries)
-    return fit(k_fit, meta_learner(loss, optimizer), params, config.num_steps, data=features,
-               sample_batch=sampler, steps_per_call=config.steps_per_call,
-               desc=f"SIB {shots}-shot T={num_steps}", checkpoint=checkpoint)
+    return fit(
+        k_fit,
+        meta_learner(loss, optimizer),
+        params,
+        config.num_steps,
+        data=features,
+        sample_batch=sampler,
+        steps_per_call=config.steps_per_call,
+        desc=f"SIB {shots}-shot T={num_steps}",
+        checkpoint=checkpoint,
+    )
 
 
 def predict(rng_key, config: SIBOmniglotConfig, params, episodes, num_steps: int, chunk: int = 100):
     """Posterior predictive probabilities ``[episodes, queries, ways]`` in chunks of episodes."""
-    fn = jax.jit(functools.partial(sib_predict, num_draws=config.predictive_draws,
-                                   **_inference_kwargs(config, num_steps)))
+    fn = jax.jit(
+        functools.partial(sib_predict, num_draws=config.predictive_draws, **_inference_kwargs(config, num_steps))
+    )
     out = []
     for start in range(0, episodes.query_x.shape[0], chunk):
-        part = jax.tree.map(lambda a: a[start:start + chunk], episodes)
+        part = jax.tree.map(lambda a: a[start : start + chunk], episodes)
         out.append(np.asarray(fn(jax.random.fold_in(rng_key, start), params, part)))
     return np.concatenate(out)
 
@@ -151,7 +179,7 @@ def run(rng_key, config: SIBOmniglotConfig, out_dir: Path) -> dict[str, float]:
     test_f = jax.block_until_ready(embed(net, jnp.asarray(test.images)))
     metrics: dict[str, float] = {
         "pretrain_time_s": time.perf_counter() - start,
-        "pretrain_final_loss": float(np.mean(pre_losses[-config.steps_per_call:])),
+        "pretrain_final_loss": float(np.mean(pre_losses[-config.steps_per_call :])),
         "num_train_classes": train.num_classes,
         "num_test_classes": test.num_classes,
         "feature_dim": int(train_f.shape[-1]),
@@ -161,28 +189,40 @@ def run(rng_key, config: SIBOmniglotConfig, out_dir: Path) -> dict[str, float]:
     curves, accs = {}, {}
     for shots in config.shots:
         # The same test episodes for every T: differences between T are paired.
-        episodes = sample_episodes(jax.random.fold_in(k_test, shots), test_f, config.test_episodes,
-                                   config.ways, shots, config.queries)
+        episodes = sample_episodes(
+            jax.random.fold_in(k_test, shots), test_f, config.test_episodes, config.ways, shots, config.queries
+        )
         for num_steps in config.inner_steps:
             name = f"5w{shots}s_T{num_steps}" if config.ways == 5 else f"{config.ways}w{shots}s_T{num_steps}"
             t0 = time.perf_counter()
-            result = meta_train(k_meta, config, train_f, shots, num_steps,   # same init for every run
-                                out_dir / f"sib_{name}.ckpt")
+            result = meta_train(
+                k_meta,
+                config,
+                train_f,
+                shots,
+                num_steps,  # same init for every run
+                out_dir / f"sib_{name}.ckpt",
+            )
             meta_time += time.perf_counter() - t0
             curves[(shots, num_steps)] = result.losses
             probs = predict(jax.random.fold_in(k_pred, shots), config, result.state.params, episodes, num_steps)
-            acc = (probs.argmax(-1) == np.asarray(episodes.query_y)).mean(-1)      # [episodes]
+            acc = (probs.argmax(-1) == np.asarray(episodes.query_y)).mean(-1)  # [episodes]
             accs[(shots, num_steps)] = acc
             metrics[f"acc_{name}"], metrics[f"acc_{name}_ci95"] = mean_ci95(acc)
-            metrics[f"final_loss_{name}"] = float(np.mean(result.losses[-config.steps_per_call:]))
+            metrics[f"final_loss_{name}"] = float(np.mean(result.losses[-config.steps_per_call :]))
             if shots == 1 and num_steps == 3:
                 metrics[f"ece_{name}"] = expected_calibration_error(
-                    probs.reshape(-1, config.ways), np.asarray(episodes.query_y).reshape(-1))
+                    probs.reshape(-1, config.ways), np.asarray(episodes.query_y).reshape(-1)
+                )
                 tree = from_guide(
-                    k_post, sib_model,
+                    k_post,
+                    sib_model,
                     functools.partial(sib_guide, num_steps=num_steps, inner_optimizer=optax.sgd(config.inner_lr)),
-                    {}, result.state.params, jax.tree.map(lambda a: a[:config.posterior_tasks], episodes),
-                    num_ways=config.ways, num_samples=config.posterior_draws,
+                    {},
+                    result.state.params,
+                    jax.tree.map(lambda a: a[: config.posterior_tasks], episodes),
+                    num_ways=config.ways,
+                    num_samples=config.posterior_draws,
                     attrs={"experiment": "sib-omniglot", "shots": shots, "inner_steps": num_steps},
                 )
                 save_datatree(tree, out_dir / "posterior.nc")

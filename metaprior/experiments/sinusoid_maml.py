@@ -80,10 +80,19 @@ class SinusoidMAMLConfig:
 def make_config(method: str, size: str) -> SinusoidMAMLConfig:
     base = SinusoidMAMLConfig(method=method)
     if size == "quick":
-        return dataclasses.replace(base, shots=(10,), num_steps=40, steps_per_call=20, laplace_steps=20,
-                                   num_eval_tasks=20,
-                                   num_val_tasks=10, num_eval_points=20, num_posterior_samples=20,
-                                   sigma_grid=(0.1, 0.5), tau_grid=(1.0, 100.0))
+        return dataclasses.replace(
+            base,
+            shots=(10,),
+            num_steps=40,
+            steps_per_call=20,
+            laplace_steps=20,
+            num_eval_tasks=20,
+            num_val_tasks=10,
+            num_eval_points=20,
+            num_posterior_samples=20,
+            sigma_grid=(0.1, 0.5),
+            tau_grid=(1.0, 100.0),
+        )
     if size == "full":
         return dataclasses.replace(base, num_steps=70000, laplace_steps=70000, log_det_tasks=25)
     return base
@@ -127,19 +136,35 @@ def objective(config: SinusoidMAMLConfig, method: str | None = None):
         return ml_point(loss, inner, config.train_inner_steps, first_order=config.first_order)
     if method == "llama":
         posterior_fn = functools.partial(
-            laplace, apply_fn=vmap_apply, likelihood=_likelihood(TRAIN_SIGMA), structure="kfac",
+            laplace,
+            apply_fn=vmap_apply,
+            likelihood=_likelihood(TRAIN_SIGMA),
+            structure="kfac",
             prior_precision=config.tau,
         )
-        return ml_laplace(loss, inner, config.train_inner_steps, posterior_fn, eta=config.eta,
-                          log_det_fn=functools.partial(log_det, kron_damping=config.kron_damping),
-                          log_det_tasks=config.log_det_tasks, first_order=config.first_order)
+        return ml_laplace(
+            loss,
+            inner,
+            config.train_inner_steps,
+            posterior_fn,
+            eta=config.eta,
+            log_det_fn=functools.partial(log_det, kron_damping=config.kron_damping),
+            log_det_tasks=config.log_det_tasks,
+            first_order=config.first_order,
+        )
     raise ValueError(f"method must be 'maml' or 'llama', got {method!r}")
 
 
 def _adapt_all(theta, tasks: SupportQuery, config):
     def one(sx, sy):
-        phi, _ = adapt(theta, sx, sy, loss_fn=mse_loss(vmap_apply), inner_optimizer=optax.sgd(config.inner_lr),
-                       num_steps=config.eval_inner_steps)
+        phi, _ = adapt(
+            theta,
+            sx,
+            sy,
+            loss_fn=mse_loss(vmap_apply),
+            inner_optimizer=optax.sgd(config.inner_lr),
+            num_steps=config.eval_inner_steps,
+        )
         return phi
 
     return jax.vmap(one)(tasks.support_x, tasks.support_y)
@@ -158,8 +183,9 @@ def posterior_functions(rng_key, theta, tasks: SupportQuery, sigma, tau, num_sam
     phis = _adapt_all(theta, tasks, config)
 
     def one(key, phi, sx, sy, xq):
-        post = laplace(None, phi, sx, sy, apply_fn=vmap_apply, likelihood=_likelihood(sigma),
-                       structure="kfac", prior_precision=tau)
+        post = laplace(
+            None, phi, sx, sy, apply_fn=vmap_apply, likelihood=_likelihood(sigma), structure="kfac", prior_precision=tau
+        )
         return predictive(key, post, xq, apply_fn=vmap_apply, num_samples=num_samples)[..., 0]
 
     keys = jax.random.split(rng_key, tasks.support_x.shape[0])
@@ -203,11 +229,16 @@ def run(rng_key: jax.Array, config: SinusoidMAMLConfig, out_dir: Path) -> dict[s
         start = time.perf_counter()
         for i, (method, steps) in enumerate(phases):
             learner = meta_learner(objective(config, method), optax.adam(config.meta_lr), has_aux=True)
-            result = fit(jax.random.fold_in(jax.random.fold_in(k_train, k), i), learner, params, steps,
-                         sample_batch=_train_tasks(k, config.meta_batch),
-                         steps_per_call=min(config.steps_per_call, steps),
-                         desc=f"sinusoid-{config.method} K={k} ({method})",
-                         checkpoint=Path(out_dir) / f"meta_k{k}_{method}.ckpt")
+            result = fit(
+                jax.random.fold_in(jax.random.fold_in(k_train, k), i),
+                learner,
+                params,
+                steps,
+                sample_batch=_train_tasks(k, config.meta_batch),
+                steps_per_call=min(config.steps_per_call, steps),
+                desc=f"sinusoid-{config.method} K={k} ({method})",
+                checkpoint=Path(out_dir) / f"meta_k{k}_{method}.ckpt",
+            )
             params = result.state.params
             losses.append(result.losses)
         metrics[f"train_time_k{k}_s"] = time.perf_counter() - start
@@ -240,8 +271,15 @@ def run(rng_key: jax.Array, config: SinusoidMAMLConfig, out_dir: Path) -> dict[s
         metrics[f"sigma_k{k}"], metrics[f"tau_pred_k{k}"] = sigma, tau
 
     k_fig = max(config.shots)
-    figure_tasks, curves = _figure(k_plot, config, models[k_fig], metrics.get(f"sigma_k{k_fig}"),
-                                   metrics.get(f"tau_pred_k{k_fig}"), sample_f, predict)
+    figure_tasks, curves = _figure(
+        k_plot,
+        config,
+        models[k_fig],
+        metrics.get(f"sigma_k{k_fig}"),
+        metrics.get(f"tau_pred_k{k_fig}"),
+        sample_f,
+        predict,
+    )
     save_figure(figure_tasks, out_dir, "posterior_samples.png")
     save_figure(_training_figure(histories), out_dir, "training.png")
     save_posterior(curves, out_dir / "posterior.nc")
@@ -256,10 +294,12 @@ def _figure(rng_key, config, theta, sigma, tau, sample_f, predict):
     k = max(config.shots)
     params = SinusoidParams(amplitude=jnp.array([3.0, 3.0]), phase=jnp.array([0.5, 0.5]))
     k1, k2 = jax.random.split(rng_key)
-    sx = jnp.stack([
-        jax.random.uniform(k1, (k, 1), minval=-5.0, maxval=5.0),
-        jax.random.uniform(k2, (k, 1), minval=-5.0, maxval=0.0),
-    ])
+    sx = jnp.stack(
+        [
+            jax.random.uniform(k1, (k, 1), minval=-5.0, maxval=5.0),
+            jax.random.uniform(k2, (k, 1), minval=-5.0, maxval=0.0),
+        ]
+    )
     sy = sinusoid_fn(params, sx[..., 0])
     grid = jnp.linspace(*X_RANGE, 200)
     gx = jnp.broadcast_to(grid[None, :, None], (2, 200, 1))

@@ -31,8 +31,9 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -122,10 +123,22 @@ def make_config(size: str) -> ValidateConfig:
     if size == "quick":
         return ValidateConfig(
             methods=("exact", "autonormal", "laplace_kfac"),  # the task guides: tests/test_guides.py
-            num_chains=2, num_warmup=150, num_samples=150, num_steps=200, num_draws=200,
-            check_health=False, linear_tasks=4, bnn_tasks=3, bnn_examples=6, bnn_hidden=6,
-            latent_tasks=3, latent_width=16, latent_pretrain_tasks=32, latent_pretrain_steps=100,
-            latent_restarts=8, latent_grid=100,
+            num_chains=2,
+            num_warmup=150,
+            num_samples=150,
+            num_steps=200,
+            num_draws=200,
+            check_health=False,
+            linear_tasks=4,
+            bnn_tasks=3,
+            bnn_examples=6,
+            bnn_hidden=6,
+            latent_tasks=3,
+            latent_width=16,
+            latent_pretrain_tasks=32,
+            latent_pretrain_steps=100,
+            latent_restarts=8,
+            latent_grid=100,
             mixture_tasks=12,
         )
     return ValidateConfig()
@@ -192,23 +205,47 @@ def _case_linear(rng_key, cfg: ValidateConfig) -> Case:
     post = hierarchical_linear_posterior(train)
     d = post.mean["mu"].shape[0]
     theta = np.random.default_rng(int(jax.random.randint(k_exact, (), 0, 2**31 - 1))).multivariate_normal(
-        post.joint_mean, post.joint_cov, size=cfg.num_draws)
+        post.joint_mean, post.joint_cov, size=cfg.num_draws
+    )
     exact = {"mu": theta[:, :d], "w": theta[:, d:].reshape(cfg.num_draws, cfg.linear_tasks, 1, d)}
-    return Case("linear", hierarchical_linear_model, train, test, {}, GUIDES, ("w",), exact,
-                f"{cfg.linear_tasks} tasks x {cfg.linear_examples} points, 2 weights per task")
+    return Case(
+        "linear",
+        hierarchical_linear_model,
+        train,
+        test,
+        {},
+        GUIDES,
+        ("w",),
+        exact,
+        f"{cfg.linear_tasks} tasks x {cfg.linear_examples} points, 2 weights per task",
+    )
 
 
 def _case_bnn(rng_key, cfg: ValidateConfig) -> Case:
     from metaprior.data.tasks import sinusoid_tasks
     from metaprior.models.cases import hierarchical_bnn_model
 
-    batch, _ = sinusoid_tasks(rng_key, cfg.bnn_tasks, cfg.bnn_examples + cfg.num_heldout,
-                              amplitude=(0.5, 1.5), x_range=(-3.0, 3.0), noise_std=0.3)
+    batch, _ = sinusoid_tasks(
+        rng_key,
+        cfg.bnn_tasks,
+        cfg.bnn_examples + cfg.num_heldout,
+        amplitude=(0.5, 1.5),
+        x_range=(-3.0, 3.0),
+        noise_std=0.3,
+    )
     train, test = _split(batch, cfg.bnn_examples)
     kwargs = {"num_hidden": cfg.bnn_hidden, "task_scale": 0.3, "noise_scale": 0.3}
-    return Case("bnn", hierarchical_bnn_model, train, test, kwargs,
-                GUIDES + LAPLACE, ("phi",), None,
-                f"{cfg.bnn_tasks} sinusoid tasks x {cfg.bnn_examples} points, MLP 1-{cfg.bnn_hidden}-1 tanh")
+    return Case(
+        "bnn",
+        hierarchical_bnn_model,
+        train,
+        test,
+        kwargs,
+        GUIDES + LAPLACE,
+        ("phi",),
+        None,
+        f"{cfg.bnn_tasks} sinusoid tasks x {cfg.bnn_examples} points, MLP 1-{cfg.bnn_hidden}-1 tanh",
+    )
 
 
 def _fixed_alpha(model: Callable, params: dict) -> Callable:
@@ -227,13 +264,16 @@ def _case_latent(rng_key, cfg: ValidateConfig) -> Case:
         raise ValueError(f"latent_data must be 'model' or 'family', got {cfg.latent_data!r}")
     k_net, k_pre, k_fit, k_data, k_sim, k_grid = jax.random.split(rng_key, 6)
     # the paper's residual MLP, as when the recorded validation figures were measured
-    net = make_task_latent_net(k_net, cfg.latent_dim, arch="paper", width=cfg.latent_width,
-                               num_layers=cfg.latent_layers)
+    net = make_task_latent_net(
+        k_net, cfg.latent_dim, arch="paper", width=cfg.latent_width, num_layers=cfg.latent_layers
+    )
     kwargs = {"net": net, "latent_dim": cfg.latent_dim}
     if cfg.latent_family == "harmonic":
+
         def tasks(key, num_tasks, num_examples):
             return harmonic_tasks(key, num_tasks, num_examples, noise_std=cfg.latent_noise)[0]
     elif cfg.latent_family == "sinusoid":
+
         def tasks(key, num_tasks, num_examples):
             return sinusoid_tasks(key, num_tasks, num_examples, noise_std=cfg.latent_noise)[0]
     else:
@@ -257,11 +297,14 @@ def _case_latent(rng_key, cfg: ValidateConfig) -> Case:
         # R^d, d <= 2, integrated on a grid (every mode, however many).
         per_task = []
         for j, key in enumerate(jax.random.split(k_grid, cfg.latent_tasks)):
+
             def log_density(z, j=j):
                 m = z.shape[0]
-                one = TaskBatch(jnp.broadcast_to(train.x[j], (m, *train.x.shape[1:])),
-                                jnp.broadcast_to(train.y[j], (m, *train.y.shape[1:])),
-                                jnp.broadcast_to(train.mask[j], (m, *train.mask.shape[1:])))
+                one = TaskBatch(
+                    jnp.broadcast_to(train.x[j], (m, *train.x.shape[1:])),
+                    jnp.broadcast_to(train.y[j], (m, *train.y.shape[1:])),
+                    jnp.broadcast_to(train.mask[j], (m, *train.mask.shape[1:])),
+                )
                 return per_task_log_joint(model, one, values={"z": z[:, None, :]}, **kwargs)
 
             draws, _ = grid_posterior(key, log_density, cfg.latent_dim, cfg.num_draws, coarse=cfg.latent_grid)
@@ -270,29 +313,58 @@ def _case_latent(rng_key, cfg: ValidateConfig) -> Case:
 
     nuts_init = None
     if cfg.latent_restarts > 0:
+
         def nuts_init(key, num_chains):
-            found = restart_init(key, model, train, site="z", num_chains=num_chains,
-                                 num_starts=cfg.latent_restarts, **kwargs)
+            found = restart_init(
+                key, model, train, site="z", num_chains=num_chains, num_starts=cfg.latent_restarts, **kwargs
+            )
             return found.init_params, {"mode_gap_min": float(np.min(found.gap))}
 
     source = "simulated from the fixed model" if cfg.latent_data == "model" else f"{cfg.latent_family} targets"
-    return Case("latent", model, train, test, kwargs, GUIDES + tuple(RESTART_GUIDES), ("z",), exact,
-                f"{cfg.latent_tasks} {cfg.latent_family}-input tasks x {cfg.latent_examples} points ({source}), "
-                f"z in R^{cfg.latent_dim}, alpha fixed after {cfg.latent_pretrain_steps} SVI steps on "
-                f"{cfg.latent_pretrain_tasks} tasks" + (", exact = grid quadrature" if exact is not None else "")
-                + (f", NUTS chains start at the best of {cfg.latent_restarts} MAP restarts per task"
-                   if nuts_init is not None else ""),
-                nuts_init)
+    return Case(
+        "latent",
+        model,
+        train,
+        test,
+        kwargs,
+        GUIDES + tuple(RESTART_GUIDES),
+        ("z",),
+        exact,
+        f"{cfg.latent_tasks} {cfg.latent_family}-input tasks x {cfg.latent_examples} points ({source}), "
+        f"z in R^{cfg.latent_dim}, alpha fixed after {cfg.latent_pretrain_steps} SVI steps on "
+        f"{cfg.latent_pretrain_tasks} tasks"
+        + (", exact = grid quadrature" if exact is not None else "")
+        + (
+            f", NUTS chains start at the best of {cfg.latent_restarts} MAP restarts per task"
+            if nuts_init is not None
+            else ""
+        ),
+        nuts_init,
+    )
 
 
 def _case_mixture(rng_key, cfg: ValidateConfig) -> Case:
     from metaprior.models.cases import task_mixture_model, task_mixture_tasks
 
-    batch, _ = task_mixture_tasks(rng_key, cfg.mixture_tasks, cfg.mixture_examples + cfg.num_heldout,
-                                  intercepts=(-3.0, 0.0, 3.0), weights=(1 / 3, 1 / 3, 1 / 3))
+    batch, _ = task_mixture_tasks(
+        rng_key,
+        cfg.mixture_tasks,
+        cfg.mixture_examples + cfg.num_heldout,
+        intercepts=(-3.0, 0.0, 3.0),
+        weights=(1 / 3, 1 / 3, 1 / 3),
+    )
     train, test = _split(batch, cfg.mixture_examples)
-    return Case("mixture", task_mixture_model, train, test, {}, ("autonormal", "automvn", "autoiaf"), (), None,
-                f"{cfg.mixture_tasks} tasks x {cfg.mixture_examples} points, 3 clusters, c enumerated")
+    return Case(
+        "mixture",
+        task_mixture_model,
+        train,
+        test,
+        {},
+        ("autonormal", "automvn", "autoiaf"),
+        (),
+        None,
+        f"{cfg.mixture_tasks} tasks x {cfg.mixture_examples} points, 3 clusters, c enumerated",
+    )
 
 
 CASE_BUILDERS = {"linear": _case_linear, "bnn": _case_bnn, "latent": _case_latent, "mixture": _case_mixture}
@@ -322,7 +394,8 @@ def _svi_draws(rng_key, case: Case, guide, cfg: ValidateConfig, discrete: list[s
     if not np.isfinite(np.asarray(fit.losses[-1])):
         raise FloatingPointError(f"{case.name}: SVI loss is {fit.losses[-1]}")
     return Predictive(guide, params=fit.params, num_samples=cfg.num_draws, parallel=True)(
-        k_draw, case.train, **case.kwargs)
+        k_draw, case.train, **case.kwargs
+    )
 
 
 def _restart_draws(rng_key, case: Case, cfg: ValidateConfig, cls_name: str, continuous: list[str]) -> dict:
@@ -331,10 +404,18 @@ def _restart_draws(rng_key, case: Case, cfg: ValidateConfig, cls_name: str, cont
 
     k_build, k_fit, k_draw = jax.random.split(rng_key, 3)
     guide = getattr(lib_guides, cls_name).build(k_build, case.model, case.train, **case.kwargs)
-    fit = fit_local(k_fit, case.model, guide, case.train, num_steps=cfg.num_steps // 5,
-                    num_restarts=cfg.num_restarts, model_kwargs=case.kwargs)
+    fit = fit_local(
+        k_fit,
+        case.model,
+        guide,
+        case.train,
+        num_steps=cfg.num_steps // 5,
+        num_restarts=cfg.num_restarts,
+        model_kwargs=case.kwargs,
+    )
     draws = Predictive(fit.guide, params=fit.params, num_samples=cfg.num_draws, parallel=True)(
-        k_draw, case.train, **case.kwargs)
+        k_draw, case.train, **case.kwargs
+    )
     return {k: v for k, v in draws.items() if k in continuous}
 
 
@@ -358,8 +439,9 @@ def _task_guide(rng_key, case: Case, cls_name: str, continuous: list[str], discr
     return guide
 
 
-def _laplace_draws(rng_key, case: Case, cfg: ValidateConfig, structure: str, continuous: list[str],
-                   cache: dict) -> dict:
+def _laplace_draws(
+    rng_key, case: Case, cfg: ValidateConfig, structure: str, continuous: list[str], cache: dict
+) -> dict:
     """Task-level Laplace (LLAMA's posterior): the joint MAP, then per task ``phi_j ~
     N(phi_j*, (GGN_j + I / task_scale^2)^-1)`` with the shared mean held at its MAP."""
     import equinox as eqx
@@ -371,7 +453,8 @@ def _laplace_draws(rng_key, case: Case, cfg: ValidateConfig, structure: str, con
     if "map" not in cache:  # one MAP shared by the three curvature structures
         guide = AutoDelta(case.model)
         fit = SVI(case.model, guide, optax.adam(cfg.learning_rate), Trace_ELBO()).run(
-            jax.random.fold_in(rng_key, 1), cfg.num_steps, case.train, progress_bar=False, **case.kwargs)
+            jax.random.fold_in(rng_key, 1), cfg.num_steps, case.train, progress_bar=False, **case.kwargs
+        )
         cache["map"] = guide.median(fit.params)
     mode = cache["map"]
     task_scale, noise_scale = case.kwargs["task_scale"], case.kwargs["noise_scale"]
@@ -380,9 +463,16 @@ def _laplace_draws(rng_key, case: Case, cfg: ValidateConfig, structure: str, con
     draws = []
     for j in range(x.shape[0]):
         net = unravel(mode["phi"][j, 0])
-        post = lp.laplace(None, net, jnp.asarray(x[j]), jnp.asarray(y[j]), apply_fn=lp.vmap_apply,
-                          likelihood=lambda f: dist.Normal(f[:, 0], noise_scale),
-                          structure=structure, prior_precision=1.0 / task_scale**2)
+        post = lp.laplace(
+            None,
+            net,
+            jnp.asarray(x[j]),
+            jnp.asarray(y[j]),
+            apply_fn=lp.vmap_apply,
+            likelihood=lambda f: dist.Normal(f[:, 0], noise_scale),
+            structure=structure,
+            prior_precision=1.0 / task_scale**2,
+        )
         sampled = lp.sample_params(jax.random.fold_in(rng_key, 10 + j), post, cfg.num_draws)
         params = eqx.filter(eqx.combine(sampled, post.rest), eqx.is_array)
         draws.append(jax.vmap(lambda p: ravel_pytree(p)[0])(params))
@@ -430,8 +520,9 @@ def flatten_draws(draws: dict, sites: list[str]) -> tuple[np.ndarray, list[str]]
         flat = value.reshape(value.shape[0], -1)
         columns.append(flat)
         shape = value.shape[1:]
-        names += [f"{site}{[int(k) for k in np.unravel_index(i, shape)]}" if shape else site
-                  for i in range(flat.shape[1])]
+        names += [
+            f"{site}{[int(k) for k in np.unravel_index(i, shape)]}" if shape else site for i in range(flat.shape[1])
+        ]
     return np.concatenate(columns, axis=1), names
 
 
@@ -488,9 +579,17 @@ def run(rng_key, config: ValidateConfig, out_dir: Path) -> dict[str, float]:
         if case.nuts_init is not None:
             init_params, info = case.nuts_init(jax.random.fold_in(k_nuts, 1), config.num_chains)
             metrics.update({f"{key}_{name}": value for key, value in info.items()})
-        mcmc = run_nuts(k_nuts, case.model, case.train, num_chains=config.num_chains,
-                        num_warmup=config.num_warmup, num_samples=config.num_samples,
-                        target_accept_prob=config.target_accept_prob, init_params=init_params, **case.kwargs)
+        mcmc = run_nuts(
+            k_nuts,
+            case.model,
+            case.train,
+            num_chains=config.num_chains,
+            num_warmup=config.num_warmup,
+            num_samples=config.num_samples,
+            target_accept_prob=config.target_accept_prob,
+            init_params=init_params,
+            **case.kwargs,
+        )
         nuts_s = time.perf_counter() - start
         health = nuts_health(mcmc)
         _log(f"{name}/nuts: {nuts_s:.1f} s, max R-hat {health.rhat_max:.4f}, min bulk ESS {health.ess_bulk_min:.0f}")
@@ -502,8 +601,10 @@ def run(rng_key, config: ValidateConfig, out_dir: Path) -> dict[str, float]:
         metrics[f"divergences_{name}"] = health.num_divergent
         metrics[f"nuts_healthy_{name}"] = int(healthy)
         metrics[f"time_nuts_{name}_s"] = nuts_s
-        save_posterior(from_mcmc(mcmc, rng_key=k_nuts, attrs={"method": "nuts", "case": name}),
-                       out_dir / f"posterior_{name}_nuts.nc")
+        save_posterior(
+            from_mcmc(mcmc, rng_key=k_nuts, attrs={"method": "nuts", "case": name}),
+            out_dir / f"posterior_{name}_nuts.nc",
+        )
         nuts_draws = {k: np.asarray(v) for k, v in mcmc.get_samples().items()}
         reference, names = flatten_draws(nuts_draws, continuous)
         is_local = np.array([n.split("[")[0] in case.local_sites for n in names])
@@ -529,11 +630,15 @@ def run(rng_key, config: ValidateConfig, out_dir: Path) -> dict[str, float]:
             row = {"method": method, "time_s": times[method]}
             if method != "nuts":
                 cmp = compare_marginals(flat, reference)
-                row.update(w1=cmp["w1"].mean(), w1_local=cmp["w1"][is_local].mean() if is_local.any() else np.nan,
-                           mean_err=cmp["mean_err"].mean(), mean_err_max=cmp["mean_err"].max(),
-                           sd_ratio=_geomean(cmp["sd_ratio"]),
-                           sd_ratio_min=cmp["sd_ratio"].min(),
-                           sd_ratio_local=_geomean(cmp["sd_ratio"][is_local]) if is_local.any() else np.nan)
+                row.update(
+                    w1=cmp["w1"].mean(),
+                    w1_local=cmp["w1"][is_local].mean() if is_local.any() else np.nan,
+                    mean_err=cmp["mean_err"].mean(),
+                    mean_err_max=cmp["mean_err"].max(),
+                    sd_ratio=_geomean(cmp["sd_ratio"]),
+                    sd_ratio_min=cmp["sd_ratio"].min(),
+                    sd_ratio_local=_geomean(cmp["sd_ratio"][is_local]) if is_local.any() else np.nan,
+                )
                 metrics[f"w1_{name}_{method}"] = row["w1"]
                 metrics[f"mean_err_{name}_{method}"] = row["mean_err"]
                 metrics[f"sd_ratio_{name}_{method}"] = row["sd_ratio"]
@@ -554,15 +659,25 @@ def run(rng_key, config: ValidateConfig, out_dir: Path) -> dict[str, float]:
                 row["cluster_err"] = float(np.abs(probs - nuts_probs).max())
                 metrics[f"cluster_err_{name}_{method}"] = row["cluster_err"]
             if method != "nuts":
-                tree = from_samples(k_scores, case.model, draws, case.train,
-                                    attrs={"method": method, "case": name}, **case.kwargs)
+                tree = from_samples(
+                    k_scores, case.model, draws, case.train, attrs={"method": method, "case": name}, **case.kwargs
+                )
                 save_posterior(tree, out_dir / f"posterior_{name}_{method}.nc")
             rows.append(row)
         extra = {}
         if discrete:
             extra["cluster_probs"] = nuts_probs
-        report.append({"case": case, "health": health, "healthy": healthy, "rows": rows,
-                       "setup_s": setup_s, "num_params": reference.shape[1], **extra})
+        report.append(
+            {
+                "case": case,
+                "health": health,
+                "healthy": healthy,
+                "rows": rows,
+                "setup_s": setup_s,
+                "num_params": reference.shape[1],
+                **extra,
+            }
+        )
         plot_marginals(all_draws, continuous, names, out_dir / f"marginals_{name}.png", title=f"{name}: {case.note}")
         # Written after every case, so a long run shows its finished cases.
         atomic_write_bytes(out_dir / "validation.md", _markdown(report, config).encode())
@@ -570,8 +685,9 @@ def run(rng_key, config: ValidateConfig, out_dir: Path) -> dict[str, float]:
     return metrics
 
 
-def plot_marginals(all_draws: dict[str, dict], sites: list[str], names: list[str], path: Path, *,
-                   title: str = "", max_panels: int = 8) -> Path:
+def plot_marginals(
+    all_draws: dict[str, dict], sites: list[str], names: list[str], path: Path, *, title: str = "", max_panels: int = 8
+) -> Path:
     """Marginals of a few scalar parameters: NUTS filled, each approximation a line.
 
     The panels are the first scalar of every site, then further scalars in order, up to
@@ -607,7 +723,7 @@ def plot_marginals(all_draws: dict[str, dict], sites: list[str], names: list[str
                 ax.plot(grid, gaussian_kde(v)(grid), lw=1, label=method, color=f"C{list(flat).index(method) % 10}")
         ax.set_title(names[p], fontsize="small")
         ax.set_yticks([])
-    for ax in axes.ravel()[len(panels):]:
+    for ax in axes.ravel()[len(panels) :]:
         ax.axis("off")
     axes[0, 0].legend(fontsize="x-small")
     fig.suptitle(title, fontsize="small")
@@ -622,20 +738,29 @@ def _fmt(value, spec=".3f") -> str:
 
 
 def _markdown(report: list[dict], cfg: ValidateConfig) -> str:
-    lines = ["# Validation: approximate posteriors against NUTS", "",
-             f"NUTS: {cfg.num_chains} chains x {cfg.num_samples} draws after {cfg.num_warmup} warmup; "
-             f"every guide: {cfg.num_steps} Adam steps (lr {cfg.learning_rate}), {cfg.num_draws} draws. "
-             "Per scalar parameter against NUTS: `mean err` = |mean - mean_NUTS| / sd_NUTS (average), "
-             "`sd ratio` = sd / sd_NUTS (geometric mean; `local` over the task-level latents; minimum), `W1` = 1-D Wasserstein distance / "
-             "sd_NUTS (average; `W1 local` over the task-level latents only). Held-out points of the same "
-             "tasks: `NLL` per point and coverage of the central 90% predictive interval.", ""]
+    lines = [
+        "# Validation: approximate posteriors against NUTS",
+        "",
+        f"NUTS: {cfg.num_chains} chains x {cfg.num_samples} draws after {cfg.num_warmup} warmup; "
+        f"every guide: {cfg.num_steps} Adam steps (lr {cfg.learning_rate}), {cfg.num_draws} draws. "
+        "Per scalar parameter against NUTS: `mean err` = |mean - mean_NUTS| / sd_NUTS (average), "
+        "`sd ratio` = sd / sd_NUTS (geometric mean; `local` over the task-level latents; minimum), "
+        "`W1` = 1-D Wasserstein distance / "
+        "sd_NUTS (average; `W1 local` over the task-level latents only). Held-out points of the same "
+        "tasks: `NLL` per point and coverage of the central 90% predictive interval.",
+        "",
+    ]
     for r in report:
         case, h = r["case"], r["health"]
         verdict = "healthy" if r["healthy"] else "**NOT healthy**"
-        lines += [f"## {case.name}: {case.note}", "",
-                  f"{r['num_params']} scalar parameters. NUTS {verdict}: max R-hat {h.rhat_max:.4f} ({h.worst_rhat}), "
-                  f"min bulk ESS {h.ess_bulk_min:.0f} ({h.worst_ess}), {h.num_divergent} divergences "
-                  f"(thresholds R-hat <= {cfg.rhat_max}, ESS >= {cfg.ess_min:.0f}).", ""]
+        lines += [
+            f"## {case.name}: {case.note}",
+            "",
+            f"{r['num_params']} scalar parameters. NUTS {verdict}: max R-hat {h.rhat_max:.4f} ({h.worst_rhat}), "
+            f"min bulk ESS {h.ess_bulk_min:.0f} ({h.worst_ess}), {h.num_divergent} divergences "
+            f"(thresholds R-hat <= {cfg.rhat_max}, ESS >= {cfg.ess_min:.0f}).",
+            "",
+        ]
         has_exact = case.exact is not None
         has_clusters = "cluster_probs" in r
         head = ["method", "W1", "W1 local", "mean err", "max mean err", "sd ratio", "sd ratio local", "min sd ratio"]
@@ -645,18 +770,29 @@ def _markdown(report: list[dict], cfg: ValidateConfig) -> str:
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         ranked = sorted(r["rows"], key=lambda row: (row["method"] != "nuts", row.get("w1", -1.0)))
         for row in ranked:
-            cells = [row["method"], _fmt(row.get("w1")), _fmt(row.get("w1_local")), _fmt(row.get("mean_err")),
-                     _fmt(row.get("mean_err_max")), _fmt(row.get("sd_ratio")), _fmt(row.get("sd_ratio_local")),
-                     _fmt(row.get("sd_ratio_min"))]
+            cells = [
+                row["method"],
+                _fmt(row.get("w1")),
+                _fmt(row.get("w1_local")),
+                _fmt(row.get("mean_err")),
+                _fmt(row.get("mean_err_max")),
+                _fmt(row.get("sd_ratio")),
+                _fmt(row.get("sd_ratio_local")),
+                _fmt(row.get("sd_ratio_min")),
+            ]
             cells += [_fmt(row.get("w1_exact"))] if has_exact else []
             cells += [_fmt(row.get("cluster_err"))] if has_clusters else []
             cells += [_fmt(row["nll"]), _fmt(row["coverage"], ".2f"), _fmt(row["time_s"], ".1f")]
             lines.append("| " + " | ".join(cells) + " |")
         if has_clusters:
             probs = r["cluster_probs"]
-            lines += ["", "Posterior cluster probabilities per task (NUTS, c summed out, Rao-Blackwellised):", "",
-                      "| task | " + " | ".join(f"p(c={k})" for k in range(probs.shape[1])) + " |",
-                      "|---|" + "---|" * probs.shape[1]]
+            lines += [
+                "",
+                "Posterior cluster probabilities per task (NUTS, c summed out, Rao-Blackwellised):",
+                "",
+                "| task | " + " | ".join(f"p(c={k})" for k in range(probs.shape[1])) + " |",
+                "|---|" + "---|" * probs.shape[1],
+            ]
             lines += [f"| {t} | " + " | ".join(f"{p:.3f}" for p in probs[t]) + " |" for t in range(probs.shape[0])]
         lines.append("")
     return "\n".join(lines) + "\n"

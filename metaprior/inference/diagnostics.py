@@ -19,8 +19,9 @@ objects); the sampling they call is jitted inside NumPyro.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 from numpyro.primitives import Messenger
@@ -50,8 +51,7 @@ def _check_probs_labels(probs, labels) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"probs must have shape [N, K] (class probabilities), got {probs.shape}")
     if labels.shape != probs.shape[:-1]:
         raise ValueError(
-            f"labels must have shape {probs.shape[:-1]} (probs without its class axis), "
-            f"got {labels.shape}"
+            f"labels must have shape {probs.shape[:-1]} (probs without its class axis), got {labels.shape}"
         )
     if probs.size == 0:
         raise ValueError("probs is empty")
@@ -190,8 +190,12 @@ def to_datatree(
     """
     import arviz as az
 
-    groups = {"posterior": posterior, "posterior_predictive": posterior_predictive,
-              "log_likelihood": log_likelihood, "observed_data": observed_data}
+    groups = {
+        "posterior": posterior,
+        "posterior_predictive": posterior_predictive,
+        "log_likelihood": log_likelihood,
+        "observed_data": observed_data,
+    }
     data = {}
     for group, values in groups.items():
         if values is None:
@@ -200,9 +204,7 @@ def to_datatree(
         if group != "observed_data":
             for name, value in data[group].items():
                 if value.ndim < 2:
-                    raise ValueError(
-                        f"{group}[{name!r}] must have leading (chain, draw) dims, got shape {value.shape}"
-                    )
+                    raise ValueError(f"{group}[{name!r}] must have leading (chain, draw) dims, got shape {value.shape}")
     return az.from_dict(
         data,
         sample_dims=list(_SAMPLE_DIMS),
@@ -262,10 +264,9 @@ def _draw_discrete(rng_key, model, samples, sites, batch_ndims, model_args, mode
     """Draw enumerated discrete sites from their conditional posterior given each draw."""
     from numpyro.infer import Predictive
 
-    return Predictive(model, samples, batch_ndims=batch_ndims, infer_discrete=True, return_sites=list(sites),
-                      parallel=True)(
-        rng_key, *model_args, **model_kwargs
-    )
+    return Predictive(
+        model, samples, batch_ndims=batch_ndims, infer_discrete=True, return_sites=list(sites), parallel=True
+    )(rng_key, *model_args, **model_kwargs)
 
 
 def from_samples(
@@ -328,8 +329,9 @@ def from_samples(
     samples = {k: jax.numpy.asarray(v) for k, v in samples.items()}
     if discrete:
         samples.update(_draw_discrete(key_discrete, model, samples, discrete, 2, model_args, model_kwargs))
-    predictive = Predictive(_unobserve(model), samples, batch_ndims=2, parallel=True,
-                            return_sites=observed + deterministic)(key_pred, *model_args, **model_kwargs)
+    predictive = Predictive(
+        _unobserve(model), samples, batch_ndims=2, parallel=True, return_sites=observed + deterministic
+    )(key_pred, *model_args, **model_kwargs)
     loglik = log_likelihood(model, samples, *model_args, batch_ndims=2, parallel=True, **model_kwargs)
     dims, posterior = {}, {}
     for n in latent:
@@ -410,9 +412,9 @@ def from_mcmc(mcmc, *model_args, rng_key=None, attrs: Mapping[str, Any] | None =
     if "diverging" in extra:
         import arviz as az
 
-        tree["sample_stats"] = az.from_dict(
-            {"sample_stats": {"diverging": np.asarray(extra["diverging"])}}
-        )["sample_stats"]
+        tree["sample_stats"] = az.from_dict({"sample_stats": {"diverging": np.asarray(extra["diverging"])}})[
+            "sample_stats"
+        ]
     return tree
 
 
@@ -477,8 +479,11 @@ def predictive_scores(
     mask = np.broadcast_to(np.asarray(getattr(trace[obs]["fn"], "_mask", True)), y.shape)
     loglik = np.asarray(log_likelihood(model, samples, *test_args, parallel=True, **model_kwargs)[obs], np.float64)
     log_pred = np.asarray(logsumexp(loglik, axis=0)) - np.log(loglik.shape[0])
-    y_rep = np.asarray(Predictive(_unobserve(model), samples, return_sites=[obs], parallel=True)(
-        key_pred, *test_args, **model_kwargs)[obs])
+    y_rep = np.asarray(
+        Predictive(_unobserve(model), samples, return_sites=[obs], parallel=True)(key_pred, *test_args, **model_kwargs)[
+            obs
+        ]
+    )
     lo, hi = np.quantile(y_rep, [(1 - level) / 2, (1 + level) / 2], axis=0)
     inside = (y >= lo) & (y <= hi)
     return {"nll": float(-log_pred[mask].mean()), "coverage": float(inside[mask].mean())}

@@ -46,7 +46,8 @@ References:
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -80,7 +81,7 @@ def _normal_like(rng_key: jax.Array, tree: PyTree) -> PyTree:
     flat = jax.random.normal(rng_key, (sum(sizes),), leaves[0].dtype)
     parts, start = [], 0
     for leaf, size in zip(leaves, sizes):
-        parts.append(flat[start:start + size].reshape(leaf.shape))
+        parts.append(flat[start : start + size].reshape(leaf.shape))
         start += size
     return jax.tree.unflatten(treedef, parts)
 
@@ -186,6 +187,7 @@ def categorical_expected_log_lik(forward, estimator: LayerEstimator = flipout):
         ``scale`` tuples of layers (e.g. :class:`~metaprior.inference.guides.GaussianLayers`)
         and ``net`` the shared parameters ``forward`` reads.
     """
+
     def expected_log_lik(rng_key, net, q, x, y):
         logits = stochastic_forward(rng_key, forward, net, q.loc, q.scale, x, estimator)
         log_probs = jax.nn.log_softmax(logits, axis=-1)

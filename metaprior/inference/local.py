@@ -11,7 +11,8 @@ against local optima).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,8 +22,14 @@ from metaprior.inference.guides.task_local import _TaskGuideBase
 from metaprior.inference.svi import elbo_loss
 
 __all__ = [
-    "LocalFit", "TaskBatchState", "fit_local", "guide_for_num_tasks", "restart_weights", "sample_restart_mixture",
-    "subsample_indices", "task_batch_learner",
+    "LocalFit",
+    "TaskBatchState",
+    "fit_local",
+    "guide_for_num_tasks",
+    "restart_weights",
+    "sample_restart_mixture",
+    "subsample_indices",
+    "task_batch_learner",
 ]
 
 
@@ -119,8 +126,9 @@ def fit_local(
         optimizer = optax.adam(optax.cosine_decay_schedule(0.05, num_steps, alpha=0.01))
     one_guide = guide_for_num_tasks(guide, 1)
     loss = elbo_loss(model, one_guide, kl_weight=kl_weight, num_particles=num_particles, model_kwargs=model_kwargs)
-    eval_loss = elbo_loss(model, one_guide, kl_weight=kl_weight, num_particles=eval_particles,
-                          model_kwargs=model_kwargs)
+    eval_loss = elbo_loss(
+        model, one_guide, kl_weight=kl_weight, num_particles=eval_particles, model_kwargs=model_kwargs
+    )
     grad = jax.value_and_grad(loss)
 
     loc_name = f"{one_guide.prefix}_loc"
@@ -140,8 +148,9 @@ def fit_local(
         return params, -eval_loss(params, k_eval, task), curve
 
     shape = jax.eval_shape(one_guide.init_params, jax.random.key(0))[loc_name].shape
-    score = jax.vmap(lambda loc, k, task: loss({**one_guide.init_params(k), loc_name: loc}, k, task),
-                     in_axes=(0, 0, None))
+    score = jax.vmap(
+        lambda loc, k, task: loss({**one_guide.init_params(k), loc_name: loc}, k, task), in_axes=(0, 0, None)
+    )
 
     def starts(key, restart_keys, task):
         """Where each restart's base Normal starts (the prior's typical set); with an
@@ -170,8 +179,7 @@ def fit_local(
         every = jax.tree.map(lambda p: p[:, 0], params)
         return jax.tree.map(lambda p: p[best], every), elbos[best], elbos, curves, every
 
-    params, elbo, restart_elbo, losses, every = jax.jit(jax.vmap(one_task))(
-        jax.random.split(rng_key, num_tasks), batch)
+    params, elbo, restart_elbo, losses, every = jax.jit(jax.vmap(one_task))(jax.random.split(rng_key, num_tasks), batch)
     return LocalFit(guide_for_num_tasks(guide, num_tasks), params, elbo, restart_elbo, losses, every)
 
 
@@ -190,8 +198,9 @@ def restart_weights(fit: LocalFit) -> jax.Array:
     return jax.nn.softmax(elbo, axis=-1)
 
 
-def sample_restart_mixture(rng_key: jax.Array, fit: LocalFit, batch: Any, num_samples: int,
-                           site: str | None = None, **model_kwargs) -> jax.Array:
+def sample_restart_mixture(
+    rng_key: jax.Array, fit: LocalFit, batch: Any, num_samples: int, site: str | None = None, **model_kwargs
+) -> jax.Array:
     """Draw ``num_samples`` of one latent site from the ELBO-weighted mixture of restarts.
 
     Each draw picks a restart with probability :func:`restart_weights` (per task), then
@@ -210,8 +219,11 @@ def sample_restart_mixture(rng_key: jax.Array, fit: LocalFit, batch: Any, num_sa
     draws = []
     for r in range(num_restarts):
         params_r = jax.tree.map(lambda p: p[:, r], fit.restart_params)
-        draws.append(Predictive(fit.guide, params=params_r, num_samples=num_samples)(
-            jax.random.fold_in(k_draw, r), batch, **model_kwargs)[site])
+        draws.append(
+            Predictive(fit.guide, params=params_r, num_samples=num_samples)(
+                jax.random.fold_in(k_draw, r), batch, **model_kwargs
+            )[site]
+        )
     draws = jnp.stack(draws)  # [R, S, T, ...]
     num_tasks = fit.restart_elbo.shape[0]
     pick = jax.random.categorical(k_pick, jnp.log(restart_weights(fit)), shape=(num_samples, num_tasks))  # [S, T]
@@ -237,7 +249,7 @@ def subsample_indices(rng_key: jax.Array, size: int, subsample_size: int) -> jax
         return val.at[jnp.stack([top, j])].set(val[jnp.stack([j, top])]), None
 
     val, _ = jax.lax.scan(body, jnp.arange(size), jnp.arange(subsample_size))
-    return val[size - subsample_size:]
+    return val[size - subsample_size :]
 
 
 class TaskBatchState(NamedTuple):
@@ -319,8 +331,13 @@ def task_batch_learner(
         local_optimizer = optax.adam(0.05)
     scale = num_tasks / task_batch
     guide_b = guide_for_num_tasks(guide, task_batch)
-    loss_b = elbo_loss(handlers.scale(model, scale=scale), handlers.scale(guide_b, scale=scale),
-                       kl_weight=kl_weight, num_particles=num_particles, model_kwargs=model_kwargs)
+    loss_b = elbo_loss(
+        handlers.scale(model, scale=scale),
+        handlers.scale(guide_b, scale=scale),
+        kl_weight=kl_weight,
+        num_particles=num_particles,
+        model_kwargs=model_kwargs,
+    )
     prefix = guide.prefix + "_"
 
     def split(params):
@@ -328,14 +345,18 @@ def task_batch_learner(
         shared = {k: v for k, v in params.items() if not k.startswith(prefix)}
         for k, v in rows.items():
             if jnp.shape(v)[:1] != (num_tasks,):
-                raise ValueError(f"guide parameter {k!r} has shape {jnp.shape(v)}, expected a leading "
-                                 f"[{num_tasks}] tasks axis")
+                raise ValueError(
+                    f"guide parameter {k!r} has shape {jnp.shape(v)}, expected a leading [{num_tasks}] tasks axis"
+                )
         return shared, rows
 
     def init(params):
         shared, rows = split(params)
-        return MetaState(jnp.zeros((), jnp.int32), params,
-                         TaskBatchState(optimizer.init(shared), jax.vmap(local_optimizer.init)(rows)))
+        return MetaState(
+            jnp.zeros((), jnp.int32),
+            params,
+            TaskBatchState(optimizer.init(shared), jax.vmap(local_optimizer.init)(rows)),
+        )
 
     def take(tree, idx):
         return jax.tree.map(lambda a: a[idx], tree)
@@ -366,8 +387,9 @@ def task_batch_learner(
 
         if local_steps:
             (rows, row_opt), _ = jax.lax.scan(e_step, (rows, row_opt), jax.random.split(k_e, local_steps))
-        loss, (g_shared, g_rows) = jax.value_and_grad(
-            lambda s, r: loss_b({**s, **r}, k_m, batch), argnums=(0, 1))(shared, rows)
+        loss, (g_shared, g_rows) = jax.value_and_grad(lambda s, r: loss_b({**s, **r}, k_m, batch), argnums=(0, 1))(
+            shared, rows
+        )
         upd, opt_shared = optimizer.update(g_shared, state.opt_state.shared, shared)
         shared = optax.apply_updates(shared, upd)
         upd, row_opt = local_update(g_rows, row_opt, rows)

@@ -26,7 +26,8 @@ References:
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import equinox as eqx
 import jax
@@ -146,32 +147,36 @@ def adapt(
         updates, opt_state = inner_optimizer.update(grads, opt_state, fast)
         return (optax.apply_updates(fast, updates), opt_state), value
 
-    (fast, _), losses = jax.lax.scan(step, (fast, inner_optimizer.init(fast)), None, length=num_steps,
-                                    unroll=unroll)
+    (fast, _), losses = jax.lax.scan(step, (fast, inner_optimizer.init(fast)), None, length=num_steps, unroll=unroll)
     final = loss_fn(eqx.combine(fast, slow), x, y)
     return eqx.combine(fast, slow), jnp.concatenate([losses, final[None]])
 
 
-def _objective(loss_fn, inner_optimizer, num_steps, filter_spec, first_order, extra=None, extra_tasks=None,
-               unroll=1):
+def _objective(loss_fn, inner_optimizer, num_steps, filter_spec, first_order, extra=None, extra_tasks=None, unroll=1):
     def objective(net: PyTree, rng_key: jax.Array, tasks) -> tuple[jax.Array, MAMLAux]:
         num_tasks = tasks.support_x.shape[0]
 
         def one(sx, sy, qx, qy):
-            phi, inner = adapt(net, sx, sy, loss_fn=loss_fn, inner_optimizer=inner_optimizer,
-                               num_steps=num_steps, filter_spec=filter_spec, first_order=first_order,
-                               unroll=unroll)
+            phi, inner = adapt(
+                net,
+                sx,
+                sy,
+                loss_fn=loss_fn,
+                inner_optimizer=inner_optimizer,
+                num_steps=num_steps,
+                filter_spec=filter_spec,
+                first_order=first_order,
+                unroll=unroll,
+            )
             return loss_fn(phi, qx, qy), phi, inner[0], inner[-1]
 
-        query, phis, before, after = jax.vmap(one)(*(tasks.support_x, tasks.support_y, tasks.query_x,
-                                                     tasks.query_y))
+        query, phis, before, after = jax.vmap(one)(*(tasks.support_x, tasks.support_y, tasks.query_x, tasks.query_y))
         loss, ld = jnp.mean(query), jnp.zeros(())
         if extra is not None:
             m = num_tasks if extra_tasks is None else min(extra_tasks, num_tasks)
             keys = jax.random.split(rng_key, m)
-            head = lambda a: a[:m]  # noqa: E731
-            penalty, lds = jax.vmap(extra)(keys, jax.tree.map(head, phis), head(tasks.support_x),
-                                           head(tasks.support_y))
+            head = lambda a: a[:m]
+            penalty, lds = jax.vmap(extra)(keys, jax.tree.map(head, phis), head(tasks.support_x), head(tasks.support_y))
             loss, ld = loss + jnp.mean(penalty), jnp.mean(lds)
         return loss, MAMLAux(query.mean(), before.mean(), after.mean(), ld)
 
@@ -244,5 +249,6 @@ def ml_laplace(
         ld = log_det_fn(posterior_fn(key, phi, sx, sy))
         return eta * 0.5 * ld, ld
 
-    return _objective(loss_fn, inner_optimizer, num_inner_steps, filter_spec, first_order, penalty,
-                      log_det_tasks, unroll=unroll)
+    return _objective(
+        loss_fn, inner_optimizer, num_inner_steps, filter_spec, first_order, penalty, log_det_tasks, unroll=unroll
+    )

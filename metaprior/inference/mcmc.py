@@ -16,14 +16,23 @@ Discrete latents marked ``infer={"enumerate": "parallel"}`` are summed out insid
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 from numpyro.infer import MCMC, NUTS
 
-__all__ = ["default_chain_method", "run_nuts", "NutsHealth", "nuts_health", "per_task_log_joint",
-           "restart_init", "RestartInit", "grid_posterior"]
+__all__ = [
+    "default_chain_method",
+    "run_nuts",
+    "NutsHealth",
+    "nuts_health",
+    "per_task_log_joint",
+    "restart_init",
+    "RestartInit",
+    "grid_posterior",
+]
 
 
 def default_chain_method(num_chains: int) -> str:
@@ -76,11 +85,9 @@ def run_nuts(
     """
     if num_chains < 1 or num_samples < 1 or num_warmup < 0:
         raise ValueError(
-            f"need num_chains >= 1, num_samples >= 1, num_warmup >= 0; got {num_chains}, "
-            f"{num_samples}, {num_warmup}"
+            f"need num_chains >= 1, num_samples >= 1, num_warmup >= 0; got {num_chains}, {num_samples}, {num_warmup}"
         )
-    kernel_kwargs = dict(target_accept_prob=target_accept_prob, dense_mass=dense_mass,
-                         max_tree_depth=max_tree_depth)
+    kernel_kwargs = dict(target_accept_prob=target_accept_prob, dense_mass=dense_mass, max_tree_depth=max_tree_depth)
     if init_strategy is not None:
         kernel_kwargs["init_strategy"] = init_strategy
     mcmc = MCMC(
@@ -94,8 +101,10 @@ def run_nuts(
     if init_params is not None:
         for name, value in init_params.items():
             if np.shape(value)[:1] != (num_chains,):
-                raise ValueError(f"init_params[{name!r}] must have a leading axis of num_chains={num_chains}, "
-                                 f"got shape {np.shape(value)}")
+                raise ValueError(
+                    f"init_params[{name!r}] must have a leading axis of num_chains={num_chains}, "
+                    f"got shape {np.shape(value)}"
+                )
         if num_chains == 1:
             init_params = {k: v[0] for k, v in init_params.items()}
     mcmc.run(rng_key, *model_args, extra_fields=("diverging",), init_params=init_params, **model_kwargs)
@@ -186,8 +195,9 @@ def nuts_health(samples: dict[str, Any] | Any, *, diverging: Any = None, var_nam
 # --------------------------------------------------------------------------------------
 
 
-def per_task_log_joint(model: Callable, *model_args: Any, values: dict, plate: str = "tasks",
-                       **model_kwargs: Any) -> jax.Array:
+def per_task_log_joint(
+    model: Callable, *model_args: Any, values: dict, plate: str = "tasks", **model_kwargs: Any
+) -> jax.Array:
     """``log p(y_j, latents_j)`` for every task ``j`` at the given latent values.
 
     Every sample site's log-density (masks applied) is summed over all its axes but the
@@ -212,8 +222,10 @@ def per_task_log_joint(model: Callable, *model_args: Any, values: dict, plate: s
             continue
         frames = [f for f in site["cond_indep_stack"] if f.name == plate]
         if not frames:
-            raise ValueError(f"site {name!r} is outside plate {plate!r}: the tasks are not independent, "
-                             "so there is no per-task log joint (hold the shared sites fixed first)")
+            raise ValueError(
+                f"site {name!r} is outside plate {plate!r}: the tasks are not independent, "
+                "so there is no per-task log joint (hold the shared sites fixed first)"
+            )
         log_prob = site["fn"].log_prob(site["value"])
         if site.get("scale") is not None:
             log_prob = site["scale"] * log_prob
@@ -244,10 +256,21 @@ class RestartInit(NamedTuple):
     gap: np.ndarray
 
 
-def restart_init(rng_key: jax.Array, model: Callable, *model_args: Any, site: str, num_chains: int = 4,
-                 num_starts: int = 64, num_steps: int = 2000, learning_rate: float = 0.05,
-                 init_scale: float = 1.5, jitter: float = 0.01, separation: float = 0.1,
-                 plate: str = "tasks", **model_kwargs: Any) -> RestartInit:
+def restart_init(
+    rng_key: jax.Array,
+    model: Callable,
+    *model_args: Any,
+    site: str,
+    num_chains: int = 4,
+    num_starts: int = 64,
+    num_steps: int = 2000,
+    learning_rate: float = 0.05,
+    init_scale: float = 1.5,
+    jitter: float = 0.01,
+    separation: float = 0.1,
+    plate: str = "tasks",
+    **model_kwargs: Any,
+) -> RestartInit:
     """Start NUTS chains at each task's best mode, found by many random restarts.
 
     For a model whose tasks are independent (the shared network fixed), each task's
@@ -320,9 +343,18 @@ def restart_init(rng_key: jax.Array, model: Callable, *model_args: Any, site: st
     return RestartInit({site: init}, {site: best}, values, gap)
 
 
-def grid_posterior(rng_key: jax.Array, log_density: Callable[[jax.Array], jax.Array], dim: int, num_draws: int,
-                   *, bound: float = 5.0, coarse: int = 400, refine: int = 8, window: float = 30.0,
-                   chunk: int = 65536) -> tuple[np.ndarray, float]:
+def grid_posterior(
+    rng_key: jax.Array,
+    log_density: Callable[[jax.Array], jax.Array],
+    dim: int,
+    num_draws: int,
+    *,
+    bound: float = 5.0,
+    coarse: int = 400,
+    refine: int = 8,
+    window: float = 30.0,
+    chunk: int = 65536,
+) -> tuple[np.ndarray, float]:
     """Draws from a low-dimensional density by two-level grid quadrature.
 
     The box ``[-bound, bound]^dim`` is cut into ``coarse^dim`` cells and ``log_density``
@@ -354,8 +386,10 @@ def grid_posterior(rng_key: jax.Array, log_density: Callable[[jax.Array], jax.Ar
     log_density = jax.jit(log_density)
 
     def evaluate(points: np.ndarray) -> np.ndarray:
-        out = [np.asarray(log_density(jnp.asarray(points[i:i + chunk], jnp.float32)))
-               for i in range(0, len(points), chunk)]
+        out = [
+            np.asarray(log_density(jnp.asarray(points[i : i + chunk], jnp.float32)))
+            for i in range(0, len(points), chunk)
+        ]
         values = np.concatenate(out).astype(np.float64)
         return np.where(np.isfinite(values), values, -np.inf)
 

@@ -16,8 +16,9 @@ from __future__ import annotations
 import io
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -242,8 +243,13 @@ def fit(
     start = int(state.step)
     every = max(steps_per_call, int(np.ceil(checkpoint_every / steps_per_call)) * steps_per_call)
     bar = tqdm(
-        total=num_steps, initial=min(start, num_steps), desc=desc, unit="step",
-        disable=not progress_enabled(progress), mininterval=0.5, dynamic_ncols=True,
+        total=num_steps,
+        initial=min(start, num_steps),
+        desc=desc,
+        unit="step",
+        disable=not progress_enabled(progress),
+        mininterval=0.5,
+        dynamic_ncols=True,
     )
     last_saved = start
     try:
@@ -349,8 +355,6 @@ def load_checkpoint(path: str | os.PathLike, like: MetaState) -> tuple[MetaState
         ref = np.asarray(ref)
         if value is None or value.shape != ref.shape or value.dtype != ref.dtype:
             got = "missing" if value is None else f"{value.shape} {value.dtype}"
-            raise ValueError(
-                f"checkpoint {path}: leaf {i} is {got}, this run expects {ref.shape} {ref.dtype}"
-            )
+            raise ValueError(f"checkpoint {path}: leaf {i} is {got}, this run expects {ref.shape} {ref.dtype}")
         leaves.append(jnp.asarray(value))
     return jax.tree.unflatten(treedef, leaves), arrays["__losses__"]

@@ -43,7 +43,8 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Any, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -89,8 +90,7 @@ def task_mesh(devices: Sequence[jax.Device] | None = None, *, axis_name: str = T
     devices = jax.devices() if devices is None else list(devices)
     if not devices:
         raise ValueError("task_mesh: devices is empty")
-    return Mesh(np.asarray(devices, dtype=object), (axis_name,),
-                axis_types=(jax.sharding.AxisType.Auto,))
+    return Mesh(np.asarray(devices, dtype=object), (axis_name,), axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def infer_num_tasks(tree: PyTree) -> int | None:
@@ -251,7 +251,8 @@ class MeshLayout(NamedTuple):
         if count % self.mesh.devices.size:
             warnings.warn(
                 f"task batch of {count} tasks is not a multiple of the {self.mesh.devices.size} "
-                "devices; it is not split across them", stacklevel=2,
+                "devices; it is not split across them",
+                stacklevel=2,
             )
             return batch
         return constrain_tasks(batch, self.mesh, num_tasks=count)
@@ -288,11 +289,12 @@ def place_on_mesh(mesh: Mesh, data: PyTree, state: PyTree) -> tuple[PyTree, PyTr
         )
         count = None
     if data is not None:
-        target = (task_shardings(data, mesh, num_tasks=count) if count is not None
-                  else jax.tree.map(lambda _: NamedSharding(mesh, PartitionSpec()), data))
-        data = jax.tree.map(
-            lambda leaf, where: leaf if _on_mesh(leaf, mesh) else _put(leaf, where), data, target
+        target = (
+            task_shardings(data, mesh, num_tasks=count)
+            if count is not None
+            else jax.tree.map(lambda _: NamedSharding(mesh, PartitionSpec()), data)
         )
+        data = jax.tree.map(lambda leaf, where: leaf if _on_mesh(leaf, mesh) else _put(leaf, where), data, target)
     state = shard_tasks(state, mesh, num_tasks=count) if count is not None else replicate(state, mesh)
     return data, state, MeshLayout(mesh, jax.tree.map(lambda leaf: leaf.sharding, state))
 
@@ -344,9 +346,7 @@ class shard_plate(Messenger):
             return
         spec = [None] * len(shape)
         spec[dim] = self.axis
-        msg["value"] = jax.lax.with_sharding_constraint(
-            value, NamedSharding(self.mesh, PartitionSpec(*spec))
-        )
+        msg["value"] = jax.lax.with_sharding_constraint(value, NamedSharding(self.mesh, PartitionSpec(*spec)))
 
 
 def _event_dim(msg: dict) -> int:
@@ -399,5 +399,4 @@ def initialize_distributed(
     if process_id is None and os.environ.get("JAX_PROCESS_ID"):
         process_id = int(os.environ["JAX_PROCESS_ID"])
     jax.distributed.initialize(coordinator_address, num_processes, process_id, **kwargs)
-    return DistributedInfo(jax.process_index(), jax.process_count(),
-                           jax.local_device_count(), jax.device_count())
+    return DistributedInfo(jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())

@@ -12,7 +12,8 @@ pytree it can differentiate, vmap and checkpoint. These helpers give:
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Literal
+from collections.abc import Callable, Iterable
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -131,7 +132,7 @@ def elbo_terms(
             if name not in guide_tr:
                 raise ValueError(f"latent site {name!r} of the model is not sampled by the guide")
             log_ratio = log_ratio + _site_log_prob(site)
-    for name, site in guide_tr.items():
+    for site in guide_tr.values():
         if site["type"] == "sample" and not site["is_observed"]:
             log_ratio = log_ratio - _site_log_prob(site)
     return loglik, log_ratio

@@ -30,7 +30,8 @@ References:
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -74,8 +75,9 @@ def shared_params(net: PyTree) -> PyTree:
     """``net`` with the weight layers' arrays replaced by ``None``: the shared, deterministic
     parameters (batch-norm scale and shift) that the layered forwards still read."""
     spec = jax.tree.map(lambda _: True, net)
-    spec = eqx.tree_at(weight_layers, spec,
-                       replace=tuple(jax.tree.map(lambda _: False, layer) for layer in weight_layers(spec)))
+    spec = eqx.tree_at(
+        weight_layers, spec, replace=tuple(jax.tree.map(lambda _: False, layer) for layer in weight_layers(spec))
+    )
     return eqx.filter(net, spec)
 
 

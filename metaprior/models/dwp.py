@@ -52,8 +52,9 @@ import io
 import json
 import math
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import equinox as eqx
 import jax
@@ -104,9 +105,7 @@ def conv2d(x: jax.Array, kernel: jax.Array) -> jax.Array:
     Returns:
         ``[N, C_out, H - k + 1, W - k + 1]``.
     """
-    return jax.lax.conv_general_dilated(
-        x, kernel, (1, 1), "VALID", dimension_numbers=("NCHW", "OIHW", "NCHW")
-    )
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), "VALID", dimension_numbers=("NCHW", "OIHW", "NCHW"))
 
 
 def conv2d_im2col(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -125,7 +124,7 @@ def conv2d_im2col(x: jax.Array, kernel: jax.Array) -> jax.Array:
         raise ValueError(f"conv2d_im2col: input has {c} channels, kernel is {kernel.shape}")
     ho, wo = h - k + 1, w - k + 1
     xt = jnp.transpose(x, (0, 2, 3, 1))
-    cols = jnp.concatenate([xt[:, a: a + ho, b: b + wo, :] for a in range(k) for b in range(k)], axis=-1)
+    cols = jnp.concatenate([xt[:, a : a + ho, b : b + wo, :] for a in range(k) for b in range(k)], axis=-1)
     mat = jnp.transpose(kernel, (2, 3, 1, 0)).reshape(k * k * c, out)
     return jnp.transpose(cols @ mat, (0, 3, 1, 2))
 
@@ -160,12 +159,21 @@ class ConvNet(eqx.Module):
     head: eqx.nn.Linear
     negative_slope: float = eqx.field(static=True, default=0.01)
 
-    def __init__(self, *, filters: Sequence[int] = (32, 128), kernel_sizes: Sequence[int] = (7, 5),
-                 in_channels: int = 1, image_size: int = 28, num_classes: int = 10, key: jax.Array,
-                 negative_slope: float = 0.01):
+    def __init__(
+        self,
+        *,
+        filters: Sequence[int] = (32, 128),
+        kernel_sizes: Sequence[int] = (7, 5),
+        in_channels: int = 1,
+        image_size: int = 28,
+        num_classes: int = 10,
+        key: jax.Array,
+        negative_slope: float = 0.01,
+    ):
         if len(filters) != len(kernel_sizes) or not filters:
-            raise ValueError(f"filters {tuple(filters)} and kernel_sizes {tuple(kernel_sizes)} must "
-                             "have the same, non-zero length")
+            raise ValueError(
+                f"filters {tuple(filters)} and kernel_sizes {tuple(kernel_sizes)} must have the same, non-zero length"
+            )
         keys = jax.random.split(key, 2 * len(filters) + 2)
         chans = (in_channels, *filters)
         convs, side = [], image_size
@@ -178,8 +186,7 @@ class ConvNet(eqx.Module):
                 raise ValueError(f"image_size={image_size} is too small for kernel sizes {tuple(kernel_sizes)}")
         features = chans[-1] * side * side
         head = eqx.nn.Linear(features, num_classes, key=keys[-2])
-        head = eqx.tree_at(lambda h: h.weight, head,
-                           _xavier_normal(keys[-1], head.weight.shape, features, num_classes))
+        head = eqx.tree_at(lambda h: h.weight, head, _xavier_normal(keys[-1], head.weight.shape, features, num_classes))
         self.convs = tuple(convs)
         self.head = head
         self.negative_slope = negative_slope
@@ -187,12 +194,11 @@ class ConvNet(eqx.Module):
     @property
     def kernel_shapes(self) -> tuple[tuple[int, int, int, int], ...]:
         """``[(out, in, k, k)]`` per conv layer (static: read from the layer settings)."""
-        return tuple(
-            (c.out_channels, c.in_channels, c.kernel_size[0], c.kernel_size[1]) for c in self.convs
-        )
+        return tuple((c.out_channels, c.in_channels, c.kernel_size[0], c.kernel_size[1]) for c in self.convs)
 
-    def apply(self, x: jax.Array, kernels: Sequence[Any], *,
-              conv: Callable[[jax.Array, Any], jax.Array] = conv2d) -> jax.Array:
+    def apply(
+        self, x: jax.Array, kernels: Sequence[Any], *, conv: Callable[[jax.Array, Any], jax.Array] = conv2d
+    ) -> jax.Array:
         """The forward pass with the given kernels and convolution.
 
         Args:
@@ -233,8 +239,7 @@ def without_kernels(net: ConvNet) -> ConvNet:
     This is what :func:`dwp_model` registers as a ``param`` site, so that the kernels,
     which are latent there, are not also parameters.
     """
-    return eqx.tree_at(lambda n: [c.weight for c in n.convs], net, [None] * len(net.convs),
-                       is_leaf=lambda v: v is None)
+    return eqx.tree_at(lambda n: [c.weight for c in n.convs], net, [None] * len(net.convs), is_leaf=lambda v: v is None)
 
 
 # --------------------------------------------------------------------------- the kernel VAE
@@ -263,10 +268,10 @@ class KernelEncoder(eqx.Module):
     latent_dim: int = eqx.field(static=True)
     min_scale: float = eqx.field(static=True)
 
-    def __init__(self, kernel_size: int, latent_dim: int, hidden: Sequence[int], *, key: jax.Array,
-                 min_scale: float = 1e-3):
-        self.mlp = MLP(kernel_size * kernel_size, 2 * latent_dim, tuple(hidden), key=key,
-                       activation=jax.nn.elu)
+    def __init__(
+        self, kernel_size: int, latent_dim: int, hidden: Sequence[int], *, key: jax.Array, min_scale: float = 1e-3
+    ):
+        self.mlp = MLP(kernel_size * kernel_size, 2 * latent_dim, tuple(hidden), key=key, activation=jax.nn.elu)
         self.kernel_size = kernel_size
         self.latent_dim = latent_dim
         self.min_scale = min_scale
@@ -290,10 +295,10 @@ class KernelDecoder(eqx.Module):
     latent_dim: int = eqx.field(static=True)
     min_scale: float = eqx.field(static=True)
 
-    def __init__(self, kernel_size: int, latent_dim: int, hidden: Sequence[int], *, key: jax.Array,
-                 min_scale: float = 1e-3):
-        self.mlp = MLP(latent_dim, 2 * kernel_size * kernel_size, tuple(hidden), key=key,
-                       activation=jax.nn.elu)
+    def __init__(
+        self, kernel_size: int, latent_dim: int, hidden: Sequence[int], *, key: jax.Array, min_scale: float = 1e-3
+    ):
+        self.mlp = MLP(latent_dim, 2 * kernel_size * kernel_size, tuple(hidden), key=key, activation=jax.nn.elu)
         self.kernel_size = kernel_size
         self.latent_dim = latent_dim
         self.min_scale = min_scale
@@ -320,8 +325,15 @@ class KernelVAE(eqx.Module):
     decoder: KernelDecoder
     hidden: tuple[int, ...] = eqx.field(static=True)
 
-    def __init__(self, kernel_size: int, latent_dim: int, hidden: Sequence[int] = (64, 64), *,
-                 key: jax.Array, min_scale: float = 1e-3):
+    def __init__(
+        self,
+        kernel_size: int,
+        latent_dim: int,
+        hidden: Sequence[int] = (64, 64),
+        *,
+        key: jax.Array,
+        min_scale: float = 1e-3,
+    ):
         k_enc, k_dec = jax.random.split(key)
         self.encoder = KernelEncoder(kernel_size, latent_dim, hidden, key=k_enc, min_scale=min_scale)
         self.decoder = KernelDecoder(kernel_size, latent_dim, hidden, key=k_dec, min_scale=min_scale)
@@ -337,8 +349,12 @@ class KernelVAE(eqx.Module):
 
     def config(self) -> dict[str, Any]:
         """The constructor arguments (JSON-serialisable), for saving."""
-        return {"kernel_size": self.kernel_size, "latent_dim": self.latent_dim,
-                "hidden": list(self.hidden), "min_scale": self.decoder.min_scale}
+        return {
+            "kernel_size": self.kernel_size,
+            "latent_dim": self.latent_dim,
+            "hidden": list(self.hidden),
+            "min_scale": self.decoder.min_scale,
+        }
 
     def sample(self, rng_key: jax.Array, num_kernels: int, *, noise: bool = True) -> jax.Array:
         """Kernels from the prior ``p(w) = int p(w | z) p(z) dz``: ``[num_kernels, k, k]``.
@@ -376,8 +392,12 @@ def kernel_vae_elbo(rng_key: jax.Array, vae: KernelVAE, kernels: jax.Array) -> j
     return log_lik - kl
 
 
-def decoder_snr(rng_key: jax.Array, decoder: Callable[[jax.Array], tuple[jax.Array, jax.Array]],
-                latent_dim: int, num_samples: int = 4000) -> float:
+def decoder_snr(
+    rng_key: jax.Array,
+    decoder: Callable[[jax.Array], tuple[jax.Array, jax.Array]],
+    latent_dim: int,
+    num_samples: int = 4000,
+) -> float:
     """How much of a prior kernel is structure: median over ``z ~ p(z)`` of
     ``||mu_phi(z)|| / ||sigma_phi(z)||`` (Frobenius norms over the kernel).
 
@@ -464,8 +484,9 @@ class DeepWeightPrior(eqx.Module):
         """:meth:`layer` for every layer."""
         return tuple(self.layer(i) for i in range(len(self.vaes)))
 
-    def sample_kernels(self, rng_key: jax.Array, shape: tuple[int, int, int, int], layer: int, *,
-                       noise: bool = True) -> jax.Array:
+    def sample_kernels(
+        self, rng_key: jax.Array, shape: tuple[int, int, int, int], layer: int, *, noise: bool = True
+    ) -> jax.Array:
         """Kernels of one layer drawn from the prior, shaped ``[out, in, k, k]``.
 
         Used to initialise a network from the prior (the paper's Sec. 4.3 takes the
@@ -474,15 +495,15 @@ class DeepWeightPrior(eqx.Module):
         out, inp, k, k2 = shape
         vae = self.vaes[layer]
         if (k, k2) != (vae.kernel_size, vae.kernel_size):
-            raise ValueError(f"layer {layer}'s prior is over {vae.kernel_size}x{vae.kernel_size} "
-                             f"kernels, asked for {k}x{k2}")
+            raise ValueError(
+                f"layer {layer}'s prior is over {vae.kernel_size}x{vae.kernel_size} kernels, asked for {k}x{k2}"
+            )
         return vae.sample(rng_key, out * inp, noise=noise).reshape(shape)
 
     def init_net(self, rng_key: jax.Array, net: ConvNet, *, noise: bool = False) -> ConvNet:
         """``net`` with every conv kernel sampled from this prior (biases, head kept)."""
         keys = jax.random.split(rng_key, len(net.convs))
-        kernels = [self.sample_kernels(k, s, i, noise=noise)
-                   for i, (k, s) in enumerate(zip(keys, net.kernel_shapes))]
+        kernels = [self.sample_kernels(k, s, i, noise=noise) for i, (k, s) in enumerate(zip(keys, net.kernel_shapes))]
         return net.with_kernels(kernels)
 
     def save(self, path: str | os.PathLike, metadata: dict[str, Any] | None = None) -> Path:
@@ -493,7 +514,9 @@ class DeepWeightPrior(eqx.Module):
         written to a temporary name in the same folder, flushed and renamed over
         ``path``: a crash leaves the old file or the new one, never half of one.
         """
-        arrays = {f"leaf_{i}": np.asarray(leaf) for i, leaf in enumerate(jax.tree.leaves(eqx.filter(self, eqx.is_array)))}
+        arrays = {
+            f"leaf_{i}": np.asarray(leaf) for i, leaf in enumerate(jax.tree.leaves(eqx.filter(self, eqx.is_array)))
+        }
         arrays["__format__"] = np.array(_FORMAT)
         arrays["__config__"] = np.array(json.dumps([v.config() for v in self.vaes]))
         arrays["__metadata__"] = np.array(json.dumps(metadata or {}))
@@ -529,8 +552,9 @@ class DeepWeightPrior(eqx.Module):
             value = arrays.get(f"leaf_{i}")
             if value is None or value.shape != ref.shape or value.dtype != ref.dtype:
                 got = "missing" if value is None else f"{value.shape} {value.dtype}"
-                raise ValueError(f"{path}: array {i} is {got}, the stored configuration expects "
-                                 f"{ref.shape} {ref.dtype}")
+                raise ValueError(
+                    f"{path}: array {i} is {got}, the stored configuration expects {ref.shape} {ref.dtype}"
+                )
             leaves.append(jnp.asarray(value))
         if f"leaf_{len(like)}" in arrays:
             raise ValueError(f"{path}: more arrays than the stored configuration has")
@@ -585,8 +609,7 @@ class DeepKernelPrior(KernelPrior):
         z = numpyro.sample(sites.z, dist.Normal(jnp.zeros(self.latent_dim), 1.0).to_event(1))
         loc, scale = self.decoder(z)
         if loc.shape[-2:] != (kernel_size, kernel_size):
-            raise ValueError(f"the decoder makes {loc.shape[-2:]} kernels, the layer has "
-                             f"{kernel_size}x{kernel_size}")
+            raise ValueError(f"the decoder makes {loc.shape[-2:]} kernels, the layer has {kernel_size}x{kernel_size}")
         return numpyro.sample(sites.w, dist.Normal(loc, scale).to_event(2))
 
 
@@ -667,9 +690,15 @@ def dwp_model_params(net: ConvNet) -> dict[str, Any]:
     return {"net$params": params}
 
 
-def dwp_model(images: jax.Array, labels: jax.Array | None = None, *, net: ConvNet,
-              priors: Sequence[KernelPrior], batch_size: int | None = None,
-              conv: Callable[[jax.Array, jax.Array], jax.Array] = conv2d) -> jax.Array:
+def dwp_model(
+    images: jax.Array,
+    labels: jax.Array | None = None,
+    *,
+    net: ConvNet,
+    priors: Sequence[KernelPrior],
+    batch_size: int | None = None,
+    conv: Callable[[jax.Array, jax.Array], jax.Array] = conv2d,
+) -> jax.Array:
     """The target-task model with a prior over every conv kernel.
 
     For conv layer ``l`` with kernels ``[out, in, k, k]``, in ``plate("conv{l}_kernels",

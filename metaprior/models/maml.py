@@ -18,7 +18,8 @@ predictive by the usual NumPyro handlers.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -37,7 +38,7 @@ def task_specific_filter(net: PyTree) -> PyTree:
     """Default task-specific leaves: weights and biases of ``eqx.nn.Linear`` /
     ``eqx.nn.Conv2d`` layers (batch-norm scale/shift stay shared). The same choice as
     :func:`metaprior.inference.laplace.laplace_filter`, which adapts and covers them."""
-    is_layer = lambda n: isinstance(n, (eqx.nn.Linear, eqx.nn.Conv2d))  # noqa: E731
+    is_layer = lambda n: isinstance(n, (eqx.nn.Linear, eqx.nn.Conv2d))
 
     def mark(node):
         if is_layer(node):

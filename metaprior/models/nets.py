@@ -6,14 +6,26 @@ All are pytrees, so ``jax.grad``, ``jax.vmap`` over tasks, and NumPyro's
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-__all__ = ["MLP", "ResidualMLP", "ConcatNet", "FiLMSiren", "MeanNoiseNet", "BatchStatNorm", "ShiftConv2d",
-           "Im2colConv2d", "Conv4", "CONV_IMPLS", "conv4_output_size", "max_pool_2x2_nhwc"]
+__all__ = [
+    "MLP",
+    "ResidualMLP",
+    "ConcatNet",
+    "FiLMSiren",
+    "MeanNoiseNet",
+    "BatchStatNorm",
+    "ShiftConv2d",
+    "Im2colConv2d",
+    "Conv4",
+    "CONV_IMPLS",
+    "conv4_output_size",
+    "max_pool_2x2_nhwc",
+]
 
 CONV_IMPLS = ("lax", "shift", "im2col")
 
@@ -27,8 +39,15 @@ class MLP(eqx.Module):
     layers: tuple[eqx.nn.Linear, ...]
     activation: Callable = eqx.field(static=True)
 
-    def __init__(self, in_size: int, out_size: int, hidden: tuple[int, ...], *, key: jax.Array,
-                 activation: Callable = jax.nn.relu):
+    def __init__(
+        self,
+        in_size: int,
+        out_size: int,
+        hidden: tuple[int, ...],
+        *,
+        key: jax.Array,
+        activation: Callable = jax.nn.relu,
+    ):
         sizes = (in_size, *hidden, out_size)
         keys = jax.random.split(key, len(sizes) - 1)
         self.layers = tuple(eqx.nn.Linear(a, b, key=k) for a, b, k in zip(sizes[:-1], sizes[1:], keys))
@@ -53,8 +72,7 @@ class ResidualMLP(eqx.Module):
     norms: tuple[eqx.nn.LayerNorm, ...]
     head: eqx.nn.Linear
 
-    def __init__(self, in_size: int, out_size: int, *, width: int = 128, num_layers: int = 12,
-                 key: jax.Array):
+    def __init__(self, in_size: int, out_size: int, *, width: int = 128, num_layers: int = 12, key: jax.Array):
         if num_layers < 2 or num_layers % 2:
             raise ValueError(f"num_layers must be an even number >= 2, got {num_layers}")
         k_in, k_head, *k_layers = jax.random.split(key, num_layers + 2)
@@ -112,9 +130,20 @@ class FiLMSiren(eqx.Module):
     head: eqx.nn.Linear
     width: int = eqx.field(static=True)
 
-    def __init__(self, x_dim: int, latent_dim: int, out_size: int, *, width: int = 64, num_layers: int = 1,
-                 mapping_width: int = 64, mapping_layers: int = 2, omega: float = 15.0,
-                 mapping_scale: float = 0.1, key: jax.Array):
+    def __init__(
+        self,
+        x_dim: int,
+        latent_dim: int,
+        out_size: int,
+        *,
+        width: int = 64,
+        num_layers: int = 1,
+        mapping_width: int = 64,
+        mapping_layers: int = 2,
+        omega: float = 15.0,
+        mapping_scale: float = 0.1,
+        key: jax.Array,
+    ):
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
         if not omega > 0:
@@ -132,8 +161,11 @@ class FiLMSiren(eqx.Module):
         self.layers = tuple(layers)
         mapping = MLP(latent_dim, (2 * num_layers + 1) * width, (mapping_width,) * mapping_layers, key=k_map)
         last = mapping.layers[-1]
-        self.mapping = eqx.tree_at(lambda m: (m.layers[-1].weight, m.layers[-1].bias), mapping,
-                                   (last.weight * mapping_scale, last.bias * mapping_scale))
+        self.mapping = eqx.tree_at(
+            lambda m: (m.layers[-1].weight, m.layers[-1].bias),
+            mapping,
+            (last.weight * mapping_scale, last.bias * mapping_scale),
+        )
         self.head = eqx.nn.Linear(width, out_size, key=k_head)
         self.width = width
 
@@ -220,8 +252,13 @@ class ShiftConv2d(eqx.nn.Conv2d):
     """
 
     def __call__(self, x: jax.Array, *, key: jax.Array | None = None) -> jax.Array:
-        if (self.groups != 1 or tuple(self.stride) != (1, 1) or tuple(self.dilation) != (1, 1)
-                or self.padding_mode != "ZEROS" or x.ndim != 3):
+        if (
+            self.groups != 1
+            or tuple(self.stride) != (1, 1)
+            or tuple(self.dilation) != (1, 1)
+            or self.padding_mode != "ZEROS"
+            or x.ndim != 3
+        ):
             return super().__call__(x, key=key)
         (top, bottom), (left, right) = self.padding
         xp = jnp.pad(x, ((0, 0), (top, bottom), (left, right)))
@@ -266,8 +303,12 @@ class Im2colConv2d(ShiftConv2d):
     """
 
     def nhwc(self, x: jax.Array) -> jax.Array:
-        if (self.groups != 1 or tuple(self.stride) != (1, 1) or tuple(self.dilation) != (1, 1)
-                or self.padding_mode != "ZEROS"):
+        if (
+            self.groups != 1
+            or tuple(self.stride) != (1, 1)
+            or tuple(self.dilation) != (1, 1)
+            or self.padding_mode != "ZEROS"
+        ):
             return jnp.transpose(jax.vmap(super().__call__)(jnp.transpose(x, (0, 3, 1, 2))), (0, 2, 3, 1))
         (top, bottom), (left, right) = self.padding
         xp = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
@@ -307,16 +348,24 @@ class Conv4(eqx.Module):
     norms: tuple[BatchStatNorm, ...]
     head: eqx.nn.Linear | None
 
-    def __init__(self, out_size: int | None, *, in_channels: int = 1, filters: int = 64,
-                 image_size: int = 28, num_blocks: int = 4, conv_impl: str = "im2col", key: jax.Array):
+    def __init__(
+        self,
+        out_size: int | None,
+        *,
+        in_channels: int = 1,
+        filters: int = 64,
+        image_size: int = 28,
+        num_blocks: int = 4,
+        conv_impl: str = "im2col",
+        key: jax.Array,
+    ):
         if conv_impl not in CONV_IMPLS:
             raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}")
         conv_cls = {"lax": eqx.nn.Conv2d, "shift": ShiftConv2d, "im2col": Im2colConv2d}[conv_impl]
         keys = jax.random.split(key, num_blocks + 1)
         chans = (in_channels,) + (filters,) * num_blocks
         self.convs = tuple(
-            conv_cls(a, b, kernel_size=3, padding=1, key=k)
-            for a, b, k in zip(chans[:-1], chans[1:], keys[:-1])
+            conv_cls(a, b, kernel_size=3, padding=1, key=k) for a, b, k in zip(chans[:-1], chans[1:], keys[:-1])
         )
         self.norms = tuple(BatchStatNorm(filters) for _ in range(num_blocks))
         side = conv4_output_size(image_size, num_blocks)

@@ -94,8 +94,7 @@ class SyntheticGradientNet(eqx.Module):
     def __init__(self, num_ways: int, hidden: int, *, query_norm: bool = True, key: jax.Array):
         k1, k2, k3 = jax.random.split(key, 3)
         last = eqx.nn.Linear(hidden, num_ways, key=k3)
-        last = eqx.tree_at(lambda m: (m.weight, m.bias), last,
-                           (jnp.zeros_like(last.weight), jnp.zeros_like(last.bias)))
+        last = eqx.tree_at(lambda m: (m.weight, m.bias), last, (jnp.zeros_like(last.weight), jnp.zeros_like(last.bias)))
         self.layers = (eqx.nn.Linear(num_ways, hidden, key=k1), eqx.nn.Linear(hidden, hidden, key=k2), last)
         self.norm_scale = (jnp.ones((hidden,)), jnp.ones((hidden,)))
         self.norm_shift = (jnp.zeros((hidden,)), jnp.zeros((hidden,)))
@@ -193,8 +192,7 @@ def cosine_logits(w: jax.Array, features: jax.Array, log_logit_scale: jax.Array)
     return jnp.exp(log_logit_scale) * cos
 
 
-def support_initializer(params: SIBParams, support_x: jax.Array, support_y: jax.Array,
-                        num_ways: int) -> DiagGaussian:
+def support_initializer(params: SIBParams, support_x: jax.Array, support_y: jax.Array, num_ways: int) -> DiagGaussian:
     """``lambda(support)``: ``theta^0`` of one task.
 
     ``loc_k = init_scale * sqrt(D) * mean_{j: y_j = k} f_j / |f_j|`` (each coordinate
@@ -214,7 +212,7 @@ def support_initializer(params: SIBParams, support_x: jax.Array, support_y: jax.
     """
     onehot = jax.nn.one_hot(support_y, num_ways, dtype=support_x.dtype)  # [S, K]
     f = _normalize(support_x) * math.sqrt(support_x.shape[-1])
-    means = onehot.T @ f / jnp.maximum(onehot.sum(0), 1.0)[:, None]      # [K, D]
+    means = onehot.T @ f / jnp.maximum(onehot.sum(0), 1.0)[:, None]  # [K, D]
     loc = params.init_scale * means
     return DiagGaussian(loc, jnp.broadcast_to(params.init_log_scale, loc.shape))
 
@@ -251,7 +249,7 @@ def sib_posterior(
     """
     algorithm = synthetic_gradient_vi(
         predict_fn=lambda w, qx: cosine_logits(w, qx, params.log_logit_scale),
-        synthetic_gradient_fn=params.synthetic_gradient,   # xi on the task's query logits
+        synthetic_gradient_fn=params.synthetic_gradient,  # xi on the task's query logits
         init_fn=lambda support: support_initializer(params, *support, num_ways),
         prior=_prior(params),
         optimizer=inner_optimizer,
@@ -281,8 +279,9 @@ def sib_model(params: SIBParams, episodes: Episodes, *, num_ways: int) -> None:
     """
     num_tasks, num_queries, num_features = episodes.query_x.shape
     shape = (num_ways, num_features)
-    prior = dist.Normal(jnp.broadcast_to(params.prior_loc, shape),
-                        jnp.broadcast_to(jnp.exp(params.prior_log_scale), shape)).to_event(2)
+    prior = dist.Normal(
+        jnp.broadcast_to(params.prior_loc, shape), jnp.broadcast_to(jnp.exp(params.prior_log_scale), shape)
+    ).to_event(2)
     with numpyro.plate("tasks", num_tasks, dim=-2):
         w = numpyro.sample("w", prior)
         logits = cosine_logits(jnp.squeeze(w, -3), episodes.query_x, params.log_logit_scale)
@@ -304,8 +303,13 @@ def sib_guide(
     ``[tasks, 1, ways, features]``). Bind ``num_steps`` / ``inner_optimizer`` with
     :func:`functools.partial` before handing it to an ELBO or ``Predictive``."""
     posterior = sib_posterior(
-        numpyro.prng_key(), params, episodes, num_ways=num_ways, num_steps=num_steps,
-        inner_optimizer=inner_optimizer, num_samples=num_samples,
+        numpyro.prng_key(),
+        params,
+        episodes,
+        num_ways=num_ways,
+        num_steps=num_steps,
+        inner_optimizer=inner_optimizer,
+        num_samples=num_samples,
     )
     loc = posterior.loc[:, None]
     scale = jnp.exp(posterior.log_scale)[:, None]
@@ -329,8 +333,7 @@ def sib_loss(
     References:
         Hu et al. (2020), Algorithm 1.
     """
-    guide = functools.partial(sib_guide, num_steps=num_steps, inner_optimizer=inner_optimizer,
-                              num_samples=num_samples)
+    guide = functools.partial(sib_guide, num_steps=num_steps, inner_optimizer=inner_optimizer, num_samples=num_samples)
     loss = TraceMeanField_ELBO().loss(rng_key, {}, sib_model, guide, params, episodes, num_ways=num_ways)
     return loss / episodes.query_x.shape[0]
 
@@ -350,8 +353,7 @@ def sib_predict(
     Averages ``softmax`` over ``num_draws`` draws of ``w ~ q_theta^T`` (each draw
     reruns the inner loop with its own noise). ``query_y`` is ignored.
     """
-    guide = functools.partial(sib_guide, num_ways=num_ways, num_steps=num_steps,
-                              inner_optimizer=inner_optimizer)
+    guide = functools.partial(sib_guide, num_ways=num_ways, num_steps=num_steps, inner_optimizer=inner_optimizer)
     predictive = Predictive(sib_model, guide=guide, num_samples=num_draws, return_sites=["probs"])
     draws = predictive(rng_key, params, episodes._replace(query_y=None), num_ways=num_ways)
     return jnp.mean(draws["probs"], axis=0)
@@ -360,8 +362,7 @@ def sib_predict(
 # ---------------------------------------------------------------- feature network
 
 
-def sample_classification_batch(rng_key: jax.Array, images: jax.Array, batch_size: int
-                                ) -> tuple[jax.Array, jax.Array]:
+def sample_classification_batch(rng_key: jax.Array, images: jax.Array, batch_size: int) -> tuple[jax.Array, jax.Array]:
     """Uniformly random labelled images for pretraining, ``(x [B, H, W, C], y [B])``.
 
     Args:
@@ -396,5 +397,5 @@ def embed_classes(net: Conv4, images: jax.Array) -> jax.Array:
         net: the pretrained network (its head, if any, is not used).
         images: ``[classes, examples, H, W, C]``.
     """
-    per_example = jax.lax.map(net.features, jnp.swapaxes(images, 0, 1))   # [E, C, D]
+    per_example = jax.lax.map(net.features, jnp.swapaxes(images, 0, 1))  # [E, C, D]
     return jnp.swapaxes(per_example, 0, 1)

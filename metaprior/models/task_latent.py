@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import equinox as eqx
 import jax
-import jax.numpy as jnp
 import numpyro
 import numpyro.distributions as dist
 from numpyro.contrib.module import eqx_module
@@ -33,9 +32,17 @@ NET_SITE = "net"
 ARCHS = ("film", "paper")
 
 
-def make_task_latent_net(rng_key: jax.Array, latent_dim: int, *, arch: str = "film", x_dim: int = 1,
-                         width: int | None = None, num_layers: int | None = None,
-                         omega: float = 15.0, noise_width: int = 32) -> eqx.Module:
+def make_task_latent_net(
+    rng_key: jax.Array,
+    latent_dim: int,
+    *,
+    arch: str = "film",
+    x_dim: int = 1,
+    width: int | None = None,
+    num_layers: int | None = None,
+    omega: float = 15.0,
+    noise_width: int = 32,
+) -> eqx.Module:
     """The network ``(x, z) -> (mu, s)`` of the task-latent model.
 
     Two architectures, chosen by ``arch``:
@@ -69,12 +76,12 @@ def make_task_latent_net(rng_key: jax.Array, latent_dim: int, *, arch: str = "fi
         raise ValueError(f"latent_dim must be >= 1, got {latent_dim}")
     if arch == "film":
         k_mean, k_noise = jax.random.split(rng_key)
-        mean = FiLMSiren(x_dim, latent_dim, 1, width=width or 64, num_layers=num_layers or 1, omega=omega,
-                         key=k_mean)
+        mean = FiLMSiren(x_dim, latent_dim, 1, width=width or 64, num_layers=num_layers or 1, omega=omega, key=k_mean)
         return MeanNoiseNet(mean, ConcatNet(MLP(x_dim + latent_dim, 1, (noise_width,), key=k_noise)))
     if arch == "paper":
-        return ConcatNet(ResidualMLP(x_dim + latent_dim, 2, width=width or 128, num_layers=num_layers or 12,
-                                     key=rng_key))
+        return ConcatNet(
+            ResidualMLP(x_dim + latent_dim, 2, width=width or 128, num_layers=num_layers or 12, key=rng_key)
+        )
     raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
 
 

@@ -1,5 +1,22 @@
 """Guides: plate-aware task-local guides (IAF, Normal), and more from later modules."""
 
+from metaprior.inference.guides.amortized import (
+    AmortizedInference,
+    AmortizedInfo,
+    AmortizedLSTMGuide,
+    AmortizedParams,
+    GaussianLayers,
+    amortized_meta_loss,
+    episode_predictions,
+    gaussian_kl,
+    negative_elbo,
+    numpyro_guide,
+    predictive_probs,
+    refine,
+    sample_weights,
+    standard_normal,
+    task_posterior,
+)
 from metaprior.inference.guides.auxiliary import AuxiliaryGuide, AuxiliarySite, latent_elbo, local_reparam_conv2d
 from metaprior.inference.guides.encoder import SetEncoder
 from metaprior.inference.guides.task_local import LocalSite, TaskIAFGuide, TaskNormalGuide
@@ -13,17 +30,19 @@ __all__ = [
     "TaskNormalGuide",
     "latent_elbo",
     "local_reparam_conv2d",
+    "AmortizedInference",
+    "AmortizedInfo",
+    "AmortizedLSTMGuide",
+    "AmortizedParams",
+    "GaussianLayers",
+    "amortized_meta_loss",
+    "episode_predictions",
+    "gaussian_kl",
+    "negative_elbo",
+    "numpyro_guide",
+    "predictive_probs",
+    "refine",
+    "sample_weights",
+    "standard_normal",
+    "task_posterior",
 ]
-
-# --- Amortized LSTM guide for per-task network weights (issue 5) ---
-from metaprior.inference.guides.amortized import (  # noqa: E402
-    AmortizedInference, AmortizedInfo, AmortizedLSTMGuide, AmortizedParams, GaussianLayers,
-    amortized_meta_loss, episode_predictions, gaussian_kl, negative_elbo, numpyro_guide,
-    predictive_probs, refine, sample_weights, standard_normal, task_posterior)
-
-__all__ = [*globals().get("__all__", ()),
-           "AmortizedInference", "AmortizedInfo", "AmortizedLSTMGuide", "AmortizedParams",
-           "GaussianLayers", "amortized_meta_loss", "episode_predictions", "gaussian_kl",
-           "negative_elbo", "numpyro_guide", "predictive_probs", "refine", "sample_weights",
-           "standard_normal", "task_posterior"]
-# --- end of issue 5 block ---

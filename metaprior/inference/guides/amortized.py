@@ -45,7 +45,8 @@ References:
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import equinox as eqx
 import jax
@@ -109,7 +110,7 @@ class AmortizedParams(NamedTuple):
             given to :func:`amortized_meta_loss`.
     """
 
-    guide: "AmortizedLSTMGuide"
+    guide: AmortizedLSTMGuide
     model: PyTree
     prior: GaussianLayers | None = None
 
@@ -137,6 +138,7 @@ def gaussian_kl(q: GaussianLayers, p: GaussianLayers) -> jax.Array:
 
     ``KL = 1/2 sum[(v_q + (m_q - m_p)^2) / v_p - 1 + log v_p - log v_q]``.
     """
+
     def one(mq, lq, mp, lp):
         return 0.5 * jnp.sum(jnp.exp(lq - lp) + (mq - mp) ** 2 * jnp.exp(-lp) - 1.0 + lp - lq)
 
@@ -378,9 +380,16 @@ def task_posterior(
 
 def _support_loss(params: AmortizedParams, support_x, support_y, inference: AmortizedInference):
     def loss(key, q):
-        return negative_elbo(key, q, support_x, support_y, expected_log_lik=inference.expected_log_lik,
-                             model_params=params.model, prior=_prior(params, inference),
-                             beta=inference.beta)[0]
+        return negative_elbo(
+            key,
+            q,
+            support_x,
+            support_y,
+            expected_log_lik=inference.expected_log_lik,
+            model_params=params.model,
+            prior=_prior(params, inference),
+            beta=inference.beta,
+        )[0]
 
     return loss
 
@@ -418,14 +427,23 @@ def amortized_meta_loss(
         ``support_y [T, Ns]``, ``query_x [T, Nq, ...]``, ``query_y [T, Nq]``
         (:class:`metaprior.data.Episodes`).
     """
+
     def loss_fn(params: AmortizedParams, rng_key: jax.Array, episodes) -> tuple[jax.Array, AmortizedInfo]:
         prior = _prior(params, inference)
 
         def one(key, sx, sy, qx, qy):
             k_post, k_query = jax.random.split(key)
             q = task_posterior(k_post, params, sx, sy, inference)
-            loss, (nll, kl) = negative_elbo(k_query, q, qx, qy, expected_log_lik=inference.expected_log_lik,
-                                            model_params=params.model, prior=prior, beta=inference.beta)
+            loss, (nll, kl) = negative_elbo(
+                k_query,
+                q,
+                qx,
+                qy,
+                expected_log_lik=inference.expected_log_lik,
+                model_params=params.model,
+                prior=prior,
+                beta=inference.beta,
+            )
             return loss, nll, kl
 
         keys = jax.random.split(rng_key, episodes.support_x.shape[0])
@@ -457,6 +475,7 @@ def predictive_probs(
     Returns:
         ``[N, classes]`` probabilities.
     """
+
     def one(key):
         return jax.nn.softmax(logits_fn(sample_weights(key, q), x), axis=-1)
 
@@ -510,7 +529,7 @@ def episode_predictions(
 
     keys = jax.random.split(rng_key, episodes.support_x.shape[0])
     probs = _over_tasks(one, (keys, episodes.support_x, episodes.support_y, episodes.query_x), task_batch_size)
-    probs = jnp.moveaxis(probs, 1, 0)                      # [steps, T, Nq, classes]
+    probs = jnp.moveaxis(probs, 1, 0)  # [steps, T, Nq, classes]
     return probs[0] if inner_steps is None else probs
 
 

@@ -62,7 +62,8 @@ References:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Literal, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
 
 import equinox as eqx
 import jax
@@ -195,11 +196,11 @@ class AuxiliaryGuide:
         for site in self.sites:
             init = self._site_init
             loc = numpyro.param(f"{site.name}_loc", lambda key, s=site: init(key, s)[f"{s.name}_loc"])
-            raw = numpyro.param(self._scale_name(site),
-                                lambda key, s=site: init(key, s)[self._scale_name(s)])
+            raw = numpyro.param(self._scale_name(site), lambda key, s=site: init(key, s)[self._scale_name(s)])
             with numpyro.plate(site.plate, site.num):
                 values[site.name] = numpyro.sample(
-                    site.name, dist.Normal(loc, self._scale(loc, raw)).to_event(len(site.event_shape)))
+                    site.name, dist.Normal(loc, self._scale(loc, raw)).to_event(len(site.event_shape))
+                )
         for site in self.sites:
             if site.encoder is None:
                 continue
@@ -219,9 +220,15 @@ def _lax_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return jax.lax.conv_general_dilated(x, kernel, (1, 1), "VALID", dimension_numbers=("NCHW", "OIHW", "NCHW"))
 
 
-def local_reparam_conv2d(rng_key: jax.Array, x: jax.Array, loc: jax.Array, scale: jax.Array, *,
-                         conv: Callable[[jax.Array, jax.Array], jax.Array] = _lax_conv,
-                         eps: float = 1e-12) -> jax.Array:
+def local_reparam_conv2d(
+    rng_key: jax.Array,
+    x: jax.Array,
+    loc: jax.Array,
+    scale: jax.Array,
+    *,
+    conv: Callable[[jax.Array, jax.Array], jax.Array] = _lax_conv,
+    eps: float = 1e-12,
+) -> jax.Array:
     """A convolution with Gaussian kernels, by the local reparameterisation trick.
 
     With independent kernels ``W ~ N(loc, scale^2)``, every output unit of
@@ -247,9 +254,16 @@ def local_reparam_conv2d(rng_key: jax.Array, x: jax.Array, loc: jax.Array, scale
     return mean + jnp.sqrt(var + eps) * jax.random.normal(rng_key, mean.shape, mean.dtype)
 
 
-def latent_elbo(rng_key: jax.Array, params: dict[str, Any], model: Callable, guide: Callable,
-                *args: Any, obs_sites: Sequence[str] = ("y",), num_particles: int = 1,
-                **kwargs: Any) -> jax.Array:
+def latent_elbo(
+    rng_key: jax.Array,
+    params: dict[str, Any],
+    model: Callable,
+    guide: Callable,
+    *args: Any,
+    obs_sites: Sequence[str] = ("y",),
+    num_particles: int = 1,
+    **kwargs: Any,
+) -> jax.Array:
     """The pair's ELBO with the observed sites left out.
 
     ``E_q[ log p(latents) - log q(latents) ]``: for :class:`AuxiliaryGuide` and a model

@@ -35,8 +35,11 @@ class SetEncoder(eqx.Module):
         self.phi = MLP(x_dim + 1, width, (width, width), key=k_phi)
         rho = MLP(width, out_size, (width,), key=k_rho)
         last = rho.layers[-1]
-        self.rho = eqx.tree_at(lambda m: (m.layers[-1].weight, m.layers[-1].bias), rho,
-                               (jnp.zeros_like(last.weight), jnp.zeros_like(last.bias)))
+        self.rho = eqx.tree_at(
+            lambda m: (m.layers[-1].weight, m.layers[-1].bias),
+            rho,
+            (jnp.zeros_like(last.weight), jnp.zeros_like(last.bias)),
+        )
 
     def __call__(self, x: jax.Array, y: jax.Array, mask: jax.Array) -> jax.Array:
         h = jax.vmap(self.phi)(jnp.concatenate([x, y[:, None]], axis=-1))

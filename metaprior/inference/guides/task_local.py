@@ -23,7 +23,8 @@ from __future__ import annotations
 import abc
 import dataclasses
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -170,15 +171,20 @@ class _TaskGuideBase(abc.ABC):
 
         batch = args[0] if args else None
         if getattr(batch, "y", None) is None or getattr(batch, "x", None) is None:
-            raise ValueError("a guide with an encoder needs the observed batch (x, y, mask) as the first "
-                             "argument; got " + (type(batch).__name__ if args else "no arguments"))
+            raise ValueError(
+                "a guide with an encoder needs the observed batch (x, y, mask) as the first "
+                "argument; got " + (type(batch).__name__ if args else "no arguments")
+            )
         encoder = eqx_module(self.encoder_site.removesuffix("$params"), self.encoder)
         out = jax.vmap(encoder)(batch.x[idx], batch.y[idx], batch.mask[idx])
         d = self.latent_dim
         if out.shape[-1] != 2 * d:
             raise ValueError(f"the encoder returns {out.shape[-1]} numbers per task, expected 2 * {d}")
-        return {**task_params, "loc": task_params["loc"] + out[:, :d],
-                "log_scale": task_params["log_scale"] + out[:, d:]}
+        return {
+            **task_params,
+            "loc": task_params["loc"] + out[:, :d],
+            "log_scale": task_params["log_scale"] + out[:, d:],
+        }
 
     def _emit(self, u: jax.Array, log_q: jax.Array) -> dict[str, jax.Array]:
         """Split ``u [B, D]`` into the model's sites as Delta samples.
@@ -235,9 +241,17 @@ class TaskNormalGuide(_TaskGuideBase):
     """
 
     @classmethod
-    def build(cls, rng_key: jax.Array, model: Callable, *args: Any, prefix: str = "q",
-              init_scale: float = 0.1, init_loc_scale: float = 0.0, encoder: Any = None,
-              **kwargs: Any) -> "TaskNormalGuide":
+    def build(
+        cls,
+        rng_key: jax.Array,
+        model: Callable,
+        *args: Any,
+        prefix: str = "q",
+        init_scale: float = 0.1,
+        init_loc_scale: float = 0.0,
+        encoder: Any = None,
+        **kwargs: Any,
+    ) -> TaskNormalGuide:
         """Trace ``model(*args, **kwargs)`` once and lay out its local latents.
 
         Args:
@@ -286,9 +300,19 @@ class TaskIAFGuide(_TaskGuideBase):
     hidden_dim: int = 32
 
     @classmethod
-    def build(cls, rng_key: jax.Array, model: Callable, *args: Any, num_flows: int = 2,
-              hidden_dim: int = 32, prefix: str = "q", init_scale: float = 0.1,
-              init_loc_scale: float = 0.0, encoder: Any = None, **kwargs: Any) -> "TaskIAFGuide":
+    def build(
+        cls,
+        rng_key: jax.Array,
+        model: Callable,
+        *args: Any,
+        num_flows: int = 2,
+        hidden_dim: int = 32,
+        prefix: str = "q",
+        init_scale: float = 0.1,
+        init_loc_scale: float = 0.0,
+        encoder: Any = None,
+        **kwargs: Any,
+    ) -> TaskIAFGuide:
         """Trace ``model(*args, **kwargs)`` once and lay out its local latents.
 
         Args:
@@ -305,8 +329,17 @@ class TaskIAFGuide(_TaskGuideBase):
             raise ValueError(f"need num_flows >= 0 and hidden_dim >= 1, got {num_flows}, {hidden_dim}")
         _check_init(init_scale, init_loc_scale)
         sites, num_tasks, plate_dim = cls._layout(rng_key, model, args, kwargs)
-        return cls(sites, num_tasks, plate_dim, prefix, init_scale, init_loc_scale, encoder=encoder,
-                   num_flows=num_flows, hidden_dim=hidden_dim)
+        return cls(
+            sites,
+            num_tasks,
+            plate_dim,
+            prefix,
+            init_scale,
+            init_loc_scale,
+            encoder=encoder,
+            num_flows=num_flows,
+            hidden_dim=hidden_dim,
+        )
 
     def _flow_init(self, rng_key):
         d, h, k, t = self.latent_dim, self.hidden_dim, self.num_flows, self.num_tasks

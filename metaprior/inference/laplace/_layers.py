@@ -18,8 +18,9 @@ are differentiable (reverse over reverse): LLAMA's meta-gradient flows through t
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from functools import partial
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import equinox as eqx
 import jax
@@ -97,9 +98,7 @@ def block_specs(net: PyTree, params: PyTree) -> tuple[BlockSpec, ...]:
             conv, non-zero padding mode).
     """
     net_layers, par_layers = layers_of(net), layers_of(params)
-    covered = sum(
-        (l.weight is not None) + (getattr(l, "bias", None) is not None) for l in par_layers
-    )
+    covered = sum((l.weight is not None) + (getattr(l, "bias", None) is not None) for l in par_layers)
     total = len(jax.tree.leaves(params))
     if covered != total:
         raise ValueError(
@@ -124,8 +123,12 @@ def block_specs(net: PyTree, params: PyTree) -> tuple[BlockSpec, ...]:
                 raise ValueError(f"layer {i}: grouped convolutions (groups={layer.groups}) are not supported by kfac")
             if str(layer.padding_mode).upper() != "ZEROS":
                 raise ValueError(f"layer {i}: padding_mode={layer.padding_mode!r}; kfac supports 'ZEROS'")
-            conv = (tuple(layer.kernel_size), tuple(layer.stride), tuple(map(tuple, layer.padding)),
-                    tuple(layer.dilation))
+            conv = (
+                tuple(layer.kernel_size),
+                tuple(layer.stride),
+                tuple(map(tuple, layer.padding)),
+                tuple(layer.dilation),
+            )
             in_size = layer.weight.shape[1] * math.prod(layer.kernel_size)
             specs.append(BlockSpec(i, "conv", has_b, out_size, in_size, conv))
     return tuple(specs)
@@ -140,9 +143,7 @@ def _homogeneous_patches(conv: tuple | None, x: jax.Array) -> jax.Array:
         cols = x.reshape(-1, 1)
     else:
         kernel, stride, padding, dilation = conv
-        p = jax.lax.conv_general_dilated_patches(
-            x[None], kernel, stride, padding, rhs_dilation=dilation
-        )[0]
+        p = jax.lax.conv_general_dilated_patches(x[None], kernel, stride, padding, rhs_dilation=dilation)[0]
         cols = p.reshape(p.shape[0], -1)
     return jnp.concatenate([cols, jnp.ones((1, cols.shape[1]), cols.dtype)], axis=0)
 
@@ -202,8 +203,7 @@ class _Tapped(eqx.Module):
 def zero_probes(specs: tuple[BlockSpec, ...], dtype=jnp.float32) -> tuple:
     """``((A-probe [in+1, in+1], G-probe [out, out]) per block)``, all zeros."""
     return tuple(
-        (jnp.zeros((s.in_size + 1, s.in_size + 1), dtype), jnp.zeros((s.out_size, s.out_size), dtype))
-        for s in specs
+        (jnp.zeros((s.in_size + 1, s.in_size + 1), dtype), jnp.zeros((s.out_size, s.out_size), dtype)) for s in specs
     )
 
 

@@ -41,7 +41,8 @@ from __future__ import annotations
 
 import abc
 import math
-from typing import Any, Callable, Literal, NamedTuple
+from collections.abc import Callable
+from typing import Any, Literal, NamedTuple
 
 import equinox as eqx
 import jax
@@ -124,7 +125,7 @@ def output_hessian_sqrt(likelihood: Callable, f: jax.Array, y: jax.Array | None 
         y: observations ``[N, ...]`` (only for the generic fallback).
     """
     base = _base(likelihood(f))
-    single = lambda fn: _base(likelihood(fn[None]))  # noqa: E731
+    single = lambda fn: _base(likelihood(fn[None]))
     if isinstance(base, dist.Normal):
         loc_jac = jax.vmap(jax.jacfwd(lambda fn: single(fn).loc.reshape(-1)))(f)  # [N, D, C]
         scale = jnp.broadcast_to(base.scale, base.batch_shape).reshape(f.shape[0], -1)  # [N, D]
@@ -200,7 +201,7 @@ class _Structure(abc.ABC):
 def _jacobian_terms(rng_key, params, rest, x, y, apply_fn, likelihood, fisher):
     """``M: [N, S, P]`` with ``F = sum_{n,s} M_ns M_ns^T``."""
     flat, unravel = ravel_pytree(params)
-    fn = lambda v: _outputs(apply_fn, eqx.combine(unravel(v), rest))(x)  # noqa: E731
+    fn = lambda v: _outputs(apply_fn, eqx.combine(unravel(v), rest))(x)
     f = fn(flat)
     jac = jax.jacrev(fn)(flat)  # [N, C, P]
     v = _cotangents(rng_key, likelihood, f, y, fisher)
@@ -282,12 +283,7 @@ def _kron_log_det_jvp(primals, tangents):
     c_g = (w * la[:, None]).sum(0) / count
     da_eig = jnp.einsum("ji,jk,ki->i", ua, da, ua)  # u_i^T da u_i
     dg_eig = jnp.einsum("ji,jk,ki->i", ug, dg, ug)
-    tangent = (
-        jnp.dot(c_a, da_eig)
-        + jnp.dot(c_g, dg_eig)
-        - jnp.sum(w * prod) * dcount / count
-        + jnp.sum(w) * dshift
-    )
+    tangent = jnp.dot(c_a, da_eig) + jnp.dot(c_g, dg_eig) - jnp.sum(w * prod) * dcount / count + jnp.sum(w) * dshift
     return jnp.sum(jnp.log(prod + shift)), tangent
 
 
@@ -310,8 +306,9 @@ def factored_kron_log_det(a: jax.Array, g: jax.Array, count: jax.Array, shift: j
     def chol_log_det(m):
         return 2.0 * jnp.sum(jnp.log(jnp.diagonal(jnp.linalg.cholesky(m))))
 
-    return (dg * chol_log_det(a + pi * s * jnp.eye(da, dtype=a.dtype))
-            + da * chol_log_det(g + s / pi * jnp.eye(dg, dtype=g.dtype)))
+    return dg * chol_log_det(a + pi * s * jnp.eye(da, dtype=a.dtype)) + da * chol_log_det(
+        g + s / pi * jnp.eye(dg, dtype=g.dtype)
+    )
 
 
 class _KFAC(_Structure):

@@ -26,7 +26,8 @@ Example::
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -146,8 +147,9 @@ def laplace(
         raise ValueError("laplace: x has no examples")
     curv = structure_ops(structure).estimate(rng_key, params, rest, x, y, apply_fn, likelihood, fisher)
     dtype = jax.tree.leaves(params)[0].dtype
-    return LaplacePosterior(params, rest, curv, jnp.asarray(prior_precision, dtype),
-                            jnp.asarray(damping, dtype), structure)
+    return LaplacePosterior(
+        params, rest, curv, jnp.asarray(prior_precision, dtype), jnp.asarray(damping, dtype), structure
+    )
 
 
 def log_det(posterior: LaplacePosterior, *, kron_damping: str = "exact") -> jax.Array:
@@ -297,6 +299,17 @@ def fit_laplace(
 
     (diff, _), losses = jax.lax.scan(step, (diff, opt_state), None, length=num_steps)
     net = eqx.combine(diff, static)
-    post = laplace(rng_key, net, x, y, apply_fn=apply_fn, likelihood=likelihood, structure=structure,
-                   fisher=fisher, prior_precision=prior_precision, damping=damping, filter_spec=spec)
+    post = laplace(
+        rng_key,
+        net,
+        x,
+        y,
+        apply_fn=apply_fn,
+        likelihood=likelihood,
+        structure=structure,
+        fisher=fisher,
+        prior_precision=prior_precision,
+        damping=damping,
+        filter_spec=spec,
+    )
     return post, losses

@@ -20,7 +20,7 @@ divergences on this case; these priors gave none, with R-hat 1.006 and bulk ESS 
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import equinox as eqx
 import jax
@@ -102,11 +102,13 @@ def hierarchical_bnn_model(
     num_tasks, num_examples, x_dim = batch.x.shape
     _, unravel = make_bnn(num_hidden, x_dim=x_dim)
     w1_prior, b1_prior, rest_prior = _mean_prior(num_hidden, x_dim, prior_scale)
-    theta = jnp.concatenate([
-        numpyro.sample("theta_w1", w1_prior),
-        numpyro.sample("theta_b1", b1_prior),
-        numpyro.sample("theta_out", rest_prior),
-    ])
+    theta = jnp.concatenate(
+        [
+            numpyro.sample("theta_w1", w1_prior),
+            numpyro.sample("theta_b1", b1_prior),
+            numpyro.sample("theta_out", rest_prior),
+        ]
+    )
     with numpyro.plate("tasks", num_tasks, subsample_size=subsample_size, dim=-2) as idx:
         phi = numpyro.sample("phi", dist.Normal(theta, task_scale).to_event(1))
         x, y, mask = _task_rows(batch, idx)

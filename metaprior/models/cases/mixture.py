@@ -55,8 +55,12 @@ def task_mixture_model(
     num_tasks, num_examples, _ = batch.x.shape
     k = num_clusters
     weights = numpyro.sample("weights", dist.Dirichlet(jnp.full(k, concentration)))
-    intercept = numpyro.sample("intercept", dist.TransformedDistribution(
-        dist.Normal(0.0, prior_scale).expand([k]).to_event(1), dist.transforms.OrderedTransform()))
+    intercept = numpyro.sample(
+        "intercept",
+        dist.TransformedDistribution(
+            dist.Normal(0.0, prior_scale).expand([k]).to_event(1), dist.transforms.OrderedTransform()
+        ),
+    )
     slope = numpyro.sample("slope", dist.Normal(0.0, prior_scale).expand([k]).to_event(1))
     noise = numpyro.sample("noise", dist.HalfNormal(1.0))
     with numpyro.plate("tasks", num_tasks, subsample_size=subsample_size, dim=-2) as idx:
@@ -116,8 +120,7 @@ def cluster_probabilities(
     for k in range(num_clusters):
         fixed = dict(samples)
         fixed[CLUSTER_SITE] = jnp.full((num_draws, num_tasks, 1), k)
-        ll = log_likelihood(task_mixture_model, fixed, batch, num_clusters=num_clusters,
-                            **model_kwargs)["y"]
+        ll = log_likelihood(task_mixture_model, fixed, batch, num_clusters=num_clusters, **model_kwargs)["y"]
         per_cluster.append(ll.sum(-1) + jnp.log(samples["weights"][:, None, k]))
     logits = jnp.stack(per_cluster, axis=-1)  # [draws, T, K]
     return jax.nn.softmax(logits, axis=-1).mean(0)
