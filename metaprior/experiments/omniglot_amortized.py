@@ -13,10 +13,10 @@ rotated; :func:`metaprior.data.omniglot_splits`):
 2. score each model on the same ``test_episodes`` test episodes with each number of
    inner steps in ``eval_inner_steps`` (posterior predictive of ``num_samples`` weight
    draws);
-3. for 5-way 1-shot, meta-train first-order MAML through the public functions of
-   ``omniglot-maml`` (:func:`metaprior.experiments.omniglot_maml.objective` and
-   :func:`~metaprior.experiments.omniglot_maml.point_probs`) on the same network and
-   budget, and plot the reliability of both on the same test episodes;
+3. for 5-way 1-shot, meta-train first-order MAML (:func:`metaprior.inference.maml.ml_point`,
+   predicting with :func:`~metaprior.inference.maml.point_predict`) on the same network and
+   budget, and plot the reliability of both on the same test episodes (both scored by
+   :func:`metaprior.inference.evaluation.evaluate_fewshot`);
 4. save the posterior of a few test tasks (first conv and output layer) as ArviZ netCDF.
 
 Test episodes come from the unrotated test alphabets (48 characters with the split's
@@ -34,14 +34,15 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpyro.distributions as dist
 import optax
 
-from metaprior.data import omniglot_splits, sample_episodes
-from metaprior.experiments._common import mean_ci95, save_datatree, save_figure, write_metrics
+from metaprior.data import Episodes, omniglot_splits, sample_episodes
+from metaprior.experiments._common import save_datatree, write_metrics
+from metaprior.experiments._plots import reliability_figure, training_figure
 from metaprior.experiments._registry import Experiment
-from metaprior.experiments.omniglot_maml import OmniglotMAMLConfig, point_probs
-from metaprior.experiments.omniglot_maml import objective as maml_objective
-from metaprior.inference.diagnostics import expected_calibration_error, from_samples, reliability_curve
+from metaprior.inference.diagnostics import from_samples
+from metaprior.inference.evaluation import FewShotEvaluation, FewShotPredictive, evaluate_fewshot, predict_episodes
 from metaprior.inference.flipout import apply_layer, categorical_expected_log_lik, flipout
 from metaprior.inference.guides.amortized import (
     AmortizedInference,
@@ -53,6 +54,7 @@ from metaprior.inference.guides.amortized import (
     standard_normal,
     task_posterior,
 )
+from metaprior.inference.maml import ml_point, nll_loss, point_predict
 from metaprior.inference.meta import fit, meta_learner
 from metaprior.models.bayes_classifier import (
     bayes_classifier,
@@ -214,9 +216,9 @@ def meta_train(rng_key, config: OmniglotAmortizedConfig, images, ways: int, shot
     return result.state.params, net, result
 
 
-def predict(rng_key, config: OmniglotAmortizedConfig, params, net, episodes, chunk: int = 50) -> np.ndarray:
-    """Posterior predictive probabilities ``[len(eval_inner_steps), episodes, queries, ways]``
-    after each number of inner steps (one compiled program), in chunks of episodes."""
+def predictive(config: OmniglotAmortizedConfig, params, net) -> FewShotPredictive:
+    """The guide's posterior predictive after each number of inner steps in
+    ``eval_inner_steps`` (one compiled program): ``(key, sx, sy, qx) -> [len(eval_inner_steps), T, Q, ways]``."""
     fn = eqx.filter_jit(
         functools.partial(
             episode_predictions,
@@ -227,41 +229,22 @@ def predict(rng_key, config: OmniglotAmortizedConfig, params, net, episodes, chu
             task_batch_size=_task_batch_size(config),
         )
     )
-    out = []
-    for start in range(0, episodes.query_x.shape[0], chunk):
-        part = jax.tree.map(lambda a: a[start : start + chunk], episodes)
-        out.append(np.asarray(fn(jax.random.fold_in(rng_key, start), params, part)))
-    return np.concatenate(out, axis=1)
-
-
-def maml_config(config: OmniglotAmortizedConfig, ways: int, shots: int) -> OmniglotMAMLConfig:
-    """The MAML baseline of ``omniglot-maml`` (issue 4) at this experiment's budget."""
-    return OmniglotMAMLConfig(
-        method="maml",
-        filters=config.filters,
-        image_size=config.image_size,
-        ways=ways,
-        train_shots=shots,
-        train_queries=config.queries,
-        meta_batch=config.task_batch,
-        num_steps=config.num_steps,
-        meta_lr=config.learning_rate,
-        inner_lr=config.inner_lr,
-        train_inner_steps=config.maml_inner_steps,
-        eval_inner_steps=config.maml_inner_steps,
-        first_order=config.maml_first_order,
-        steps_per_call=config.steps_per_call,
-    )
+    return lambda key, sx, sy, qx: fn(key, params, Episodes(sx, sy, qx, None))
 
 
 def train_maml(rng_key, config: OmniglotAmortizedConfig, images, ways: int, shots: int, checkpoint=None):
-    """MAML (first-order by default) through :func:`metaprior.experiments.omniglot_maml.objective`;
-    returns ``(theta, maml_config, FitResult)``."""
+    """The MAML baseline (first-order by default) on the same net and budget; returns
+    ``(theta, FitResult)``."""
     k_net, k_fit = jax.random.split(rng_key)
-    mcfg = maml_config(config, ways, shots)
     theta = Conv4(ways, filters=config.filters, image_size=config.image_size, conv_impl=config.conv_impl, key=k_net)
     params, static = eqx.partition(theta, eqx.is_array)
-    loss = lambda p, key, batch: maml_objective(mcfg)(eqx.combine(p, static), key, batch)
+    objective = ml_point(
+        nll_loss(_apply, _likelihood),
+        optax.sgd(config.inner_lr),
+        config.maml_inner_steps,
+        first_order=config.maml_first_order,
+    )
+    loss = lambda p, key, batch: objective(eqx.combine(p, static), key, batch)
     optimizer = optax.chain(optax.clip_by_global_norm(10.0), optax.adam(config.learning_rate))
     sampler = lambda k, d: sample_episodes(k, d, config.task_batch, ways, shots, config.queries)
     result = fit(
@@ -275,17 +258,29 @@ def train_maml(rng_key, config: OmniglotAmortizedConfig, images, ways: int, shot
         desc=f"MAML {ways}w{shots}s",
         checkpoint=checkpoint,
     )
-    return eqx.combine(result.state.params, static), mcfg, result
+    return eqx.combine(result.state.params, static), result
 
 
-def predict_maml(theta, mcfg: OmniglotMAMLConfig, episodes, chunk: int = 50) -> np.ndarray:
-    """MAML's adapted softmax probabilities ``[episodes, queries, ways]``
-    (:func:`metaprior.experiments.omniglot_maml.point_probs`)."""
-    fn = eqx.filter_jit(functools.partial(point_probs, config=mcfg))
-    out = []
-    for start in range(0, episodes.query_x.shape[0], chunk):
-        out.append(np.asarray(fn(theta, jax.tree.map(lambda a: a[start : start + chunk], episodes))))
-    return np.concatenate(out)
+def maml_predictive(config: OmniglotAmortizedConfig, theta) -> FewShotPredictive:
+    """MAML's adapted softmax probabilities ``[T, Q, ways]`` (:func:`metaprior.inference.maml.point_predict`)."""
+    fn = eqx.filter_jit(
+        functools.partial(
+            point_predict,
+            apply_fn=_apply,
+            loss_fn=nll_loss(_apply, _likelihood),
+            inner_optimizer=optax.sgd(config.inner_lr),
+            num_steps=config.maml_inner_steps,
+        )
+    )
+    return lambda key, sx, sy, qx: fn(theta, sx, sy, qx)
+
+
+def _apply(net, x):
+    return net(x)
+
+
+def _likelihood(f):
+    return dist.Categorical(logits=f)
 
 
 def posterior_tree(rng_key, config: OmniglotAmortizedConfig, params, net, episodes, num_inner_steps: int):
@@ -366,31 +361,27 @@ def run(rng_key, config: OmniglotAmortizedConfig, out_dir: Path) -> dict[str, fl
             metrics[f"train_time_s_{name}"] = seconds
             metrics[f"final_loss_{name}"] = float(np.mean(result.losses[-config.steps_per_call :]))
             curves[name] = result.losses
-            labels = np.asarray(episodes.query_y)
             t0 = time.perf_counter()
-            all_probs = predict(k_pred, config, params, net, episodes)
+            all_probs = predict_episodes(k_pred, predictive(config, params, net), episodes, episode_axis=1)
             metrics[f"eval_time_s_{name}"] = time.perf_counter() - t0
             for steps, probs in zip(sorted(config.eval_inner_steps), all_probs):
-                acc = (probs.argmax(-1) == labels).mean(-1)
-                metrics[f"acc_{name}_steps{steps}"], metrics[f"acc_{name}_steps{steps}_ci95"] = mean_ci95(acc)
+                ev = FewShotEvaluation(probs, np.asarray(episodes.query_y))
+                metrics.update(ev.metrics(suffix=f"_{name}_steps{steps}"))
                 if ways == 5 and shots == 1:
-                    metrics[f"ece_{name}_steps{steps}"] = expected_calibration_error(probs, labels)
-                    reliability[f"amortized K={steps}"] = reliability_curve(probs, labels)
+                    reliability[f"amortized K={steps}"] = ev.reliability()
             if ways == 5 and shots == 1:
                 save_datatree(
                     posterior_tree(k_post, config, params, net, episodes, max(config.eval_inner_steps)),
                     out_dir / "posterior.nc",
                 )
                 t0 = time.perf_counter()
-                theta, mcfg, maml_result = train_maml(
+                theta, maml_result = train_maml(
                     k_maml, config, train, ways, shots, checkpoint=out_dir / f"maml_{ways}w{shots}s.ckpt"
                 )
                 metrics["maml_train_time_s"] = time.perf_counter() - t0
-                probs = predict_maml(theta, mcfg, episodes)
-                acc = (probs.argmax(-1) == labels).mean(-1)
-                metrics[f"acc_maml_{name}"], metrics[f"acc_maml_{name}_ci95"] = mean_ci95(acc)
-                metrics[f"ece_maml_{name}"] = expected_calibration_error(probs, labels)
-                reliability[f"MAML K={config.maml_inner_steps}"] = reliability_curve(probs, labels)
+                ev = evaluate_fewshot(k_pred, maml_predictive(config, theta), episodes, desc="MAML")
+                metrics.update(ev.metrics(suffix=f"_maml_{name}"))
+                reliability[f"MAML K={config.maml_inner_steps}"] = ev.reliability()
                 curves["MAML 5w1s"] = maml_result.losses
             # Partial results survive an interrupted run; the CLI rewrites the file at the end.
             write_metrics(out_dir / "metrics.json", {**metrics, "train_time_s": train_time, "partial": 1})
@@ -401,30 +392,16 @@ def run(rng_key, config: OmniglotAmortizedConfig, out_dir: Path) -> dict[str, fl
 
 def plot(config: OmniglotAmortizedConfig, curves, reliability, out_dir: Path) -> None:
     """``reliability.png`` (5-way 1-shot, guide vs MAML) and ``training.png`` (loss curves)."""
-    import matplotlib.pyplot as plt
-
-    from metaprior.inference.diagnostics import plot_reliability
-
     if reliability:
-        fig, ax = plt.subplots(figsize=(4.4, 4.2))
-        plot_reliability(reliability, ax=ax)
-        ax.set_title(f"Omniglot 5-way 1-shot, {config.test_episodes} test episodes")
-        save_figure(fig, out_dir, "reliability.png")
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    for name, losses in curves.items():
-        w = max(1, len(losses) // 50)
-        ax.plot(np.convolve(losses, np.ones(w) / w, mode="valid"), lw=1, label=name)
-    ax.set_xlabel("meta-training step")
-    ax.set_ylabel("meta-loss (smoothed)")
-    ax.legend(fontsize="small")
-    save_figure(fig, out_dir, "training.png")
+        reliability_figure(reliability, out_dir, f"Omniglot 5-way 1-shot, {config.test_episodes} test episodes")
+    training_figure(curves, out_dir)
 
 
 METRICS_DOC = """
 acc_{W}w{S}s_steps{K}, *_ci95: test accuracy over test_episodes episodes (95% CI half-width),
     W-way S-shot, K inner steps at test time (models trained with train_inner_steps)
-ece_5w1s_steps{K}: expected calibration error (15 bins), 5-way 1-shot
-acc_maml_5w1s, ece_maml_5w1s (+ _ci95): first-order MAML, same net, budget and episodes
+ece_{W}w{S}s_steps{K}, nll_{W}w{S}s_steps{K}: expected calibration error (15 bins) and NLL per query
+acc_maml_5w1s (+ _ci95), ece_maml_5w1s, nll_maml_5w1s: first-order MAML, same net, budget and episodes
 train_time_s, train_time_s_{W}w{S}s, maml_train_time_s, eval_time_s_{W}w{S}s: seconds
     (eval: all eval_inner_steps in one pass over the test episodes)
 num_steps, train_inner_steps, filters, beta: the budget and settings used

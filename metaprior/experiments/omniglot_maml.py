@@ -38,17 +38,12 @@ import numpyro.distributions as dist
 import optax
 
 from metaprior.data import omniglot_splits, sample_episodes
-from metaprior.experiments._common import mean_ci95, save_figure
+from metaprior.experiments._plots import reliability_figure, training_figure
 from metaprior.experiments._registry import Experiment
-from metaprior.inference.diagnostics import (
-    expected_calibration_error,
-    plot_reliability,
-    reliability_curve,
-    save_posterior,
-    to_datatree,
-)
-from metaprior.inference.laplace import laplace, log_det, predictive
-from metaprior.inference.maml import adapt, ml_laplace, ml_point, nll_loss
+from metaprior.inference.diagnostics import save_posterior, to_datatree
+from metaprior.inference.evaluation import FewShotPredictive, evaluate_fewshot
+from metaprior.inference.laplace import laplace, log_det
+from metaprior.inference.maml import laplace_predict, ml_laplace, ml_point, nll_loss, point_predict
 from metaprior.inference.meta import fit, meta_learner
 from metaprior.models.nets import Conv4
 
@@ -165,72 +160,47 @@ def objective(config: OmniglotMAMLConfig):
     raise ValueError(f"method must be 'maml' or 'llama', got {config.method!r}")
 
 
-def _adapted(config, theta, episodes):
-    def one(sx, sy):
-        phi, _ = adapt(
-            theta,
-            sx,
-            sy,
-            loss_fn=_loss(),
-            inner_optimizer=optax.sgd(config.inner_lr),
-            num_steps=config.eval_inner_steps,
-        )
-        return phi
-
-    return jax.vmap(one)(episodes.support_x, episodes.support_y)
+def point_predictive(config: OmniglotMAMLConfig, theta) -> FewShotPredictive:
+    """MAML's :data:`~metaprior.inference.evaluation.FewShotPredictive`: the adapted network's softmax."""
+    fn = functools.partial(
+        point_predict,
+        apply_fn=_apply,
+        loss_fn=_loss(),
+        inner_optimizer=optax.sgd(config.inner_lr),
+        num_steps=config.eval_inner_steps,
+    )
+    jitted = jax.jit(fn)
+    return lambda key, sx, sy, qx: jitted(theta, sx, sy, qx)
 
 
-def point_probs(theta, episodes, *, config):
-    """MAML: ``softmax f(query; phi_hat)``, ``[T, Q, ways]``."""
-    phis = _adapted(config, theta, episodes)
-    return jax.vmap(lambda phi, qx: jax.nn.softmax(_apply(phi, qx)))(phis, episodes.query_x)
+def laplace_samples(config: OmniglotMAMLConfig, theta, tau: float, pred_type: str = "nn"):
+    """LLAMA's Laplace predictive draws ``(rng_key, sx, sy, qx) -> [T, S, Q, W]`` (jitted)."""
+    fn = functools.partial(
+        laplace_predict,
+        apply_fn=_apply,
+        likelihood=_likelihood,
+        loss_fn=_loss(),
+        inner_optimizer=optax.sgd(config.inner_lr),
+        num_steps=config.eval_inner_steps,
+        prior_precision=tau,
+        num_samples=config.num_posterior_samples,
+        pred_type=pred_type,
+    )
+    jitted = jax.jit(fn)
+    return lambda key, sx, sy, qx: jitted(key, theta, sx, sy, qx)
 
 
-def posterior_probs(rng_key, theta, episodes, tau, *, config, num_samples, pred_type="nn"):
-    """LLAMA: Laplace posterior predictive ``mean_s softmax f(query; phi_s)``, ``[T, Q, ways]``
-    (``pred_type="glm"``: ``f`` linearised at the adapted weights).
-
-    Returns ``(mean probs [T, Q, W], per-sample probs [T, S, Q, W])``.
-    """
-    phis = _adapted(config, theta, episodes)
-
-    def one(key, phi, sx, sy, qx):
-        post = laplace(
-            None, phi, sx, sy, apply_fn=_apply, likelihood=_likelihood, structure="kfac", prior_precision=tau
-        )
-        f = predictive(key, post, qx, apply_fn=_apply, num_samples=num_samples, pred_type=pred_type)
-        return jax.nn.softmax(f)
-
-    keys = jax.random.split(rng_key, episodes.support_x.shape[0])
-    samples = jax.vmap(one)(keys, phis, episodes.support_x, episodes.support_y, episodes.query_x)
-    return samples.mean(1), samples
+def laplace_predictive(config: OmniglotMAMLConfig, theta, tau: float, pred_type: str = "nn") -> FewShotPredictive:
+    """LLAMA's predictive: the mean over Laplace draws of the adapted network's softmax."""
+    samples = laplace_samples(config, theta, tau, pred_type)
+    return lambda key, sx, sy, qx: samples(key, sx, sy, qx).mean(1)
 
 
 def _episodes(rng_key, images, config, num, shots):
     sample = jax.jit(sample_episodes, static_argnums=(2, 3, 4, 5))
     for i in range(0, num, config.eval_batch):
-        yield sample(
-            jax.random.fold_in(rng_key, i),
-            images,
-            min(config.eval_batch, num - i),
-            config.ways,
-            shots,
-            config.eval_queries,
-        )
-
-
-def _evaluate(rng_key, probs_fn, images, config, num, shots, desc="evaluate"):
-    from tqdm import tqdm
-
-    from metaprior.inference.meta import progress_enabled
-
-    probs, labels = [], []
-    with tqdm(total=num, desc=desc, unit="episode", disable=not progress_enabled(None), leave=False) as bar:
-        for i, ep in enumerate(_episodes(rng_key, images, config, num, shots)):
-            probs.append(np.asarray(probs_fn(jax.random.fold_in(rng_key, 10_000 + i), ep)))
-            labels.append(np.asarray(ep.query_y))
-            bar.update(ep.query_y.shape[0])
-    return np.concatenate(probs), np.concatenate(labels)  # [E, Q, W], [E, Q]
+        n = min(config.eval_batch, num - i)
+        yield sample(jax.random.fold_in(rng_key, i), images, n, config.ways, shots, config.eval_queries)
 
 
 def run(rng_key: jax.Array, config: OmniglotMAMLConfig, out_dir: Path) -> dict[str, float]:
@@ -246,7 +216,9 @@ def run(rng_key: jax.Array, config: OmniglotMAMLConfig, out_dir: Path) -> dict[s
         config.ways, filters=config.filters, image_size=config.image_size, conv_impl=config.conv_impl, key=k_init
     )
     learner = meta_learner(objective(config), optax.adam(config.meta_lr), has_aux=True)
-    sampler = functools.partial(_train_batch, config=config)
+    sampler = lambda k, images: sample_episodes(
+        k, images, config.meta_batch, config.ways, config.train_shots, config.train_queries
+    )
     start = time.perf_counter()
     result = fit(
         k_train,
@@ -259,11 +231,10 @@ def run(rng_key: jax.Array, config: OmniglotMAMLConfig, out_dir: Path) -> dict[s
         desc=f"omniglot-{config.method}",
         checkpoint=config.checkpoint or out_dir / "meta.ckpt",
     )
-    train_time = time.perf_counter() - start
     theta = result.state.params
     metrics: dict[str, float] = {
         "train_steps": config.num_steps,
-        "train_time_s": train_time,
+        "train_time_s": time.perf_counter() - start,
         "meta_batch": config.meta_batch,
         "filters": config.filters,
         "train_shots": config.train_shots,
@@ -271,70 +242,41 @@ def run(rng_key: jax.Array, config: OmniglotMAMLConfig, out_dir: Path) -> dict[s
     }
 
     tau_pred, pred_type = None, "nn"
-    if config.method == "llama":
+    if config.method == "llama":  # empirical Bayes for (tau_pred, pred_type) on validation episodes
         val = jnp.asarray(splits["val"].images)
         best = None
-        for pred_type in config.pred_types:
-            probs_at = jax.jit(
-                functools.partial(
-                    posterior_probs, config=config, pred_type=pred_type, num_samples=config.num_posterior_samples
-                )
-            )
+        for kind in config.pred_types:
             for tau in config.tau_grid:
-                p, y = _evaluate(
-                    k_val,
-                    lambda k, ep, tau=tau: probs_at(k, theta, ep, tau)[0],
-                    val,
-                    config,
-                    config.num_val_episodes,
-                    config.train_shots,
-                    desc=f"validation {pred_type} tau={tau:g}",
+                episodes = _episodes(k_val, val, config, config.num_val_episodes, config.train_shots)
+                ev = evaluate_fewshot(
+                    jax.random.fold_in(k_val, 1),
+                    laplace_predictive(config, theta, tau, kind),
+                    episodes,
+                    desc=f"validation {kind} tau={tau:g}",
                 )
-                nll = -np.mean(np.log(np.take_along_axis(p, y[..., None], -1) + 1e-12))
-                metrics[f"val_nll_{pred_type}_tau{tau:g}"] = float(nll)
+                nll = ev.metrics()["nll"]
+                metrics[f"val_nll_{kind}_tau{tau:g}"] = nll
                 if best is None or nll < best[0]:
-                    best = (nll, tau, pred_type, probs_at)
-        _, tau_pred, pred_type, probs_at = best
-        metrics["tau_pred"] = tau_pred
-        metrics["pred_glm"] = float(pred_type == "glm")
-        probs_fn = lambda k, ep: probs_at(k, theta, ep, tau_pred)[0]
+                    best = (nll, tau, kind)
+        _, tau_pred, pred_type = best
+        metrics["tau_pred"], metrics["pred_glm"] = tau_pred, float(pred_type == "glm")
+        predict = laplace_predictive(config, theta, tau_pred, pred_type)
     else:
-        point = jax.jit(functools.partial(point_probs, config=config))
-        probs_fn = lambda k, ep: point(theta, ep)
+        predict = point_predictive(config, theta)
 
     test = jnp.asarray(splits["test"].images)
     curves = {}
     for shots in config.eval_shots:
-        p, y = _evaluate(
-            jax.random.fold_in(k_test, shots),
-            probs_fn,
-            test,
-            config,
-            config.num_eval_episodes,
-            shots,
-            desc=f"test {shots}-shot",
-        )
-        acc = (p.argmax(-1) == y).mean(-1)
-        key = f"{config.ways}w{shots}s"
-        metrics[f"acc_{key}"], metrics[f"acc_{key}_ci95"] = mean_ci95(acc)
-        flat_p, flat_y = p.reshape(-1, p.shape[-1]), y.reshape(-1)
-        metrics[f"ece_{key}"] = expected_calibration_error(flat_p, flat_y, num_bins=15)
-        metrics[f"nll_{key}"] = float(-np.mean(np.log(flat_p[np.arange(flat_y.size), flat_y] + 1e-12)))
-        curves[f"{config.method} {shots}-shot"] = reliability_curve(flat_p, flat_y, num_bins=15)
+        k_shots = jax.random.fold_in(k_test, shots)
+        episodes = _episodes(k_shots, test, config, config.num_eval_episodes, shots)
+        ev = evaluate_fewshot(jax.random.fold_in(k_shots, 1), predict, episodes, desc=f"test {shots}-shot")
+        metrics.update(ev.metrics(suffix=f"_{config.ways}w{shots}s"))
+        curves[f"{config.method} {shots}-shot"] = ev.reliability()
 
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    plot_reliability(curves, ax=ax)
-    ax.set_title(f"omniglot-{config.method}: reliability (test episodes)")
-    save_figure(fig, out_dir, "reliability.png")
-    save_figure(_training_figure(result.losses), out_dir, "training.png")
+    reliability_figure(curves, out_dir, f"omniglot-{config.method}: reliability (test episodes)")
+    training_figure({config.method: result.losses}, out_dir)
     save_posterior(_posterior_tree(k_post, config, theta, test, tau_pred, pred_type), out_dir / "posterior.nc")
     return metrics
-
-
-def _train_batch(rng_key, images, *, config):
-    return sample_episodes(rng_key, images, config.meta_batch, config.ways, config.train_shots, config.train_queries)
 
 
 def _posterior_tree(rng_key, config, theta, test, tau_pred, pred_type="nn"):
@@ -342,32 +284,16 @@ def _posterior_tree(rng_key, config, theta, test, tau_pred, pred_type="nn"):
     Laplace samples for LLAMA, the single adapted network for MAML."""
     ep = next(_episodes(rng_key, test, dataclasses.replace(config, eval_batch=1), 1, config.train_shots))
     if config.method == "llama":
-        _, samples = jax.jit(
-            functools.partial(
-                posterior_probs, config=config, pred_type=pred_type, num_samples=config.num_posterior_samples
-            )
-        )(rng_key, theta, ep, tau_pred)
-        probs = np.asarray(samples[0])  # [S, Q, W]
+        probs = laplace_samples(config, theta, tau_pred, pred_type)(rng_key, ep.support_x, ep.support_y, ep.query_x)
+        probs = np.asarray(probs[0])  # [S, Q, W]
     else:
-        probs = np.asarray(jax.jit(functools.partial(point_probs, config=config))(theta, ep))  # [1, Q, W]
+        probs = np.asarray(point_predictive(config, theta)(rng_key, ep.support_x, ep.support_y, ep.query_x))
     return to_datatree(
         {"probs": probs[None]},
         observed_data={"query_y": np.asarray(ep.query_y[0])},
         dims={"probs": ["query", "class"], "query_y": ["query"]},
         attrs={"method": config.method, "tau_pred": float(tau_pred or 0.0), "pred_type": pred_type},
     )
-
-
-def _training_figure(losses):
-    import matplotlib.pyplot as plt
-
-    losses = np.asarray(losses)
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    w = max(1, len(losses) // 100)
-    ax.plot(np.arange(len(losses) - w + 1) + w, np.convolve(losses, np.ones(w) / w, mode="valid"))
-    ax.set_xlabel("meta-training step")
-    ax.set_ylabel("meta-loss (moving average)")
-    return fig
 
 
 METRICS_DOC = """

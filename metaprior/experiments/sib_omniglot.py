@@ -32,10 +32,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from metaprior.data import omniglot_splits, sample_episodes
+from metaprior.data import Episodes, omniglot_splits, sample_episodes
 from metaprior.experiments._common import mean_ci95, save_datatree, save_figure
 from metaprior.experiments._registry import Experiment
-from metaprior.inference.diagnostics import expected_calibration_error, from_guide
+from metaprior.inference.diagnostics import from_guide
+from metaprior.inference.evaluation import FewShotPredictive, evaluate_fewshot
 from metaprior.inference.meta import fit, meta_learner
 from metaprior.models.nets import Conv4
 from metaprior.models.sib import (
@@ -155,16 +156,13 @@ def meta_train(
     )
 
 
-def predict(rng_key, config: SIBOmniglotConfig, params, episodes, num_steps: int, chunk: int = 100):
-    """Posterior predictive probabilities ``[episodes, queries, ways]`` in chunks of episodes."""
+def predictive(config: SIBOmniglotConfig, params, num_steps: int) -> FewShotPredictive:
+    """SIB's posterior predictive ``(key, sx, sy, qx) -> probs [T, Q, ways]`` after ``num_steps``
+    synthetic-gradient steps."""
     fn = jax.jit(
         functools.partial(sib_predict, num_draws=config.predictive_draws, **_inference_kwargs(config, num_steps))
     )
-    out = []
-    for start in range(0, episodes.query_x.shape[0], chunk):
-        part = jax.tree.map(lambda a: a[start : start + chunk], episodes)
-        out.append(np.asarray(fn(jax.random.fold_in(rng_key, start), params, part)))
-    return np.concatenate(out)
+    return lambda key, sx, sy, qx: fn(key, params, Episodes(sx, sy, qx, None))
 
 
 def run(rng_key, config: SIBOmniglotConfig, out_dir: Path) -> dict[str, float]:
@@ -205,15 +203,17 @@ def run(rng_key, config: SIBOmniglotConfig, out_dir: Path) -> dict[str, float]:
             )
             meta_time += time.perf_counter() - t0
             curves[(shots, num_steps)] = result.losses
-            probs = predict(jax.random.fold_in(k_pred, shots), config, result.state.params, episodes, num_steps)
-            acc = (probs.argmax(-1) == np.asarray(episodes.query_y)).mean(-1)  # [episodes]
-            accs[(shots, num_steps)] = acc
-            metrics[f"acc_{name}"], metrics[f"acc_{name}_ci95"] = mean_ci95(acc)
+            ev = evaluate_fewshot(
+                jax.random.fold_in(k_pred, shots),
+                predictive(config, result.state.params, num_steps),
+                episodes,
+                chunk=100,
+                desc=f"SIB {name}",
+            )
+            accs[(shots, num_steps)] = ev.per_episode_accuracy()
+            metrics.update(ev.metrics(suffix=f"_{name}"))
             metrics[f"final_loss_{name}"] = float(np.mean(result.losses[-config.steps_per_call :]))
             if shots == 1 and num_steps == 3:
-                metrics[f"ece_{name}"] = expected_calibration_error(
-                    probs.reshape(-1, config.ways), np.asarray(episodes.query_y).reshape(-1)
-                )
                 tree = from_guide(
                     k_post,
                     sib_model,
@@ -266,7 +266,7 @@ METRICS_DOC = """
 acc_5w{1,5}s_T{t}: test accuracy (mean over episodes) of SIB meta-trained and run with T=t steps
 acc_5w{1,5}s_T{t}_ci95: half-width of its normal 95% interval over the test episodes
 gain_5w{1,5}s_T{t}_vs_T0 (+ _ci95): paired accuracy difference to T=0 on the same episodes
-ece_5w1s_T3: expected calibration error (15 bins) of the 1-shot T=3 predictive
+ece_5w{1,5}s_T{t}, nll_5w{1,5}s_T{t}: expected calibration error (15 bins) and NLL per query
 final_loss_5w{1,5}s_T{t}: negative ELBO per task at the end of meta-training
 pretrain_time_s, meta_train_time_s: wall time of pretraining (+ embedding), of all meta-training runs
 pretrain_final_loss, num_train_classes, num_test_classes, feature_dim: context

@@ -34,8 +34,8 @@ from metaprior.data.tasks import SinusoidParams, sinusoid_fn, sinusoid_tasks
 from metaprior.experiments._common import mean_ci95, save_figure
 from metaprior.experiments._registry import Experiment
 from metaprior.inference.diagnostics import save_posterior, to_datatree
-from metaprior.inference.laplace import laplace, log_det, predictive, vmap_apply
-from metaprior.inference.maml import SupportQuery, adapt, ml_laplace, ml_point, mse_loss
+from metaprior.inference.laplace import laplace, log_det, vmap_apply
+from metaprior.inference.maml import SupportQuery, laplace_predict, ml_laplace, ml_point, mse_loss, point_predict
 from metaprior.inference.meta import fit, meta_learner
 from metaprior.models.nets import MLP
 
@@ -155,41 +155,36 @@ def objective(config: SinusoidMAMLConfig, method: str | None = None):
     raise ValueError(f"method must be 'maml' or 'llama', got {method!r}")
 
 
-def _adapt_all(theta, tasks: SupportQuery, config):
-    def one(sx, sy):
-        phi, _ = adapt(
-            theta,
-            sx,
-            sy,
-            loss_fn=mse_loss(vmap_apply),
-            inner_optimizer=optax.sgd(config.inner_lr),
-            num_steps=config.eval_inner_steps,
-        )
-        return phi
-
-    return jax.vmap(one)(tasks.support_x, tasks.support_y)
+def _inner(config):
+    return dict(
+        apply_fn=vmap_apply,
+        loss_fn=mse_loss(vmap_apply),
+        inner_optimizer=optax.sgd(config.inner_lr),
+        num_steps=config.eval_inner_steps,
+        link=lambda f: f[..., 0],
+    )
 
 
 def point_predictions(theta, tasks: SupportQuery, x=None, *, config) -> jax.Array:
     """Adapted predictions ``[T, Q]`` at the query inputs (or at ``x [T, Q, 1]``)."""
     x = tasks.query_x if x is None else x
-    phis = _adapt_all(theta, tasks, config)
-    return jax.vmap(lambda phi, xq: vmap_apply(phi, xq)[:, 0])(phis, x)
+    return point_predict(theta, tasks.support_x, tasks.support_y, x, **_inner(config))
 
 
 def posterior_functions(rng_key, theta, tasks: SupportQuery, sigma, tau, num_samples, x=None, *, config):
     """Laplace posterior draws of ``f`` at the query inputs: ``[T, S, Q]``."""
     x = tasks.query_x if x is None else x
-    phis = _adapt_all(theta, tasks, config)
-
-    def one(key, phi, sx, sy, xq):
-        post = laplace(
-            None, phi, sx, sy, apply_fn=vmap_apply, likelihood=_likelihood(sigma), structure="kfac", prior_precision=tau
-        )
-        return predictive(key, post, xq, apply_fn=vmap_apply, num_samples=num_samples)[..., 0]
-
-    keys = jax.random.split(rng_key, tasks.support_x.shape[0])
-    return jax.vmap(one)(keys, phis, tasks.support_x, tasks.support_y, x)
+    return laplace_predict(
+        rng_key,
+        theta,
+        tasks.support_x,
+        tasks.support_y,
+        x,
+        likelihood=_likelihood(sigma),
+        prior_precision=tau,
+        num_samples=num_samples,
+        **_inner(config),
+    )
 
 
 def predictive_scores(f_samples, y, sigma, rng_key):

@@ -419,10 +419,14 @@ def from_mcmc(mcmc, *model_args, rng_key=None, attrs: Mapping[str, Any] | None =
 
 
 def save_posterior(tree, path: str | os.PathLike) -> Path:
-    """Write a DataTree as netCDF atomically (the file every experiment saves)."""
-    from metaprior.experiments._common import save_datatree
+    """Write an ArviZ/xarray DataTree to netCDF (HDF5 groups) atomically (the file every
+    experiment saves)."""
+    from metaprior._io import atomic_path
 
-    return save_datatree(tree, path)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tree.to_netcdf(tmp, engine="h5netcdf")
+    return path
 
 
 def predictive_scores(
