@@ -33,7 +33,6 @@ KNOWN_OVERSIZE = {
     "experiments/omniglot_maml.py",
     "experiments/sinusoid_maml.py",
     "experiments/sib_omniglot.py",
-    "models/dwp.py",
 }
 
 
