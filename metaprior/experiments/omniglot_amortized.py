@@ -193,6 +193,23 @@ def init_params(rng_key, config: OmniglotAmortizedConfig, ways: int) -> tuple[Am
     return AmortizedParams(guide, shared_params(net)), net
 
 
+def _fit(rng_key, config: OmniglotAmortizedConfig, loss, params, images, ways: int, shots: int, desc, checkpoint):
+    """Both models' meta-training: Adam with global-norm clipping on ``ways``-way ``shots``-shot episodes."""
+    optimizer = optax.chain(optax.clip_by_global_norm(10.0), optax.adam(config.learning_rate))
+    sampler = lambda k, d: sample_episodes(k, d, config.task_batch, ways, shots, config.queries)
+    return fit(
+        rng_key,
+        meta_learner(loss, optimizer, has_aux=True),
+        params,
+        config.num_steps,
+        data=images,
+        sample_batch=sampler,
+        steps_per_call=config.steps_per_call,
+        desc=desc,
+        checkpoint=checkpoint,
+    )
+
+
 def meta_train(rng_key, config: OmniglotAmortizedConfig, images, ways: int, shots: int, checkpoint=None):
     """Meta-train the guide for one (ways, shots); returns ``(params, net, FitResult)``."""
     k_init, k_fit = jax.random.split(rng_key)
@@ -200,19 +217,8 @@ def meta_train(rng_key, config: OmniglotAmortizedConfig, images, ways: int, shot
     loss = amortized_meta_loss(
         inference_spec(config, net, config.train_inner_steps), task_batch_size=_task_batch_size(config)
     )
-    optimizer = optax.chain(optax.clip_by_global_norm(10.0), optax.adam(config.learning_rate))
-    sampler = lambda k, d: sample_episodes(k, d, config.task_batch, ways, shots, config.queries)
-    result = fit(
-        k_fit,
-        meta_learner(loss, optimizer, has_aux=True),
-        params,
-        config.num_steps,
-        data=images,
-        sample_batch=sampler,
-        steps_per_call=config.steps_per_call,
-        desc=f"amortized {ways}w{shots}s K={config.train_inner_steps}",
-        checkpoint=checkpoint,
-    )
+    desc = f"amortized {ways}w{shots}s K={config.train_inner_steps}"
+    result = _fit(k_fit, config, loss, params, images, ways, shots, desc, checkpoint)
     return result.state.params, net, result
 
 
@@ -245,19 +251,7 @@ def train_maml(rng_key, config: OmniglotAmortizedConfig, images, ways: int, shot
         first_order=config.maml_first_order,
     )
     loss = lambda p, key, batch: objective(eqx.combine(p, static), key, batch)
-    optimizer = optax.chain(optax.clip_by_global_norm(10.0), optax.adam(config.learning_rate))
-    sampler = lambda k, d: sample_episodes(k, d, config.task_batch, ways, shots, config.queries)
-    result = fit(
-        k_fit,
-        meta_learner(loss, optimizer, has_aux=True),
-        params,
-        config.num_steps,
-        data=images,
-        sample_batch=sampler,
-        steps_per_call=config.steps_per_call,
-        desc=f"MAML {ways}w{shots}s",
-        checkpoint=checkpoint,
-    )
+    result = _fit(k_fit, config, loss, params, images, ways, shots, f"MAML {ways}w{shots}s", checkpoint)
     return eqx.combine(result.state.params, static), result
 
 
