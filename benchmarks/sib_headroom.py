@@ -34,7 +34,8 @@ import optax
 
 from metaprior.data import omniglot_splits, sample_episodes
 from metaprior.experiments import sib_omniglot as so
-from metaprior.models.sib import cosine_logits, embed_classes, sib_posterior, support_initializer
+from metaprior.inference.sib import sib_posterior, support_initializer
+from metaprior.models.sib import cosine_logits, embed_classes
 
 
 def main() -> None:

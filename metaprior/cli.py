@@ -33,8 +33,10 @@ def _coerce(field_type, current, raw: str):
     if isinstance(current, float):
         return float(raw)
     if isinstance(current, tuple):
-        items = [s for s in raw.split(",") if s]
+        items = [s.strip() for s in raw.split(",") if s.strip()]
         elem = current[0] if current else raw
+        if isinstance(elem, tuple):  # a tuple of tuples: "5x1,20x1" is ((5, 1), (20, 1))
+            return tuple(tuple(_coerce(None, elem[0], p) for p in s.split("x")) for s in items)
         return tuple(_coerce(None, elem, s) for s in items)
     return raw
 

@@ -36,3 +36,12 @@ def test_every_experiment_has_three_sizes_with_num_steps():
             config = exp.make_config(size)
             assert dataclasses.is_dataclass(config), name
             assert "num_steps" in {f.name for f in dataclasses.fields(config)}, name
+
+
+def test_override_coerces_to_the_field_type():
+    from metaprior.cli import _coerce
+
+    assert _coerce(None, ((5, 1), (20, 1)), "5x5, 20x1") == ((5, 5), (20, 1))
+    assert _coerce(None, ("a", "b"), "maml,llama") == ("maml", "llama")
+    assert _coerce(None, (1.0,), "10,100.5") == (10.0, 100.5)
+    assert _coerce(None, True, "off") is False

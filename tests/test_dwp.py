@@ -23,7 +23,8 @@ import pytest
 from numpyro import handlers
 from numpyro.infer import Trace_ELBO
 
-from metaprior.experiments.dwp_mnist import bnn_loss, build_guide, make_config, paired_win_rate
+from metaprior.experiments.dwp_mnist import make_config
+from metaprior.inference.dwp import bnn_loss, build_guide, paired_win_rate
 from metaprior.inference.guides import AuxiliaryGuide, AuxiliarySite, latent_elbo, local_reparam_conv2d
 from metaprior.inference.meta import fit, meta_learner
 from metaprior.models.dwp import (

@@ -3,6 +3,7 @@ key scheme, and the errors it raises."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import jax
@@ -14,7 +15,9 @@ from metaprior.data import Episodes
 from metaprior.inference.diagnostics import expected_calibration_error
 from metaprior.inference.evaluation import (
     FewShotEvaluation,
+    episode_bootstrap,
     evaluate_fewshot,
+    fewshot_bootstrap,
     fewshot_metrics,
     mean_ci95,
     predict_episodes,
@@ -122,3 +125,128 @@ def test_regression_metrics_known_gaussian():
     assert abs(m["coverage"] - 0.9) < 0.008
     with pytest.raises(ValueError, match=r"samples must be \[draws, \*y.shape\]"):
         regression_metrics(np.zeros((2, 3)), np.zeros(4), 1.0)
+
+
+# --------------------------------------------------------------------------- bootstrap
+
+
+def _exact_bootstrap(num_episodes, statistic):
+    """The exact bootstrap distribution of ``statistic(indices)``: every multiset of
+    ``num_episodes`` episode indices with its multinomial probability
+    ``E! / prod(count_i!) / E**E``. Returns ``(sorted values, their CDF)``."""
+    values, weights = [], []
+    for multiset in itertools.combinations_with_replacement(range(num_episodes), num_episodes):
+        counts = np.bincount(multiset, minlength=num_episodes)
+        ways = math.factorial(num_episodes) / math.prod(math.factorial(c) for c in counts)
+        values.append(statistic(np.array(multiset)))
+        weights.append(ways / num_episodes**num_episodes)
+    assert len(values) == math.comb(2 * num_episodes - 1, num_episodes)
+    assert sum(weights) == pytest.approx(1.0, abs=1e-12)
+    order = np.argsort(values, kind="stable")
+    return np.asarray(values)[order], np.cumsum(np.asarray(weights)[order])
+
+
+def _quantile(values, cdf, u):
+    """The exact ``u``-quantile ``min{v : F(v) >= u}`` (``u`` clipped to [0, 1])."""
+    u = min(max(u, 0.0), 1.0)
+    return values[min(np.searchsorted(cdf, u - 1e-12), len(values) - 1)]
+
+
+def _assert_within_exact_quantiles(end, values, cdf, u, num_resamples):
+    # The empirical u-quantile of n draws lies between the exact quantiles at u -+ delta
+    # unless the empirical CDF at them is off by more than delta; with delta five binomial
+    # sds, sqrt(u (1 - u) / n) (0.0077 at u = 0.05 and n = 20,000), that has probability
+    # under 1e-6, so the check holds for any seed, not only this one.
+    delta = 5 * math.sqrt(u * (1 - u) / num_resamples)
+    lo, hi = _quantile(values, cdf, u - delta), _quantile(values, cdf, u + delta)
+    assert lo - 1e-12 <= end <= hi + 1e-12, (end, lo, hi, u)
+
+
+def test_episode_bootstrap_matches_the_exact_bootstrap_distribution():
+    data = np.array([0.0, 1.0, 3.0])  # 3 episodes: 10 multisets
+    seen = []
+
+    def mean(idx):
+        seen.append(idx)
+        return data[idx].mean()
+
+    values, cdf = _exact_bootstrap(3, mean)
+    seen.clear()
+    lo, hi = episode_bootstrap(mean, 3, num_resamples=20_000, level=0.8, seed=1)
+    assert len(seen) == 20_000 and all(idx.shape == (3,) and 0 <= idx.min() and idx.max() < 3 for idx in seen)
+    _assert_within_exact_quantiles(lo, values, cdf, 0.1, 20_000)
+    _assert_within_exact_quantiles(hi, values, cdf, 0.9, 20_000)
+    # the exact distribution here: 1/27 at 0 and at 3 (all one episode); Q(0.1) = 1/3, Q(0.9) = 7/3
+    assert (_quantile(values, cdf, 0.1), _quantile(values, cdf, 0.9)) == pytest.approx((1 / 3, 7 / 3))
+    assert episode_bootstrap(mean, 3, num_resamples=50, seed=4) == episode_bootstrap(mean, 3, num_resamples=50, seed=4)
+
+
+def test_fewshot_bootstrap_matches_the_exact_bootstrap_distribution():
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(3), size=(4, 3))  # 4 episodes of 3 queries, 3 ways: 35 multisets
+    labels = rng.integers(0, 3, size=(4, 3))
+    out = fewshot_bootstrap(probs, labels, num_resamples=20_000, level=0.9, seed=0, num_bins=5)
+    assert set(out) == {"acc_lo", "acc_hi", "ece_lo", "ece_hi", "nll_lo", "nll_hi"}
+    for name in ("acc", "ece", "nll"):
+        # the metric of a resample is fewshot_metrics of its episodes (ECE, NLL over their pooled queries)
+        values, cdf = _exact_bootstrap(4, lambda idx: fewshot_metrics(probs[idx], labels[idx], num_bins=5)[name])
+        assert values[0] < values[-1]  # a non-degenerate distribution
+        _assert_within_exact_quantiles(out[f"{name}_lo"], values, cdf, 0.05, 20_000)
+        _assert_within_exact_quantiles(out[f"{name}_hi"], values, cdf, 0.95, 20_000)
+        assert out[f"{name}_lo"] <= fewshot_metrics(probs, labels, num_bins=5)[name] <= out[f"{name}_hi"]
+    ev = FewShotEvaluation(probs, labels)
+    assert ev.bootstrap(num_resamples=20_000, level=0.9, seed=0, num_bins=5) == out
+
+
+def test_fewshot_bootstrap_two_episodes_by_hand():
+    # 2 ways, 5 bins (0, .2], (.2, .4], (.4, .6], (.6, .8], (.8, 1]; confidence = top probability.
+    # episode 0: conf .9 right (bin 5), conf .7 wrong (bin 4):
+    #   ECE = 1/2 |1 - .9| + 1/2 |0 - .7| = 0.4; accuracy 1/2; NLL = -(log .9 + log .3) / 2
+    # episode 1: conf .65 right (bin 4), conf .95 right (bin 5):
+    #   ECE = 1/2 |1 - .65| + 1/2 |1 - .95| = 0.2; accuracy 1; NLL = -(log .65 + log .95) / 2
+    # both pooled: bin 5 holds .9, .95 (both right): |1 - .925| = .075, weight 2/4;
+    #   bin 4 holds .7 (wrong), .65 (right): |.5 - .675| = .175, weight 2/4; ECE = 0.125
+    probs = np.array([[[0.9, 0.1], [0.7, 0.3]], [[0.35, 0.65], [0.05, 0.95]]])
+    labels = np.array([[0, 1], [1, 1]])
+    assert fewshot_metrics(probs, labels, num_bins=5)["ece"] == pytest.approx(0.125, abs=1e-12)
+    assert fewshot_metrics(probs[[0, 0]], labels[[0, 0]], num_bins=5)["ece"] == pytest.approx(0.4, abs=1e-12)
+    assert fewshot_metrics(probs[[1, 1]], labels[[1, 1]], num_bins=5)["ece"] == pytest.approx(0.2, abs=1e-12)
+    # Resamples {0, 0}, {0, 1}, {1, 1} have probabilities 1/4, 1/2, 1/4, so the bootstrap ECE is
+    # 0.4 / 0.125 / 0.2. At level 0.9 the ends are the 5% and 95% quantiles, inside the lowest
+    # and highest atoms (each holds >= 1/4 of the mass; with 4,000 resamples the chance that
+    # either holds under 5% of them is below 1e-100): exactly the smallest and largest values.
+    out = fewshot_bootstrap(probs, labels, num_resamples=4000, level=0.9, seed=0, num_bins=5)
+    nll0, nll1 = -(math.log(0.9) + math.log(0.3)) / 2, -(math.log(0.65) + math.log(0.95)) / 2
+    expect = dict(acc_lo=0.5, acc_hi=1.0, ece_lo=0.125, ece_hi=0.4, nll_lo=nll1, nll_hi=nll0)
+    assert out == pytest.approx(expect, abs=1e-9)
+
+
+def test_identical_episodes_give_a_zero_width_interval_at_the_point_value():
+    one = np.array([[[0.8, 0.1, 0.1], [0.3, 0.5, 0.2], [0.25, 0.25, 0.5]]])
+    probs, labels = np.repeat(one, 5, axis=0), np.tile([[0, 0, 2]], (5, 1))
+    point = fewshot_metrics(probs, labels)
+    out = fewshot_bootstrap(probs, labels, num_resamples=200, seed=3)
+    for name in ("acc", "ece", "nll"):
+        assert out[f"{name}_lo"] == pytest.approx(point[name], abs=1e-12)
+        assert out[f"{name}_hi"] == pytest.approx(point[name], abs=1e-12)
+
+
+def test_bootstrap_errors_name_the_argument():
+    stat = lambda idx: float(idx.mean())
+    with pytest.raises(ValueError, match="num_resamples must be an int >= 1, got 0"):
+        episode_bootstrap(stat, 3, num_resamples=0)
+    with pytest.raises(ValueError, match="num_episodes must be an int >= 1, got 0"):
+        episode_bootstrap(stat, 0)
+    for level in (0.0, 1.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match=r"level must lie in \(0, 1\)"):
+            episode_bootstrap(stat, 3, level=level)
+    with pytest.raises(ValueError, match="statistic returned NaN"):
+        episode_bootstrap(lambda idx: float("nan"), 3, num_resamples=5)
+    with pytest.raises(ValueError, match=r"at least one episode \(E >= 1\)"):
+        fewshot_bootstrap(np.zeros((0, 2, 3)), np.zeros((0, 2), int))
+    with pytest.raises(ValueError, match=r"probs must be \[episodes, queries, ways\]"):
+        fewshot_bootstrap(np.full((2, 3), 0.5), np.zeros((2, 3), int))
+    with pytest.raises(ValueError, match="num_resamples must be"):
+        FewShotEvaluation(np.full((2, 2, 2), 0.5), np.zeros((2, 2), int)).bootstrap(num_resamples=-1)
+    with pytest.raises(ValueError, match="level must lie in"):
+        fewshot_bootstrap(np.full((2, 2, 2), 0.5), np.zeros((2, 2), int), level=1)

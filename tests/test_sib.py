@@ -14,6 +14,7 @@ import pytest
 
 from metaprior.data import Episodes, sample_episodes
 from metaprior.inference.meta import meta_learner
+from metaprior.inference.sib import sib_guide, sib_loss, sib_posterior, sib_predict, support_initializer
 from metaprior.inference.synthetic_gradients import (
     DiagGaussian,
     diag_gaussian_kl,
@@ -30,12 +31,7 @@ from metaprior.models.sib import (
     init_sib_params,
     pretrain_loss,
     sample_classification_batch,
-    sib_guide,
-    sib_loss,
     sib_model,
-    sib_posterior,
-    sib_predict,
-    support_initializer,
 )
 
 WAYS, SHOTS, QUERIES, FEATURES, TASKS = 3, 2, 4, 6, 5

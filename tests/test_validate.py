@@ -10,12 +10,8 @@ import jax
 import numpy as np
 import pytest
 
-from metaprior.experiments.validate import (
-    compare_marginals,
-    flatten_draws,
-    make_config,
-    run,
-)
+from metaprior.experiments.validate import make_config, run
+from metaprior.inference.validation import compare_marginals, flatten_draws
 
 
 def test_compare_marginals_identities():

@@ -3,8 +3,15 @@
 Every sampler takes ``rng_key`` first; loaders read ``METAPRIOR_DATA`` and verify files.
 """
 
-from metaprior.data.episodes import EpisodeIndices, Episodes, sample_episode_indices, sample_episodes
-from metaprior.data.fewshot import FewShotDataset, as_class_array, mix_held_out, split_by_group, with_rotations
+from metaprior.data.episodes import EpisodeIndices, Episodes, episode_batches, sample_episode_indices, sample_episodes
+from metaprior.data.fewshot import (
+    FewShotDataset,
+    as_class_array,
+    balanced_order,
+    mix_held_out,
+    split_by_group,
+    with_rotations,
+)
 from metaprior.data.idx import load_fashion_mnist, load_idx, load_mnist, load_notmnist
 from metaprior.data.miniimagenet import convert_miniimagenet_pickle, load_miniimagenet
 from metaprior.data.omniglot import (
@@ -25,6 +32,7 @@ from metaprior.data.store import (
     download,
     verify_file,
 )
+from metaprior.data.testbeds import TestBed, fewshot_testbeds, ood_pool
 
 __all__ = [
     "data_dir",
@@ -37,6 +45,7 @@ __all__ = [
     "CorruptDataError",
     "FewShotDataset",
     "as_class_array",
+    "balanced_order",
     "split_by_group",
     "mix_held_out",
     "with_rotations",
@@ -47,6 +56,7 @@ __all__ = [
     "Episodes",
     "EpisodeIndices",
     "sample_episodes",
+    "episode_batches",
     "sample_episode_indices",
     "load_omniglot",
     "omniglot_splits",
@@ -56,4 +66,7 @@ __all__ = [
     "score_oneshot_runs",
     "load_miniimagenet",
     "convert_miniimagenet_pickle",
+    "TestBed",
+    "fewshot_testbeds",
+    "ood_pool",
 ]

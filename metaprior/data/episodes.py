@@ -25,13 +25,21 @@ References:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["Episodes", "EpisodeIndices", "sample_episode_indices", "sample_episodes", "check_episode_request"]
+__all__ = [
+    "Episodes",
+    "EpisodeIndices",
+    "sample_episode_indices",
+    "sample_episodes",
+    "episode_batches",
+    "check_episode_request",
+]
 
 
 class Episodes(NamedTuple):
@@ -173,3 +181,18 @@ def sample_episodes(rng_key: jax.Array, images, num_tasks: int, ways: int, shots
     support_y = jnp.broadcast_to(jnp.repeat(labels, shots), (num_tasks, ways * shots))
     query_y = jnp.broadcast_to(jnp.repeat(labels, queries), (num_tasks, ways * queries))
     return Episodes(support_x, support_y, query_x, query_y)
+
+
+def episode_batches(
+    rng_key: jax.Array, images, num_tasks: int, ways: int, shots: int, queries: int, *, batch_size: int
+) -> Iterator[Episodes]:
+    """``num_tasks`` episodes as a stream of batches of at most ``batch_size`` (bounded memory).
+
+    The batch starting at episode ``i`` is ``sample_episodes(fold_in(rng_key, i), ...)``,
+    so the same key and ``batch_size`` give the same episodes.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    sample = jax.jit(sample_episodes, static_argnums=(2, 3, 4, 5))
+    for i in range(0, num_tasks, batch_size):
+        yield sample(jax.random.fold_in(rng_key, i), images, min(batch_size, num_tasks - i), ways, shots, queries)

@@ -15,6 +15,7 @@ from typing import NamedTuple
 import numpy as np
 
 __all__ = [
+    "balanced_order",
     "FewShotDataset",
     "as_class_array",
     "split_by_group",
@@ -233,3 +234,25 @@ def with_rotations(dataset: FewShotDataset) -> FewShotDataset:
     images = np.concatenate([np.rot90(dataset.images, k, axes=(2, 3)) for k in range(4)], axis=0)
     names = tuple(n if r == 0 else f"{n}/rot{r:03d}" for r in ROTATIONS for n in dataset.class_names)
     return FewShotDataset(np.ascontiguousarray(images), names, dataset.groups * len(ROTATIONS))
+
+
+def balanced_order(order: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Reorder ``order`` (indices into ``labels``) so that every prefix is as class-balanced
+    as the classes allow: the first occurrence of each class in ``order``, then the second
+    of each, and so on, each round in ``order``'s order. A training set of size ``N`` taken
+    as a prefix then has ``N / classes`` examples per class (stratified, as the deep weight
+    prior's code splits MNIST), and the sizes stay nested.
+
+    Raises:
+        ValueError: ``order`` is not a 1-D array of indices into ``labels``.
+    """
+    order, labels = np.asarray(order), np.asarray(labels)
+    if order.ndim != 1 or (order.size and (order.min() < 0 or order.max() >= labels.shape[0])):
+        raise ValueError(f"order must be 1-D indices into labels ({labels.shape[0]}), got shape {order.shape}")
+    cls = labels[order]
+    rank = np.zeros(order.shape[0], np.int64)
+    seen: dict = {}
+    for i, c in enumerate(cls.tolist()):
+        rank[i] = seen.get(c, 0)
+        seen[c] = rank[i] + 1
+    return order[np.lexsort((np.arange(order.shape[0]), rank))]

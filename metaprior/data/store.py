@@ -106,6 +106,8 @@ _MNIST_RAW = "https://storage.googleapis.com/cvdf-datasets/mnist/"
 _NOTMNIST = "https://github.com/davidflanagan/notMNIST-to-MNIST"
 _NOTMNIST_RAW = "https://raw.githubusercontent.com/davidflanagan/notMNIST-to-MNIST/master/"
 _FASHION = "https://github.com/zalandoresearch/fashion-mnist"
+_DWP = "https://github.com/SamsungLabs/deep-weight-prior"
+_DWP_RAW = "https://raw.githubusercontent.com/SamsungLabs/deep-weight-prior/master/data/fconv/"
 _FASHION_RAW = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 
 # IDX sizes: 16-byte header + N*28*28 for images, 8-byte header + N for labels.
@@ -167,6 +169,22 @@ KNOWN_FILES: dict[str, FileRecord] = {
     ),
     "notmnist/train-images-idx3-ubyte.gz": FileRecord(_NOTMNIST_RAW + "train-images-idx3-ubyte.gz", _NOTMNIST),
     "notmnist/train-labels-idx1-ubyte.gz": FileRecord(_NOTMNIST_RAW + "train-labels-idx1-ubyte.gz", _NOTMNIST),
+    # The deep weight prior's released source kernels (raw .npy bytes; see dwp_kernels.py).
+    "dwp-kernels/conv7x7_train.npy": FileRecord(
+        _DWP_RAW + "conv7x7_train.npy",
+        _DWP,
+        346_852,
+        "e800f1e3c5f0a8010e76562cc369f14ba975cf1481d54fd96c6e7a37b23efb31",
+    ),
+    "dwp-kernels/conv7x7_test.npy": FileRecord(
+        _DWP_RAW + "conv7x7_test.npy", _DWP, 86_956, "9aee240bbde7c5567b17d405f3c14d6c41b95ef7da96e003acc45fb94a01ec8b"
+    ),
+    "dwp-kernels/conv5x5_test.npy": FileRecord(
+        _DWP_RAW + "conv5x5_test.npy",
+        _DWP,
+        2_044_928,
+        "374e9001dac53eb6f2e9ec52d245d1f84e144756532107da9e869c2bda0b1526",
+    ),
     # miniImageNet has no single public release of the cached arrays; see miniimagenet.py.
     **{
         f"fashion-mnist/{name}.gz": FileRecord(_FASHION_RAW + f"{name}.gz", _FASHION, size)

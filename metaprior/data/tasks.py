@@ -21,6 +21,9 @@ __all__ = [
     "harmonic_fn",
     "sinusoid_tasks",
     "sinusoid_fn",
+    "sinusoid_support_query",
+    "sinusoid_meta_batch",
+    "SupportQuery",
     "split_support_query",
     "check_task_batch",
 ]
@@ -47,6 +50,22 @@ class TaskBatch(NamedTuple):
     @property
     def num_examples(self) -> int:
         return self.x.shape[1]
+
+
+class SupportQuery(NamedTuple):
+    """A batch of tasks, each with a support and a query set.
+
+    Attributes:
+        support_x: ``[tasks, support, ...]``.
+        support_y: ``[tasks, support, ...]``.
+        query_x: ``[tasks, query, ...]``.
+        query_y: ``[tasks, query, ...]``.
+    """
+
+    support_x: jax.Array
+    support_y: jax.Array
+    query_x: jax.Array
+    query_y: jax.Array
 
 
 class HarmonicParams(NamedTuple):
@@ -167,6 +186,31 @@ def sinusoid_tasks(
     x = jax.random.uniform(k[2], (num_tasks, num_examples), minval=x_range[0], maxval=x_range[1])
     y = sinusoid_fn(params, x) + noise_std * jax.random.normal(k[3], x.shape)
     return TaskBatch(x[..., None], y, jnp.ones(x.shape, bool)), params
+
+
+def sinusoid_support_query(
+    rng_key: jax.Array,
+    num_tasks: int,
+    num_support: int,
+    num_query: int,
+    *,
+    support_range: tuple[float, float] = (-5.0, 5.0),
+) -> tuple[SupportQuery, SinusoidParams]:
+    """New sinusoid tasks: ``num_support`` noiseless support points drawn from
+    ``support_range`` and ``num_query`` query points from the whole range ``[-5, 5]``
+    (a narrower ``support_range`` makes ambiguous tasks, Grant et al. 2018 Figure 5)."""
+    k_task, k_sup = jax.random.split(rng_key)
+    batch, params = sinusoid_tasks(k_task, num_tasks, num_query)
+    sx = jax.random.uniform(k_sup, (num_tasks, num_support, 1), minval=support_range[0], maxval=support_range[1])
+    return SupportQuery(sx, sinusoid_fn(params, sx[..., 0]), batch.x, batch.y), params
+
+
+def sinusoid_meta_batch(rng_key: jax.Array, num_tasks: int, num_support: int) -> SupportQuery:
+    """MAML's training batch: ``num_tasks`` sinusoid tasks of ``2 * num_support`` points,
+    the first half support and the second query."""
+    batch, _ = sinusoid_tasks(rng_key, num_tasks, 2 * num_support)
+    k = num_support
+    return SupportQuery(batch.x[:, :k], batch.y[:, :k], batch.x[:, k:], batch.y[:, k:])
 
 
 def split_support_query(batch: TaskBatch, num_support: int) -> tuple[TaskBatch, TaskBatch]:

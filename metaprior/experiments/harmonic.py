@@ -4,10 +4,9 @@ Reproduces the toy experiment of Lacoste et al. (2018): meta-train the task-late
 model on harmonic tasks with the ELBO ("kl") and without its KL term ("nokl", the
 paper's baseline), then, with the network fixed, fit q(z | support) on unseen tasks
 for support sizes 1..256 and score the posterior predictive on held-out points.
-
-Meta-training keeps a checkpoint per model in the output folder (``meta_kl.ckpt``,
-``meta_nokl.ckpt``): a run stopped part-way resumes there when started again with the
-same ``--out``, and a finished one with a larger ``--steps`` trains on from it.
+Meta-training checkpoints each model into ``--out`` (``meta_kl.ckpt``,
+``meta_nokl.ckpt``); a stopped run resumes there, a finished one trains on with a
+larger ``--steps``.
 """
 
 from __future__ import annotations
@@ -21,23 +20,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from numpyro.infer import Predictive
-from tqdm import tqdm
 
 from metaprior.data.tasks import TaskBatch, harmonic_fn, harmonic_tasks
-from metaprior.experiments._common import mean_ci95, save_datatree, save_figure
+from metaprior.experiments._common import mean_ci95, save_datatree
+from metaprior.experiments._plots import functions_figure, support_size_figure
 from metaprior.experiments._registry import Experiment
-from metaprior.inference.guides import SetEncoder, TaskIAFGuide, TaskNormalGuide
-from metaprior.inference.local import (
-    LocalFit,
-    fit_local,
-    guide_for_num_tasks,
-    restart_weights,
-    sample_restart_mixture,
-    task_batch_learner,
-)
-from metaprior.inference.meta import fit, progress_enabled
+from metaprior.inference.guides import SetEncoder
+from metaprior.inference.local import guide_for_num_tasks, task_batch_learner
+from metaprior.inference.meta import fit
 from metaprior.inference.svi import init_params
+from metaprior.inference.task_latent import (
+    build_task_guide,
+    gaussian_scores,
+    infer_support_sizes,
+    posterior_datatree,
+    warmup_cosine_adam,
+    with_params,
+)
 from metaprior.models.task_latent import ARCHS, make_task_latent_net, task_latent_model, task_latent_predict
 
 
@@ -83,302 +82,105 @@ class HarmonicConfig:
 
 def make_config(size: str) -> HarmonicConfig:
     if size == "quick":
+        small = dict(num_tasks=200, latent_dim=4, width=32, num_steps=40, eval_tasks=4, support_sizes=(1, 8))
         return HarmonicConfig(
-            num_tasks=200,
-            latent_dim=4,
-            width=32,
-            num_steps=40,
-            eval_tasks=4,
-            support_sizes=(1, 8),
-            num_query=20,
-            adapt_steps=20,
-            adapt_restarts=2,
-            adapt_candidates=8,
-            predictive_samples=16,
-            posterior_support=8,
+            num_query=20, adapt_steps=20, adapt_restarts=2, adapt_candidates=8, **small, predictive_samples=16
         )
     if size == "default":
-        return HarmonicConfig(
-            num_steps=5000,
-            eval_tasks=50,
-        )
+        return HarmonicConfig(eval_tasks=50)
     if size == "full":
-        # the paper's data (5,000 tasks, 100 eval tasks, 4 restarts) with the default FiLM
-        # net; `--set net=paper` gives the paper's 12x128 residual MLP, which even with the
-        # true task parameters is at MSE 0.31 after 20,000 steps (benchmarks/harmonic_oracle.py).
-        # It checkpoints into --out and resumes.
+        # the paper's data (5,000 tasks, 100 eval tasks) with the FiLM net; `--set net=paper`
+        # gives the paper's 12x128 residual MLP (MSE 0.31 after 20,000 steps even with the
+        # true task parameters, benchmarks/harmonic_oracle.py)
         return HarmonicConfig(num_steps=20_000)
     raise ValueError(f"unknown size {size!r}")
 
 
 def _check(config: HarmonicConfig) -> None:
-    if config.net not in ARCHS:
-        raise ValueError(f"config.net must be one of {ARCHS}, got {config.net!r}")
-    if config.schedule not in ("warmup-cosine", "constant"):
-        raise ValueError(f"config.schedule must be 'warmup-cosine' or 'constant', got {config.schedule!r}")
-    for field in ("guide", "eval_guide"):
-        if getattr(config, field) not in ("iaf", "normal"):
-            raise ValueError(f"config.{field} must be 'iaf' or 'normal', got {getattr(config, field)!r}")
-    if config.predictive not in ("mixture", "best"):
-        raise ValueError(f"config.predictive must be 'mixture' or 'best', got {config.predictive!r}")
+    choices = dict(net=ARCHS, schedule=("warmup-cosine", "constant"), guide=("iaf", "normal"))
+    choices.update(eval_guide=("iaf", "normal"), predictive=("mixture", "best"))
+    for field, allowed in choices.items():
+        if getattr(config, field) not in allowed:
+            raise ValueError(f"config.{field} must be one of {allowed}, got {getattr(config, field)!r}")
     if config.task_batch > config.num_tasks:
         raise ValueError(f"config.task_batch={config.task_batch} exceeds config.num_tasks={config.num_tasks}")
     if min(config.support_sizes) < 1:
         raise ValueError(f"config.support_sizes must be >= 1, got {config.support_sizes}")
 
 
-def _build_guide(config: HarmonicConfig, rng_key, model, batch, encoder=None, kind=None, **kwargs):
-    kwargs["encoder"] = encoder
-    if (kind or config.guide) == "iaf":
-        return TaskIAFGuide.build(
-            rng_key, model, batch, num_flows=config.num_flows, init_loc_scale=config.init_loc_scale, **kwargs
-        )
-    return TaskNormalGuide.build(rng_key, model, batch, init_loc_scale=config.init_loc_scale, **kwargs)
-
-
-def make_optimizer(config: HarmonicConfig) -> optax.GradientTransformation:
-    """Adam on the network, with a linear warm-up over 5% of the steps and cosine decay to 1%.
-
-    A resumed run with a larger ``num_steps`` keeps the optimiser's step count, so the
-    schedule is stretched to the new length from where it stands.
-    """
-    if config.schedule == "constant":
-        return optax.adam(config.learning_rate)
-    lr = optax.warmup_cosine_decay_schedule(
-        0.0,
-        config.learning_rate,
-        max(1, config.num_steps // 20),
-        config.num_steps,
-        end_value=0.01 * config.learning_rate,
-    )
-    return optax.adam(lr)
-
-
 def meta_train(
     rng_key, config: HarmonicConfig, train: TaskBatch, *, kl_weight: float, desc: str, checkpoint: Path | None = None
 ):
-    """Meta-train the network, the encoder and the per-task guides.
+    """Meta-train the network, the encoder and the per-task guides: ``(net, encoder or None, FitResult)``.
 
-    Returns ``(net, encoder or None, FitResult)``.
-
-    Variational EM over task batches (:func:`~metaprior.inference.local.task_batch_learner`):
-    each step refreshes the drawn tasks' guides with ``local_steps`` steps, then moves the
-    network and those guides along the subsampled ELBO's gradient.
+    Variational EM over task batches: each step refreshes the drawn tasks' guides with
+    ``local_steps`` steps, then moves the network and those guides along the subsampled
+    ELBO's gradient (``kl_weight = 0``: the no-KL baseline).
     """
     k_net, k_guide, k_init, k_fit = jax.random.split(rng_key, 4)
     encoder = None
     if config.encoder_width:
         encoder = SetEncoder(1, 2 * config.latent_dim, width=config.encoder_width, key=jax.random.fold_in(k_net, 1))
-    net = make_task_latent_net(
-        k_net,
-        config.latent_dim,
-        arch=config.net,
-        width=config.width or None,
-        num_layers=config.num_layers or None,
-        omega=config.omega,
-    )
+    size = dict(width=config.width or None, num_layers=config.num_layers or None, omega=config.omega)
+    net = make_task_latent_net(k_net, config.latent_dim, arch=config.net, **size)
     model = partial(task_latent_model, net=net, latent_dim=config.latent_dim)
-    # Lay the guide out on two tasks (its layout depends on site shapes only) and stretch
-    # it to all of them: building on the full set would run the network on every task.
-    proto = jax.tree.map(lambda a: a[:2], train)
-    guide = guide_for_num_tasks(_build_guide(config, k_guide, model, proto, encoder), train.x.shape[0])
+    # lay the guide out on two tasks (its layout depends on site shapes only), then stretch it
+    kw = dict(kind=config.guide, num_flows=config.num_flows, init_loc_scale=config.init_loc_scale, encoder=encoder)
+    guide = build_task_guide(k_guide, model, jax.tree.map(lambda a: a[:2], train), **kw)
+    guide = guide_for_num_tasks(guide, train.x.shape[0])
     params = init_params(k_init, model, guide, train, subsample_size=config.task_batch)
+    optimizer = warmup_cosine_adam(config.learning_rate, config.num_steps, config.schedule)
+    local = dict(local_optimizer=optax.adam(config.local_learning_rate), local_steps=config.local_steps)
     learner = task_batch_learner(
-        model,
-        guide,
-        task_batch=config.task_batch,
-        optimizer=make_optimizer(config),
-        local_optimizer=optax.adam(config.local_learning_rate),
-        local_steps=config.local_steps,
-        kl_weight=kl_weight,
+        model, guide, task_batch=config.task_batch, optimizer=optimizer, kl_weight=kl_weight, **local
     )
-    result = fit(
-        k_fit,
-        learner,
-        params,
-        config.num_steps,
-        data=train,
-        steps_per_call=config.steps_per_call,
-        desc=desc,
-        checkpoint=checkpoint,
-        checkpoint_every=config.checkpoint_every,
-    )
-    trained = _with_params(net, result.state.params["net$params"])
+    kw = dict(steps_per_call=config.steps_per_call, checkpoint=checkpoint, checkpoint_every=config.checkpoint_every)
+    result = fit(k_fit, learner, params, config.num_steps, data=train, desc=desc, **kw)
+    trained = with_params(net, result.state.params["net$params"])
     if encoder is not None:
-        encoder = _with_params(encoder, result.state.params[guide.encoder_site])
+        encoder = with_params(encoder, result.state.params[guide.encoder_site])
     return trained, encoder, result
 
 
-def _with_params(net, params):
-    import equinox as eqx
+def evaluate(rng_key, config: HarmonicConfig, net, tasks: TaskBatch, *, kl_weight: float, encoder=None, desc=""):
+    """Fit q(z | first N points) per task for each support size; score on the points after the largest N.
 
-    _, static = eqx.partition(net, eqx.is_inexact_array)
-    return eqx.combine(params, static)
-
-
-def _buckets(sizes: tuple[int, ...], pad_to: int) -> list[tuple[int, tuple[int, ...]]]:
-    """Group support sizes into padded shapes: sizes up to ``pad_to`` share one shape
-    (``pad_to`` slots, or the largest size if smaller), larger sizes get their own."""
-    small = tuple(n for n in sizes if n <= pad_to)
-    out = [(max(small), small)] if small else []
-    return out + [(n, (n,)) for n in sizes if n > pad_to]
-
-
-def evaluate(
-    rng_key,
-    config: HarmonicConfig,
-    net,
-    tasks: TaskBatch,
-    *,
-    kl_weight: float,
-    encoder=None,
-    desc: str = "new-task inference",
-):
-    """Fit q(z | first N points) per task for each support size; score on the query points.
-
-    Support sizes up to ``config.pad_support`` are fitted in one call of
-    :func:`fit_local` (one compilation): their support sets are padded to one shape and
-    masked, and the sizes are stacked along the tasks axis (independent local fits);
-    each larger size is one more call. The guide is ``config.eval_guide``.
-
-    Returns ``{N: dict(mse [T], nll [T], fit=LocalFit, support=TaskBatch, z)}``.
+    Returns ``{N: dict(mse [T], nll [T], fit, support, z, restart_ess)}``.
     """
     model = partial(task_latent_model, net=net, latent_dim=config.latent_dim)
-    sizes = tuple(config.support_sizes)
-    n_max = max(sizes)
-    num_tasks = tasks.x.shape[0]
-    query = TaskBatch(tasks.x[:, n_max:], tasks.y[:, n_max:], tasks.mask[:, n_max:])
-    out = {}
-    buckets = _buckets(sizes, config.pad_support)
-    bar = tqdm(total=len(sizes), desc=desc, unit="size", disable=not progress_enabled(None), leave=False)
-    for b, (slots, group) in enumerate(buckets):
-        k_guide, k_fit, k_pred = jax.random.split(jax.random.fold_in(rng_key, b), 3)
-        padded = TaskBatch(
-            jnp.concatenate([tasks.x[:, :slots]] * len(group)),
-            jnp.concatenate([tasks.y[:, :slots]] * len(group)),
-            jnp.concatenate([tasks.mask[:, :slots] & (jnp.arange(slots) < n)[None] for n in group]),
-        )
-        guide = _build_guide(
-            config, k_guide, model, jax.tree.map(lambda a: a[:2], padded), encoder, kind=config.eval_guide
-        )
-        local = fit_local(
-            k_fit,
-            model,
-            guide,
-            padded,
-            num_steps=config.adapt_steps,
-            num_restarts=config.adapt_restarts,
-            optimizer=optax.adam(optax.cosine_decay_schedule(config.adapt_lr, config.adapt_steps, alpha=0.01)),
-            num_particles=config.adapt_particles,
-            kl_weight=kl_weight,
-            num_candidates=config.adapt_candidates,
-        )
-        if config.predictive == "mixture":
-            z_all = sample_restart_mixture(k_pred, local, padded, config.predictive_samples, site="z")
-        else:
-            z_all = Predictive(local.guide, params=local.params, num_samples=config.predictive_samples)(k_pred, padded)[
-                "z"
-            ]
-        for i, n in enumerate(group):
-            rows = slice(i * num_tasks, (i + 1) * num_tasks)
-            z = z_all[:, rows]
-            mu, sigma = task_latent_predict(net, z, query.x)  # [S, T, Q]
-            mse = jnp.mean((mu.mean(axis=0) - query.y) ** 2, axis=-1)
-            log_p = jax.scipy.stats.norm.logpdf(query.y[None], mu, sigma)
-            nll = -jnp.mean(jax.scipy.special.logsumexp(log_p, axis=0) - jnp.log(log_p.shape[0]), axis=-1)
-            support = TaskBatch(tasks.x[:, :n], tasks.y[:, :n], tasks.mask[:, :n])
-            fit_n = LocalFit(
-                guide_for_num_tasks(local.guide, num_tasks), *jax.tree.map(lambda a: a[rows], tuple(local[1:]))
-            )
-            weights = np.asarray(restart_weights(fit_n))
-            out[n] = dict(
-                mse=np.asarray(mse),
-                nll=np.asarray(nll),
-                fit=fit_n,
-                support=support,
-                z=np.asarray(z),
-                restart_ess=1.0 / np.sum(weights**2, axis=-1),
-            )
-        bar.update(len(group))
-    bar.close()
+    kw = dict(num_steps=config.adapt_steps, learning_rate=config.adapt_lr, num_restarts=config.adapt_restarts)
+    kw.update(num_candidates=config.adapt_candidates, num_particles=config.adapt_particles, kl_weight=kl_weight)
+    kw.update(num_samples=config.predictive_samples, predictive=config.predictive, pad_to=config.pad_support)
+    kw.update(guide_kind=config.eval_guide, num_flows=config.num_flows, init_loc_scale=config.init_loc_scale)
+    out = infer_support_sizes(rng_key, model, tasks, config.support_sizes, encoder=encoder, desc=desc, **kw)
+    n_max = max(config.support_sizes)
+    for r in out.values():
+        mu, sigma = task_latent_predict(net, jnp.asarray(r["z"]), tasks.x[:, n_max:])  # [S, T, Q]
+        r["mse"], r["nll"] = gaussian_scores(mu, sigma, tasks.y[:, n_max:])
     return out
 
 
-def posterior_datatree(rng_key, config, net, result):
-    """ArviZ DataTree of q(z | support) for the evaluation tasks at one support size."""
-    import arviz as az
-
-    support, z = result["support"], result["z"][:, :, 0, :]  # [S, T, d]
-    mu, sigma = task_latent_predict(net, result["z"], support.x)
-    y_rep = mu + sigma * jax.random.normal(rng_key, mu.shape)
-    log_lik = jax.scipy.stats.norm.logpdf(support.y[None], mu, sigma)
-    return az.from_dict(
-        {
-            "posterior": {"z": z[None]},
-            "posterior_predictive": {"y": np.asarray(y_rep)[None]},
-            "log_likelihood": {"y": np.asarray(log_lik)[None]},
-            "observed_data": {"y": np.asarray(support.y)},
-        },
-        dims={"z": ["tasks", "latent"], "y": ["tasks", "examples"]},
-    )
-
-
-def plot_posterior_functions(rng_key, config, net, params, task_index, results, out_dir, name):
-    """The paper's Figure 1: predictive functions for one task at several support sizes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    sizes = [n for n in (1, 2, 8, 256) if n in results] or list(results)[:4]
-    fig, axes = plt.subplots(1, len(sizes), figsize=(4 * len(sizes), 3.2), sharey=True, squeeze=False)
-    mu_x = float(params.mu_x[task_index])
+def plot_posterior_functions(net, params, task: int, results, out_dir) -> None:
+    """The paper's Figure 1: 20 predictive functions of one task at several support sizes."""
+    mu_x = float(params.mu_x[task])
     grid = jnp.linspace(mu_x - 3.5, mu_x + 3.5, 200)
-    truth = harmonic_fn(jax.tree.map(lambda a: a[task_index : task_index + 1], params), grid[None])[0]
-    for ax, n in zip(axes[0], sizes):
-        z = results[n]["z"][:20, task_index : task_index + 1]
-        mu, _ = task_latent_predict(net, jnp.asarray(z), grid[None, :, None])
-        ax.plot(grid, np.asarray(mu[:, 0].T), color="C0", alpha=0.3, lw=1)
-        ax.plot(grid, truth, color="k", lw=2, label="true f")
+    truth = harmonic_fn(jax.tree.map(lambda a: a[task : task + 1], params), grid[None])[0]
+    panels = []
+    for n in [n for n in (1, 2, 8, 256) if n in results] or list(results)[:4]:
+        mu, _ = task_latent_predict(net, jnp.asarray(results[n]["z"][:20, task : task + 1]), grid[None, :, None])
         s = results[n]["support"]
-        ax.scatter(s.x[task_index, :, 0], s.y[task_index], color="C3", zorder=3, s=12, label="support")
-        ax.set_title(f"{n} point{'s' if n > 1 else ''}")
-        ax.set_xlabel("x")
-    axes[0][0].set_ylabel("y")
-    axes[0][0].legend(loc="lower left", fontsize=8)
-    fig.suptitle("Posterior predictive functions (KL model): 20 samples of z", y=1.04)
-    save_figure(fig, out_dir, name)
-
-
-def plot_mse(results_kl, results_nokl, out_dir):
-    """The paper's Figure 2: MSE (and NLL) against support size, both models."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    sizes = sorted(results_kl)
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    for label, res, color in (("KL (ELBO)", results_kl, "C0"), ("no KL", results_nokl, "C1")):
-        for ax, key in zip(axes, ("mse", "nll")):
-            means = [mean_ci95(res[n][key]) for n in sizes]
-            ax.errorbar(
-                sizes,
-                [m for m, _ in means],
-                yerr=[c for _, c in means],
-                label=label,
-                color=color,
-                marker="o",
-                capsize=3,
+        panels.append(
+            dict(
+                title=f"{n} point{'s' if n > 1 else ''}",
+                grid=grid,
+                samples=mu[:, 0],
+                truth=truth,
+                support_x=s.x[task, :, 0],
+                support_y=s.y[task],
             )
-    for ax, title in zip(axes, ("MSE on held-out points", "predictive NLL on held-out points")):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("support size")
-        ax.set_title(title)
-    axes[0].set_yscale("log")
-    axes[1].set_yscale("symlog")
-    axes[0].legend()
-    save_figure(fig, out_dir, "mse_vs_support.png")
+        )
+    title = "Posterior predictive functions (KL model): 20 samples of z"
+    functions_figure(panels, out_dir, "posterior_functions.png", title=title, label="samples of z")
 
 
 def run(rng_key, config: HarmonicConfig, out_dir: Path) -> dict[str, float]:
@@ -394,26 +196,17 @@ def run(rng_key, config: HarmonicConfig, out_dir: Path) -> dict[str, float]:
         k_eval_data, config.eval_tasks, n_max + config.num_query, noise_std=config.noise_std
     )
     metrics: dict[str, float] = {}
-    nets, encoders, results = {}, {}, {}
+    nets, results = {}, {}
     for tag, key, weight in (("kl", k_kl, 1.0), ("nokl", k_nokl, 0.0)):
         start = time.perf_counter()
-        # a checkpoint per model in the output folder: a stopped run resumes there (the
-        # same seed and config give the same parameters as an uninterrupted run)
-        nets[tag], encoders[tag], res = meta_train(
+        nets[tag], encoder, res = meta_train(
             key, config, train, kl_weight=weight, desc=f"meta-train ({tag})", checkpoint=out_dir / f"meta_{tag}.ckpt"
         )
         metrics[f"train_time_{tag}_s"] = time.perf_counter() - start
         metrics[f"final_loss_{tag}"] = float(np.mean(res.losses[-max(1, len(res.losses) // 20) :]))
         start = time.perf_counter()
-        results[tag] = evaluate(
-            k_ev,
-            config,
-            nets[tag],
-            eval_tasks,
-            kl_weight=weight,
-            encoder=encoders[tag],
-            desc=f"new-task inference ({tag})",
-        )
+        desc = f"new-task inference ({tag})"
+        results[tag] = evaluate(k_ev, config, nets[tag], eval_tasks, kl_weight=weight, encoder=encoder, desc=desc)
         metrics[f"eval_time_{tag}_s"] = time.perf_counter() - start
         for n, r in results[tag].items():
             metrics[f"mse_{tag}_n{n}"], metrics[f"mse_{tag}_n{n}_ci95"] = mean_ci95(r["mse"])
@@ -423,12 +216,12 @@ def run(rng_key, config: HarmonicConfig, out_dir: Path) -> dict[str, float]:
     metrics["kl_beats_nokl_mse_all_n"] = float(
         all(metrics[f"mse_kl_n{n}"] < metrics[f"mse_nokl_n{n}"] for n in config.support_sizes)
     )
-    plot_posterior_functions(
-        k_post, config, nets["kl"], eval_params, 0, results["kl"], out_dir, "posterior_functions.png"
-    )
-    plot_mse(results["kl"], results["nokl"], out_dir)
+    plot_posterior_functions(nets["kl"], eval_params, 0, results["kl"], out_dir)
+    panels = [("mse", "MSE on held-out points", "log"), ("nll", "predictive NLL on held-out points", "symlog")]
+    support_size_figure({"KL (ELBO)": results["kl"], "no KL": results["nokl"]}, panels, out_dir, "mse_vs_support.png")
     n_post = config.posterior_support if config.posterior_support in results["kl"] else config.support_sizes[0]
-    tree = posterior_datatree(k_post, config, nets["kl"], results["kl"][n_post])
+    post = results["kl"][n_post]
+    tree = posterior_datatree(k_post, partial(task_latent_predict, nets["kl"]), post["z"], post["support"])
     save_datatree(tree, out_dir / "posterior.nc")
     return metrics
 

@@ -1,32 +1,18 @@
 """``metaprior run omniglot-amortized``: the amortized LSTM guide on Omniglot.
 
-Kim and Heo's amortized inference of per-task Bayesian network weights, on our
-Omniglot (the two small background sets, classes split by alphabet, training classes
-rotated; :func:`metaprior.data.omniglot_splits`):
-
-1. for each (ways, shots) in ``ways x shots``, meta-train the guide
-   (:class:`~metaprior.inference.guides.AmortizedLSTMGuide`) and the shared batch-norm
-   parameters of the Bayesian :class:`~metaprior.models.nets.Conv4` classifier
-   (:func:`~metaprior.models.bayes_classifier.bayes_classifier`, standard normal prior)
-   on the query negative ELBO after ``train_inner_steps`` inner steps, with Flipout
-   estimates of the expected log-likelihood (:mod:`metaprior.inference.flipout`);
-2. score each model on the same ``test_episodes`` test episodes with each number of
-   inner steps in ``eval_inner_steps`` (posterior predictive of ``num_samples`` weight
-   draws);
-3. for 5-way 1-shot, meta-train first-order MAML (:func:`metaprior.inference.maml.ml_point`,
-   predicting with :func:`~metaprior.inference.maml.point_predict`) on the same network and
-   budget, and plot the reliability of both on the same test episodes (both scored by
-   :func:`metaprior.inference.evaluation.evaluate_fewshot`);
-4. save the posterior of a few test tasks (first conv and output layer) as ArviZ netCDF.
-
-Test episodes come from the unrotated test alphabets (48 characters with the split's
-seed 0), the same for every model and method of a (ways, shots) setting.
+Kim and Heo's amortized inference of per-task Bayesian network weights on our Omniglot
+splits (:func:`metaprior.data.omniglot_splits`): for each (ways, shots), meta-train the
+guide and the shared batch-norm parameters of the Bayesian Conv4 on the query negative
+ELBO after ``train_inner_steps`` inner steps (Flipout; :mod:`metaprior.inference.amortized_classifier`),
+and score it on the same test episodes after each of ``eval_inner_steps``. For 5-way
+1-shot, first-order MAML on the same net and budget is scored on the same episodes
+(reliability of both plotted), and a few test tasks' posteriors are saved. Test
+episodes come from the unrotated test alphabets, the same for every model and method.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 from pathlib import Path
 
@@ -37,54 +23,29 @@ import numpy as np
 import numpyro.distributions as dist
 import optax
 
-from metaprior.data import Episodes, omniglot_splits, sample_episodes
+from metaprior.data import omniglot_splits, sample_episodes
 from metaprior.experiments._common import save_datatree, write_metrics
 from metaprior.experiments._plots import reliability_figure, training_figure
 from metaprior.experiments._registry import Experiment
-from metaprior.inference.diagnostics import from_samples
+from metaprior.inference import maml
+from metaprior.inference.amortized_classifier import (
+    amortized_posterior_tree,
+    amortized_predictive,
+    conv4_inference,
+    init_conv4_guide,
+)
 from metaprior.inference.evaluation import FewShotEvaluation, FewShotPredictive, evaluate_fewshot, predict_episodes
-from metaprior.inference.flipout import apply_layer, categorical_expected_log_lik, flipout
-from metaprior.inference.guides.amortized import (
-    AmortizedInference,
-    AmortizedLSTMGuide,
-    AmortizedParams,
-    amortized_meta_loss,
-    episode_predictions,
-    numpyro_guide,
-    standard_normal,
-    task_posterior,
-)
-from metaprior.inference.maml import ml_point, nll_loss, point_predict
+from metaprior.inference.guides.amortized import amortized_meta_loss
+from metaprior.inference.maml import ml_point, nll_loss
 from metaprior.inference.meta import fit, meta_learner
-from metaprior.models.bayes_classifier import (
-    bayes_classifier,
-    conv4_forward,
-    shared_params,
-    weight_layers,
-    weight_site_names,
-)
 from metaprior.models.nets import Conv4
 
 
 @dataclasses.dataclass(frozen=True)
 class OmniglotAmortizedConfig:
-    """Configuration; ``make_config`` gives the quick / default / full sizes.
-
-    Attributes:
-        ways, shots: the settings trained (one model per pair).
-        train_inner_steps: inner steps during meta-training (all models).
-        eval_inner_steps: inner steps at test time (each model is scored with each).
-        filters: width of the Bayesian Conv4 and of the embedding Conv4.
-        hidden_size, noise_size: the guide's LSTM.
-        beta: KL weight; inner_lr: inner SGD step on ``(loc, log_var)``.
-        num_steps, task_batch, queries, learning_rate: meta-training.
-        task_batch_size: tasks run together (``None``: vmap all; 1: one at a time, the
-            faster choice for convolutions on CPU).
-        test_episodes, test_queries, num_samples: evaluation (posterior draws per task).
-        maml_inner_steps, maml_first_order: the MAML baseline (5-way 1-shot only; inner
-            steps in training and at test time).
-        posterior_tasks, posterior_draws: the saved posterior.
-    """
+    """Configuration; ``make_config`` gives the quick / default / full sizes. ``task_batch_size``:
+    tasks run together (0: vmap all; 1: one at a time, faster for convolutions on CPU); the
+    MAML baseline (5-way 1-shot only) uses ``maml_inner_steps`` in training and at test time."""
 
     image_size: int = 28
     split_seed: int = 0
@@ -116,39 +77,13 @@ class OmniglotAmortizedConfig:
 
 def make_config(size: str) -> OmniglotAmortizedConfig:
     if size == "quick":
-        return OmniglotAmortizedConfig(
-            ways=(5,),
-            shots=(1,),
-            train_inner_steps=1,
-            eval_inner_steps=(1,),
-            filters=4,
-            hidden_size=16,
-            noise_size=4,
-            num_steps=2,
-            task_batch=2,
-            queries=2,
-            task_batch_size=1,
-            steps_per_call=1,
-            test_episodes=4,
-            test_queries=2,
-            num_samples=2,
-            maml_inner_steps=1,
-            posterior_tasks=2,
-            posterior_draws=4,
-        )
+        small = dict(ways=(5,), shots=(1,), train_inner_steps=1, eval_inner_steps=(1,), filters=4, hidden_size=16)
+        small.update(noise_size=4, num_steps=2, task_batch=2, queries=2, task_batch_size=1, steps_per_call=1)
+        small.update(test_episodes=4, test_queries=2, num_samples=2, maml_inner_steps=1, posterior_tasks=2)
+        return OmniglotAmortizedConfig(**small, posterior_draws=4)
     if size == "default":
-        return OmniglotAmortizedConfig(
-            filters=16,
-            hidden_size=64,
-            num_steps=300,
-            task_batch=4,
-            queries=5,
-            task_batch_size=1,
-            train_inner_steps=1,
-            test_episodes=100,
-            test_queries=5,
-            num_samples=4,
-        )
+        small = dict(filters=16, hidden_size=64, num_steps=300, task_batch=4, queries=5, task_batch_size=1)
+        return OmniglotAmortizedConfig(**small, train_inner_steps=1, test_episodes=100, test_queries=5, num_samples=4)
     if size == "full":
         return OmniglotAmortizedConfig()
     raise ValueError(f"unknown size {size!r}")
@@ -158,56 +93,26 @@ def _task_batch_size(config: OmniglotAmortizedConfig) -> int | None:
     return None if config.task_batch_size <= 0 else config.task_batch_size
 
 
-def conv4_logits(model: Conv4, layers: tuple, x: jax.Array) -> jax.Array:
-    """Logits of the Bayesian Conv4 at fixed weight ``layers``: ``x [N, H, W, C] -> [N, ways]``."""
-    return conv4_forward(model, x, lambda i, h: apply_layer(layers[i], h))
-
-
-def inference_spec(config: OmniglotAmortizedConfig, net: Conv4, num_inner_steps: int) -> AmortizedInference:
+def inference_spec(config: OmniglotAmortizedConfig, net: Conv4, num_inner_steps: int):
     """Flipout likelihood, standard normal prior, SGD inner loop."""
-    return AmortizedInference(
-        expected_log_lik=categorical_expected_log_lik(conv4_forward, flipout),
-        prior=standard_normal(weight_layers(net)),
-        beta=config.beta,
-        inner_optimizer=optax.sgd(config.inner_lr),
-        num_inner_steps=num_inner_steps,
+    return conv4_inference(
+        net, beta=config.beta, inner_optimizer=optax.sgd(config.inner_lr), num_inner_steps=num_inner_steps
     )
 
 
-def init_params(rng_key, config: OmniglotAmortizedConfig, ways: int) -> tuple[AmortizedParams, Conv4]:
+def init_params(rng_key, config: OmniglotAmortizedConfig, ways: int):
     """The guide for a ``ways``-way Conv4 and the shared model parameters; also the template net."""
-    k_net, k_embed, k_guide = jax.random.split(rng_key, 3)
-    size = (config.image_size, config.image_size, 1)
-    net = Conv4(ways, filters=config.filters, image_size=config.image_size, conv_impl=config.conv_impl, key=k_net)
-    embed = Conv4(None, filters=config.filters, image_size=config.image_size, key=k_embed)
-    guide = AmortizedLSTMGuide(
-        weight_layers(net),
-        embed,
-        num_classes=ways,
-        input_shape=size,
-        key=k_guide,
-        hidden_size=config.hidden_size,
-        noise_size=config.noise_size,
-        init_log_var=config.init_log_var,
-    )
-    return AmortizedParams(guide, shared_params(net)), net
+    size = dict(filters=config.filters, image_size=config.image_size, conv_impl=config.conv_impl)
+    lstm = dict(hidden_size=config.hidden_size, noise_size=config.noise_size, init_log_var=config.init_log_var)
+    return init_conv4_guide(rng_key, ways, **size, **lstm)
 
 
 def _fit(rng_key, config: OmniglotAmortizedConfig, loss, params, images, ways: int, shots: int, desc, checkpoint):
     """Both models' meta-training: Adam with global-norm clipping on ``ways``-way ``shots``-shot episodes."""
     optimizer = optax.chain(optax.clip_by_global_norm(10.0), optax.adam(config.learning_rate))
     sampler = lambda k, d: sample_episodes(k, d, config.task_batch, ways, shots, config.queries)
-    return fit(
-        rng_key,
-        meta_learner(loss, optimizer, has_aux=True),
-        params,
-        config.num_steps,
-        data=images,
-        sample_batch=sampler,
-        steps_per_call=config.steps_per_call,
-        desc=desc,
-        checkpoint=checkpoint,
-    )
+    kw = dict(data=images, sample_batch=sampler, steps_per_call=config.steps_per_call, checkpoint=checkpoint)
+    return fit(rng_key, meta_learner(loss, optimizer, has_aux=True), params, config.num_steps, desc=desc, **kw)
 
 
 def meta_train(rng_key, config: OmniglotAmortizedConfig, images, ways: int, shots: int, checkpoint=None):
@@ -223,19 +128,10 @@ def meta_train(rng_key, config: OmniglotAmortizedConfig, images, ways: int, shot
 
 
 def predictive(config: OmniglotAmortizedConfig, params, net) -> FewShotPredictive:
-    """The guide's posterior predictive after each number of inner steps in
-    ``eval_inner_steps`` (one compiled program): ``(key, sx, sy, qx) -> [len(eval_inner_steps), T, Q, ways]``."""
-    fn = eqx.filter_jit(
-        functools.partial(
-            episode_predictions,
-            inference=inference_spec(config, net, max(config.eval_inner_steps)),
-            logits_fn=conv4_logits,
-            num_samples=config.num_samples,
-            inner_steps=tuple(sorted(config.eval_inner_steps)),
-            task_batch_size=_task_batch_size(config),
-        )
-    )
-    return lambda key, sx, sy, qx: fn(key, params, Episodes(sx, sy, qx, None))
+    """The guide's posterior predictive after each of ``eval_inner_steps`` inner steps: ``[len, T, Q, ways]``."""
+    inference = inference_spec(config, net, max(config.eval_inner_steps))
+    kw = dict(num_samples=config.num_samples, task_batch_size=_task_batch_size(config))
+    return amortized_predictive(params, inference, inner_steps=config.eval_inner_steps, **kw)
 
 
 def train_maml(rng_key, config: OmniglotAmortizedConfig, images, ways: int, shots: int, checkpoint=None):
@@ -244,74 +140,25 @@ def train_maml(rng_key, config: OmniglotAmortizedConfig, images, ways: int, shot
     k_net, k_fit = jax.random.split(rng_key)
     theta = Conv4(ways, filters=config.filters, image_size=config.image_size, conv_impl=config.conv_impl, key=k_net)
     params, static = eqx.partition(theta, eqx.is_array)
-    objective = ml_point(
-        nll_loss(_apply, _likelihood),
-        optax.sgd(config.inner_lr),
-        config.maml_inner_steps,
-        first_order=config.maml_first_order,
-    )
+    inner = (optax.sgd(config.inner_lr), config.maml_inner_steps)
+    objective = ml_point(_loss(), *inner, first_order=config.maml_first_order)
     loss = lambda p, key, batch: objective(eqx.combine(p, static), key, batch)
     result = _fit(k_fit, config, loss, params, images, ways, shots, f"MAML {ways}w{shots}s", checkpoint)
     return eqx.combine(result.state.params, static), result
 
 
 def maml_predictive(config: OmniglotAmortizedConfig, theta) -> FewShotPredictive:
-    """MAML's adapted softmax probabilities ``[T, Q, ways]`` (:func:`metaprior.inference.maml.point_predict`)."""
-    fn = eqx.filter_jit(
-        functools.partial(
-            point_predict,
-            apply_fn=_apply,
-            loss_fn=nll_loss(_apply, _likelihood),
-            inner_optimizer=optax.sgd(config.inner_lr),
-            num_steps=config.maml_inner_steps,
-        )
-    )
-    return lambda key, sx, sy, qx: fn(theta, sx, sy, qx)
+    """MAML's adapted softmax probabilities ``[T, Q, ways]``."""
+    kw = dict(apply_fn=_apply, loss_fn=_loss(), inner_optimizer=optax.sgd(config.inner_lr))
+    return maml.point_predictive(theta, num_steps=config.maml_inner_steps, **kw)
 
 
 def _apply(net, x):
     return net(x)
 
 
-def _likelihood(f):
-    return dist.Categorical(logits=f)
-
-
-def posterior_tree(rng_key, config: OmniglotAmortizedConfig, params, net, episodes, num_inner_steps: int):
-    """ArviZ DataTree of a few test tasks' posteriors (first conv and output layer kept)."""
-    k_post, k_draw = jax.random.split(rng_key)
-    tasks = jax.tree.map(lambda a: a[: config.posterior_tasks], episodes)
-    inference = inference_spec(config, net, num_inner_steps)
-    keys = jax.random.split(k_post, config.posterior_tasks)
-    q = jax.jit(jax.vmap(lambda k, sx, sy: task_posterior(k, params, sx, sy, inference)))(
-        keys, tasks.support_x, tasks.support_y
-    )
-    names = weight_site_names(weight_layers(net))
-    from numpyro.infer import Predictive
-
-    draws = Predictive(numpyro_guide(q, names), num_samples=config.posterior_draws)(k_draw)
-    model_net = eqx.combine(params.model, net)  # shapes from the template, batch norm from params
-    tree = from_samples(
-        k_draw,
-        bayes_classifier,
-        draws,
-        tasks.query_x,
-        tasks.query_y,
-        net=model_net,
-        attrs={
-            "experiment": "omniglot-amortized",
-            "inner_steps": num_inner_steps,
-            "kept": "layer0 (first conv) and the output layer",
-        },
-    )
-    keep = set(names[0]) | set(names[-1])
-    posterior = tree["posterior"].to_dataset()
-    tree["posterior"] = posterior.drop_vars([v for v in posterior.data_vars if v not in keep])
-    return tree
-
-
-def _key(ways: int, shots: int) -> str:
-    return f"{ways}w{shots}s"
+def _loss():
+    return nll_loss(_apply, lambda f: dist.Categorical(logits=f))
 
 
 def run(rng_key, config: OmniglotAmortizedConfig, out_dir: Path) -> dict[str, float]:
@@ -320,36 +167,19 @@ def run(rng_key, config: OmniglotAmortizedConfig, out_dir: Path) -> dict[str, fl
     splits = omniglot_splits(config.image_size, rotations=True, seed=config.split_seed)
     train = jnp.asarray(splits["train"].images)
     test = splits["test"]
-    metrics: dict[str, float] = {
-        "num_train_classes": splits["train"].num_classes,
-        "num_test_classes": test.num_classes,
-        "train_inner_steps": config.train_inner_steps,
-        "num_steps": config.num_steps,
-        "filters": config.filters,
-        "beta": config.beta,
-    }
+    metrics: dict[str, float] = dict(num_train_classes=splits["train"].num_classes, num_test_classes=test.num_classes)
+    metrics.update(train_inner_steps=config.train_inner_steps, num_steps=config.num_steps, filters=config.filters)
+    metrics["beta"] = config.beta
     test_images = jnp.asarray(test.images)
     curves, reliability, train_time = {}, {}, 0.0
     for ways in config.ways:
         for shots in config.shots:
-            name = _key(ways, shots)
-            episodes = sample_episodes(
-                jax.random.fold_in(k_test, 100 * ways + shots),
-                test_images,
-                config.test_episodes,
-                ways,
-                shots,
-                config.test_queries,
-            )
+            name = f"{ways}w{shots}s"
+            shape = (config.test_episodes, ways, shots, config.test_queries)
+            episodes = sample_episodes(jax.random.fold_in(k_test, 100 * ways + shots), test_images, *shape)
             t0 = time.perf_counter()
-            params, net, result = meta_train(
-                jax.random.fold_in(k_train, 100 * ways + shots),
-                config,
-                train,
-                ways,
-                shots,
-                checkpoint=out_dir / f"amortized_{name}.ckpt",
-            )
+            key, ckpt = jax.random.fold_in(k_train, 100 * ways + shots), out_dir / f"amortized_{name}.ckpt"
+            params, net, result = meta_train(key, config, train, ways, shots, checkpoint=ckpt)
             seconds = time.perf_counter() - t0
             train_time += seconds
             metrics[f"train_time_s_{name}"] = seconds
@@ -364,10 +194,12 @@ def run(rng_key, config: OmniglotAmortizedConfig, out_dir: Path) -> dict[str, fl
                 if ways == 5 and shots == 1:
                     reliability[f"amortized K={steps}"] = ev.reliability()
             if ways == 5 and shots == 1:
-                save_datatree(
-                    posterior_tree(k_post, config, params, net, episodes, max(config.eval_inner_steps)),
-                    out_dir / "posterior.nc",
-                )
+                steps = max(config.eval_inner_steps)
+                attrs = {"experiment": "omniglot-amortized", "inner_steps": steps}
+                kw = dict(num_tasks=config.posterior_tasks, num_draws=config.posterior_draws, attrs=attrs)
+                inference = inference_spec(config, net, steps)
+                tree = amortized_posterior_tree(k_post, params, net, episodes, inference, **kw)
+                save_datatree(tree, out_dir / "posterior.nc")
                 t0 = time.perf_counter()
                 theta, maml_result = train_maml(
                     k_maml, config, train, ways, shots, checkpoint=out_dir / f"maml_{ways}w{shots}s.ckpt"

@@ -1,33 +1,25 @@
 """``metaprior run omniglot-maml`` and ``omniglot-llama``: few-shot Omniglot.
 
-5-way classification on Omniglot (background "small" sets, split by alphabet, the
-training alphabets augmented with 90/180/270 degree rotations as new classes; by
-default the three held-out alphabets' characters are dealt between validation and
-test, ``held_out="character"``, so that ``tau_pred`` is chosen on the test
-alphabets' difficulty: with 8 alphabets in all, a validation set of whole alphabets is
-one alphabet, much harder than the two test alphabets), with
-the 4-block conv net (3x3 conv, batch norm with batch statistics, ReLU, 2x2 max-pool).
-Batch-norm scale and shift are shared (meta-learned) and neither adapted nor in the
-curvature, as in Grant et al. (2018). The inner loop is ``optax.sgd(inner_lr)``.
-
-One model is meta-trained on ``train_shots``-shot episodes and evaluated on 600 test
-episodes at 1 and 5 shots (15 queries per class). MAML predicts with the adapted
-network; LLAMA meta-trains with ML-LAPLACE (K-FAC, ``tau = 0.001``, ``eta = 1e-6``)
-and predicts with the Laplace posterior predictive of each test task,
-``mean_s softmax(f(x; phi_s))``, ``phi_s ~ N(phi_hat, (F + tau_pred I)^{-1})`` with the
-K-FAC Fisher ``F`` of the support set, ``f`` either the network or its linearisation at
-``phi_hat`` (the GLM predictive); ``tau_pred`` and the predictive type are chosen by
-empirical Bayes on validation episodes (maximum query log-likelihood), never on the
-test episodes.
-
-The default size trains on a laptop CPU in minutes and is far weaker than the paper's
-(60k steps of 32 tasks with 64 filters); ``--full`` is the paper's budget.
+5-way classification on Omniglot (background "small" sets split by alphabet, training
+alphabets augmented with rotations as new classes; by default the held-out alphabets'
+characters are dealt between validation and test, ``held_out="character"``, so that
+``tau_pred`` is chosen at the test alphabets' difficulty) with the Conv4 net, whose
+batch-norm scale and shift are meta-learned and neither adapted nor in the curvature
+(Grant et al. 2018). One model is meta-trained on ``train_shots``-shot episodes and
+scored on 600 test episodes at 1 and 5 shots. MAML predicts with the adapted network;
+LLAMA meta-trains with ML-LAPLACE (K-FAC, ``tau = 0.001``, ``eta = 1e-6``) and predicts
+with each test task's Laplace predictive ``mean_s softmax(f(x; phi_s))``,
+``phi_s ~ N(phi_hat, (F + tau_pred I)^{-1})`` (``f`` the network or, "glm", its
+linearisation), ``tau_pred`` and the predictive type chosen by empirical Bayes on
+validation episodes. The default size trains in minutes on a laptop CPU; ``--full`` is
+the paper's budget (60k steps of 32 tasks, 64 filters).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import time
 from pathlib import Path
 
@@ -37,13 +29,13 @@ import numpy as np
 import numpyro.distributions as dist
 import optax
 
-from metaprior.data import omniglot_splits, sample_episodes
+from metaprior.data import episode_batches, omniglot_splits, sample_episodes
 from metaprior.experiments._plots import reliability_figure, training_figure
 from metaprior.experiments._registry import Experiment
+from metaprior.inference import maml
 from metaprior.inference.diagnostics import save_posterior, to_datatree
-from metaprior.inference.evaluation import FewShotPredictive, evaluate_fewshot
-from metaprior.inference.laplace import laplace, log_det
-from metaprior.inference.maml import laplace_predict, ml_laplace, ml_point, nll_loss, point_predict
+from metaprior.inference.evaluation import FewShotPredictive, evaluate_fewshot, grid_search
+from metaprior.inference.maml import kfac_llama, ml_point, nll_loss
 from metaprior.inference.meta import fit, meta_learner
 from metaprior.models.nets import Conv4
 
@@ -74,47 +66,29 @@ class OmniglotMAMLConfig:
     log_det_tasks: int = 2
     fisher: str = "exact"
     split_seed: int = 0
-    # "character": val and test share the held-out alphabets, disjoint by character
-    # (omniglot_splits(held_out=...)); "alphabet": val is one alphabet, test two others
+    # "character": val and test share the held-out alphabets, disjoint by character; "alphabet": one vs two others
     held_out: str = "character"
     num_eval_episodes: int = 600
     num_val_episodes: int = 100
     eval_batch: int = 25
     num_posterior_samples: int = 16
-    # half-decades around the optimum seen on validation episodes (1,000 steps: best
-    # near 2,000; 10 and 100 were far worse, 1e5 equal to 1e4)
+    # half-decades around the validation optimum at 1,000 steps (near 2,000; 10 and 100 far worse)
     tau_grid: tuple[float, ...] = (300.0, 1000.0, 3000.0, 10000.0, 30000.0)
-    # Laplace predictives tried on the validation episodes with every tau: "nn" samples
-    # the network's weights, "glm" its linearisation at the adapted weights
-    # (laplace.predictive(pred_type=...)); the pair with the best validation NLL is used.
-    # At 1,000 steps both gave the same validation NLL at their best tau (0.7867 vs
-    # 0.7872), so the default tries "nn" only (the paper's); add "glm" to compare.
+    # Laplace predictives tried with every tau on validation ("nn": sampled network, "glm": linearised);
+    # at 1,000 steps both gave the same validation NLL (0.7867 vs 0.7872), so "nn" only (the paper's)
     pred_types: tuple[str, ...] = ("nn",)
     steps_per_call: int = 10
-    # Resume from / write to this meta-training checkpoint ("" = meta.ckpt in --out). Pointing
-    # omniglot-llama at a copy of omniglot-maml's checkpoint with a larger --steps
-    # fine-tunes MAML's theta with ML-LAPLACE (both objectives share the state layout).
+    # meta-training checkpoint ("" = meta.ckpt in --out); omniglot-llama pointed at a copy of
+    # omniglot-maml's with a larger --steps fine-tunes MAML's theta with ML-LAPLACE
     checkpoint: str = ""
 
 
 def make_config(method: str, size: str) -> OmniglotMAMLConfig:
     base = OmniglotMAMLConfig(method=method)
     if size == "quick":
-        return dataclasses.replace(
-            base,
-            filters=4,
-            meta_batch=2,
-            num_steps=4,
-            steps_per_call=2,
-            num_eval_episodes=4,
-            num_val_episodes=2,
-            eval_batch=2,
-            num_posterior_samples=3,
-            tau_grid=(10.0, 1000.0),
-            pred_types=("glm",),
-            log_det_tasks=1,
-            eval_queries=3,
-        )
+        small = dict(filters=4, meta_batch=2, num_steps=4, steps_per_call=2, num_eval_episodes=4, num_val_episodes=2)
+        small.update(eval_batch=2, num_posterior_samples=3, tau_grid=(10.0, 1000.0), pred_types=("glm",))
+        return dataclasses.replace(base, **small, log_det_tasks=1, eval_queries=3)
     if size == "full":
         return dataclasses.replace(
             base, filters=64, meta_batch=32, num_steps=60000, train_queries=15, log_det_tasks=32, steps_per_call=50
@@ -139,55 +113,25 @@ def objective(config: OmniglotMAMLConfig):
     if config.method == "maml":
         return ml_point(_loss(), inner, config.train_inner_steps, first_order=config.first_order)
     if config.method == "llama":
-        posterior_fn = functools.partial(
-            laplace,
-            apply_fn=_apply,
-            likelihood=_likelihood,
-            structure="kfac",
-            fisher=config.fisher,
-            prior_precision=config.tau,
-        )
-        return ml_laplace(
-            _loss(),
-            inner,
-            config.train_inner_steps,
-            posterior_fn,
-            eta=config.eta,
-            log_det_fn=functools.partial(log_det, kron_damping=config.kron_damping),
-            log_det_tasks=config.log_det_tasks,
-            first_order=config.first_order,
-        )
+        kw = dict(eta=config.eta, kron_damping=config.kron_damping, log_det_tasks=config.log_det_tasks)
+        kw.update(apply_fn=_apply, likelihood=_likelihood, prior_precision=config.tau, fisher=config.fisher)
+        return kfac_llama(_loss(), inner, config.train_inner_steps, first_order=config.first_order, **kw)
     raise ValueError(f"method must be 'maml' or 'llama', got {config.method!r}")
+
+
+def _inner(config: OmniglotMAMLConfig) -> dict:
+    return dict(apply_fn=_apply, loss_fn=_loss(), inner_optimizer=optax.sgd(config.inner_lr))
 
 
 def point_predictive(config: OmniglotMAMLConfig, theta) -> FewShotPredictive:
     """MAML's :data:`~metaprior.inference.evaluation.FewShotPredictive`: the adapted network's softmax."""
-    fn = functools.partial(
-        point_predict,
-        apply_fn=_apply,
-        loss_fn=_loss(),
-        inner_optimizer=optax.sgd(config.inner_lr),
-        num_steps=config.eval_inner_steps,
-    )
-    jitted = jax.jit(fn)
-    return lambda key, sx, sy, qx: jitted(theta, sx, sy, qx)
+    return maml.point_predictive(theta, num_steps=config.eval_inner_steps, **_inner(config))
 
 
 def laplace_samples(config: OmniglotMAMLConfig, theta, tau: float, pred_type: str = "nn"):
     """LLAMA's Laplace predictive draws ``(rng_key, sx, sy, qx) -> [T, S, Q, W]`` (jitted)."""
-    fn = functools.partial(
-        laplace_predict,
-        apply_fn=_apply,
-        likelihood=_likelihood,
-        loss_fn=_loss(),
-        inner_optimizer=optax.sgd(config.inner_lr),
-        num_steps=config.eval_inner_steps,
-        prior_precision=tau,
-        num_samples=config.num_posterior_samples,
-        pred_type=pred_type,
-    )
-    jitted = jax.jit(fn)
-    return lambda key, sx, sy, qx: jitted(key, theta, sx, sy, qx)
+    kw = dict(num_steps=config.eval_inner_steps, num_samples=config.num_posterior_samples, pred_type=pred_type)
+    return maml.laplace_sampler(theta, likelihood=_likelihood, prior_precision=tau, **kw, **_inner(config))
 
 
 def laplace_predictive(config: OmniglotMAMLConfig, theta, tau: float, pred_type: str = "nn") -> FewShotPredictive:
@@ -197,29 +141,23 @@ def laplace_predictive(config: OmniglotMAMLConfig, theta, tau: float, pred_type:
 
 
 def _episodes(rng_key, images, config, num, shots):
-    sample = jax.jit(sample_episodes, static_argnums=(2, 3, 4, 5))
-    for i in range(0, num, config.eval_batch):
-        n = min(config.eval_batch, num - i)
-        yield sample(jax.random.fold_in(rng_key, i), images, n, config.ways, shots, config.eval_queries)
+    return episode_batches(rng_key, images, num, config.ways, shots, config.eval_queries, batch_size=config.eval_batch)
 
 
 def run(rng_key: jax.Array, config: OmniglotMAMLConfig, out_dir: Path) -> dict[str, float]:
     """Meta-train on the training alphabets; choose ``tau_pred`` on validation
     alphabets (LLAMA); score on test alphabets; plot; save a posterior."""
     out_dir = Path(out_dir)
-    splits = omniglot_splits(
-        image_size=config.image_size, rotations=True, seed=config.split_seed, held_out=config.held_out
-    )
+    splits = omniglot_splits(config.image_size, rotations=True, seed=config.split_seed, held_out=config.held_out)
     train = jnp.asarray(splits["train"].images)
     k_init, k_train, k_val, k_test, k_post = jax.random.split(rng_key, 5)
-    net = Conv4(
-        config.ways, filters=config.filters, image_size=config.image_size, conv_impl=config.conv_impl, key=k_init
-    )
+    size = dict(filters=config.filters, image_size=config.image_size, conv_impl=config.conv_impl)
+    net = Conv4(config.ways, **size, key=k_init)
     learner = meta_learner(objective(config), optax.adam(config.meta_lr), has_aux=True)
-    sampler = lambda k, images: sample_episodes(
-        k, images, config.meta_batch, config.ways, config.train_shots, config.train_queries
-    )
+    shape = (config.meta_batch, config.ways, config.train_shots, config.train_queries)
+    sampler = lambda k, images: sample_episodes(k, images, *shape)
     start = time.perf_counter()
+    kw = dict(steps_per_call=config.steps_per_call, checkpoint=config.checkpoint or out_dir / "meta.ckpt")
     result = fit(
         k_train,
         learner,
@@ -227,38 +165,27 @@ def run(rng_key: jax.Array, config: OmniglotMAMLConfig, out_dir: Path) -> dict[s
         config.num_steps,
         data=train,
         sample_batch=sampler,
-        steps_per_call=config.steps_per_call,
         desc=f"omniglot-{config.method}",
-        checkpoint=config.checkpoint or out_dir / "meta.ckpt",
+        **kw,
     )
     theta = result.state.params
-    metrics: dict[str, float] = {
-        "train_steps": config.num_steps,
-        "train_time_s": time.perf_counter() - start,
-        "meta_batch": config.meta_batch,
-        "filters": config.filters,
-        "train_shots": config.train_shots,
-        "final_train_loss": float(np.mean(result.losses[-max(1, len(result.losses) // 10) :])),
-    }
+    metrics: dict[str, float] = dict(train_steps=config.num_steps, train_time_s=time.perf_counter() - start)
+    metrics.update(meta_batch=config.meta_batch, filters=config.filters, train_shots=config.train_shots)
+    metrics["final_train_loss"] = float(np.mean(result.losses[-max(1, len(result.losses) // 10) :]))
 
     tau_pred, pred_type = None, "nn"
     if config.method == "llama":  # empirical Bayes for (tau_pred, pred_type) on validation episodes
         val = jnp.asarray(splits["val"].images)
-        best = None
-        for kind in config.pred_types:
-            for tau in config.tau_grid:
-                episodes = _episodes(k_val, val, config, config.num_val_episodes, config.train_shots)
-                ev = evaluate_fewshot(
-                    jax.random.fold_in(k_val, 1),
-                    laplace_predictive(config, theta, tau, kind),
-                    episodes,
-                    desc=f"validation {kind} tau={tau:g}",
-                )
-                nll = ev.metrics()["nll"]
-                metrics[f"val_nll_{kind}_tau{tau:g}"] = nll
-                if best is None or nll < best[0]:
-                    best = (nll, tau, kind)
-        _, tau_pred, pred_type = best
+
+        def val_nll(kind_tau):
+            kind, tau = kind_tau
+            episodes = _episodes(k_val, val, config, config.num_val_episodes, config.train_shots)
+            predict = laplace_predictive(config, theta, tau, kind)
+            desc = f"validation {kind} tau={tau:g}"
+            return evaluate_fewshot(jax.random.fold_in(k_val, 1), predict, episodes, desc=desc).metrics()["nll"]
+
+        (pred_type, tau_pred), scores = grid_search(val_nll, itertools.product(config.pred_types, config.tau_grid))
+        metrics.update({f"val_nll_{kind}_tau{tau:g}": nll for (kind, tau), nll in scores.items()})
         metrics["tau_pred"], metrics["pred_glm"] = tau_pred, float(pred_type == "glm")
         predict = laplace_predictive(config, theta, tau_pred, pred_type)
     else:
@@ -288,11 +215,10 @@ def _posterior_tree(rng_key, config, theta, test, tau_pred, pred_type="nn"):
         probs = np.asarray(probs[0])  # [S, Q, W]
     else:
         probs = np.asarray(point_predictive(config, theta)(rng_key, ep.support_x, ep.support_y, ep.query_x))
+    attrs = {"method": config.method, "tau_pred": float(tau_pred or 0.0), "pred_type": pred_type}
+    dims = {"probs": ["query", "class"], "query_y": ["query"]}
     return to_datatree(
-        {"probs": probs[None]},
-        observed_data={"query_y": np.asarray(ep.query_y[0])},
-        dims={"probs": ["query", "class"], "query_y": ["query"]},
-        attrs={"method": config.method, "tau_pred": float(tau_pred or 0.0), "pred_type": pred_type},
+        {"probs": probs[None]}, observed_data={"query_y": np.asarray(ep.query_y[0])}, dims=dims, attrs=attrs
     )
 
 

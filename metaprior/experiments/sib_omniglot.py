@@ -32,23 +32,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from metaprior.data import Episodes, omniglot_splits, sample_episodes
+from metaprior.data import omniglot_splits, sample_episodes
 from metaprior.experiments._common import mean_ci95, save_datatree, save_figure
+from metaprior.experiments._plots import smooth
 from metaprior.experiments._registry import Experiment
 from metaprior.inference.diagnostics import from_guide
 from metaprior.inference.evaluation import FewShotPredictive, evaluate_fewshot
 from metaprior.inference.meta import fit, meta_learner
+from metaprior.inference.sib import sib_guide, sib_loss, sib_predictive
 from metaprior.models.nets import Conv4
-from metaprior.models.sib import (
-    embed_classes,
-    init_sib_params,
-    pretrain_loss,
-    sample_classification_batch,
-    sib_guide,
-    sib_loss,
-    sib_model,
-    sib_predict,
-)
+from metaprior.models.sib import embed_classes, init_sib_params, pretrain_loss, sample_classification_batch, sib_model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,20 +78,9 @@ class SIBOmniglotConfig:
 
 def make_config(size: str) -> SIBOmniglotConfig:
     if size == "quick":
-        return SIBOmniglotConfig(
-            filters=8,
-            pretrain_steps=20,
-            pretrain_batch=32,
-            shots=(1,),
-            inner_steps=(0, 3),
-            task_batch=4,
-            num_steps=20,
-            steps_per_call=10,
-            test_episodes=20,
-            predictive_draws=2,
-            posterior_tasks=2,
-            posterior_draws=10,
-        )
+        small = dict(filters=8, pretrain_steps=20, pretrain_batch=32, shots=(1,), inner_steps=(0, 3), task_batch=4)
+        small.update(num_steps=20, steps_per_call=10, test_episodes=20, predictive_draws=2, posterior_tasks=2)
+        return SIBOmniglotConfig(**small, posterior_draws=10)
     if size == "default":
         return SIBOmniglotConfig(
             filters=32, pretrain_steps=500, pretrain_batch=32, pretrain_lr=3e-3, num_steps=1500, learning_rate=3e-3
@@ -114,16 +96,16 @@ def pretrain(rng_key, config: SIBOmniglotConfig, images, checkpoint: Path | None
     net = Conv4(images.shape[0], filters=config.filters, image_size=config.image_size, key=k_net)
     params, static = eqx.partition(net, eqx.is_array)
     loss = lambda p, key, batch: pretrain_loss(eqx.combine(p, static), key, batch)
+    sampler = lambda k, d: sample_classification_batch(k, d, config.pretrain_batch)
+    kw = dict(steps_per_call=config.steps_per_call, desc="pretrain", checkpoint=checkpoint)
     result = fit(
         k_fit,
         meta_learner(loss, optax.adam(config.pretrain_lr)),
         params,
         config.pretrain_steps,
         data=images,
-        sample_batch=lambda k, d: sample_classification_batch(k, d, config.pretrain_batch),
-        steps_per_call=config.steps_per_call,
-        desc="pretrain",
-        checkpoint=checkpoint,
+        sample_batch=sampler,
+        **kw,
     )
     return eqx.combine(result.state.params, static), result.losses
 
@@ -143,26 +125,16 @@ def meta_train(
     loss = functools.partial(sib_loss, **_inference_kwargs(config, num_steps))
     optimizer = optax.chain(optax.clip_by_global_norm(10.0), optax.adam(config.learning_rate))
     sampler = lambda k, d: sample_episodes(k, d, config.task_batch, config.ways, shots, config.queries)
+    kw = dict(steps_per_call=config.steps_per_call, desc=f"SIB {shots}-shot T={num_steps}", checkpoint=checkpoint)
     return fit(
-        k_fit,
-        meta_learner(loss, optimizer),
-        params,
-        config.num_steps,
-        data=features,
-        sample_batch=sampler,
-        steps_per_call=config.steps_per_call,
-        desc=f"SIB {shots}-shot T={num_steps}",
-        checkpoint=checkpoint,
+        k_fit, meta_learner(loss, optimizer), params, config.num_steps, data=features, sample_batch=sampler, **kw
     )
 
 
 def predictive(config: SIBOmniglotConfig, params, num_steps: int) -> FewShotPredictive:
     """SIB's posterior predictive ``(key, sx, sy, qx) -> probs [T, Q, ways]`` after ``num_steps``
     synthetic-gradient steps."""
-    fn = jax.jit(
-        functools.partial(sib_predict, num_draws=config.predictive_draws, **_inference_kwargs(config, num_steps))
-    )
-    return lambda key, sx, sy, qx: fn(key, params, Episodes(sx, sy, qx, None))
+    return sib_predictive(params, num_draws=config.predictive_draws, **_inference_kwargs(config, num_steps))
 
 
 def run(rng_key, config: SIBOmniglotConfig, out_dir: Path) -> dict[str, float]:
@@ -193,14 +165,7 @@ def run(rng_key, config: SIBOmniglotConfig, out_dir: Path) -> dict[str, float]:
         for num_steps in config.inner_steps:
             name = f"5w{shots}s_T{num_steps}" if config.ways == 5 else f"{config.ways}w{shots}s_T{num_steps}"
             t0 = time.perf_counter()
-            result = meta_train(
-                k_meta,
-                config,
-                train_f,
-                shots,
-                num_steps,  # same init for every run
-                out_dir / f"sib_{name}.ckpt",
-            )
+            result = meta_train(k_meta, config, train_f, shots, num_steps, out_dir / f"sib_{name}.ckpt")  # same init
             meta_time += time.perf_counter() - t0
             curves[(shots, num_steps)] = result.losses
             ev = evaluate_fewshot(
@@ -246,10 +211,7 @@ def plot(config: SIBOmniglotConfig, metrics, curves, out_dir: Path) -> None:
         ci = [metrics[f"acc_{config.ways}w{shots}s_T{t}_ci95"] for t in ts]
         ax.errorbar(ts, mean, yerr=ci, marker="o", capsize=3, label=f"{config.ways}-way {shots}-shot")
         for t in ts:
-            losses = curves[(shots, t)]
-            w = max(1, len(losses) // 50)
-            smooth = np.convolve(losses, np.ones(w) / w, mode="valid")
-            ax_loss.plot(smooth, label=f"{shots}-shot T={t}", lw=1)
+            ax_loss.plot(*smooth(curves[(shots, t)]), label=f"{shots}-shot T={t}", lw=1)
     ax.set_xlabel("synthetic-gradient steps T")
     ax.set_ylabel(f"test accuracy ({config.test_episodes} episodes, 95% CI)")
     ax.set_xticks(list(config.inner_steps))

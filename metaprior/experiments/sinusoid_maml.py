@@ -1,25 +1,20 @@
 """``metaprior run sinusoid-maml`` and ``sinusoid-llama``: MAML's sinusoid regression.
 
-Tasks ``y = A sin(x - b)``, ``A ~ U(0.1, 5)``, ``b ~ U(0, pi)``, ``x ~ U(-5, 5)``; an MLP
-with two hidden layers of 40 ReLU units; inner loop ``optax.sgd(0.01)`` (Finn et al.
-2017, section 5.1). One model is meta-trained per support size K in ``shots``
-(Meta-SGD's protocol, whose quoted MAML numbers are the targets here), with K query
-points per task during training, then evaluated on 600 new tasks with 10 inner steps.
-
-``sinusoid-llama`` meta-trains with ML-LAPLACE (K-FAC log-determinant, ``tau`` and
-``eta`` of Grant et al. 2018; at the default size only for the last ``laplace_steps``
-steps, after ML-POINT, to keep the run to minutes on a CPU; ``--full`` uses it
-throughout) and predicts with the Laplace posterior of each new task:
-``phi ~ N(phi_hat, H^{-1})`` with ``H`` the K-FAC curvature of the support
-log-likelihood ``N(y | f, sigma^2)`` plus ``tau_pred I``. The observation noise
-``sigma`` and ``tau_pred`` are chosen by empirical Bayes on separate validation tasks
-(maximum query predictive log-likelihood over a small grid), never on the test tasks.
+Tasks ``y = A sin(x - b)`` (Finn et al. 2017, section 5.1): an MLP with two hidden layers
+of 40 ReLU units, inner loop ``optax.sgd(0.01)``; one model per support size K in
+``shots`` (Meta-SGD's protocol), K query points per task in training, scored on 600 new
+tasks after 10 inner steps. ``sinusoid-llama`` meta-trains with ML-LAPLACE (K-FAC
+log-determinant, Grant et al. 2018; at the default size only for the last
+``laplace_steps`` steps, after ML-POINT; ``--full`` throughout) and predicts with each new
+task's Laplace posterior ``N(phi_hat, (H + tau_pred I)^{-1})``; the noise ``sigma`` and
+``tau_pred`` are chosen by empirical Bayes on separate validation tasks, never on the test tasks.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 import time
 from pathlib import Path
@@ -30,12 +25,14 @@ import numpy as np
 import numpyro.distributions as dist
 import optax
 
-from metaprior.data.tasks import SinusoidParams, sinusoid_fn, sinusoid_tasks
-from metaprior.experiments._common import mean_ci95, save_figure
+from metaprior.data.tasks import SinusoidParams, SupportQuery, sinusoid_fn, sinusoid_meta_batch, sinusoid_support_query
+from metaprior.experiments._common import mean_ci95
+from metaprior.experiments._plots import functions_figure, training_figure
 from metaprior.experiments._registry import Experiment
 from metaprior.inference.diagnostics import save_posterior, to_datatree
-from metaprior.inference.laplace import laplace, log_det, vmap_apply
-from metaprior.inference.maml import SupportQuery, laplace_predict, ml_laplace, ml_point, mse_loss, point_predict
+from metaprior.inference.evaluation import grid_search, sampled_regression_scores
+from metaprior.inference.laplace import vmap_apply
+from metaprior.inference.maml import kfac_llama, laplace_predict, ml_point, mse_loss, point_predict
 from metaprior.inference.meta import fit, meta_learner
 from metaprior.models.nets import MLP
 
@@ -63,10 +60,8 @@ class SinusoidMAMLConfig:
     tau: float = 1e-3
     kron_damping: str = "factored"  # log-det of the training objective (see laplace.log_det)
     log_det_tasks: int = 5  # tasks per batch whose log-det enters the objective (unbiased)
-    # LLAMA only: the last ``laplace_steps`` steps optimise ML-LAPLACE, the ones before
-    # ML-POINT (identical but for the eta-weighted log-det, whose curvature dominates the
-    # cost of a step of this small network on a CPU). ``laplace_steps = num_steps`` is
-    # LLAMA throughout.
+    # LLAMA: the last laplace_steps steps optimise ML-LAPLACE, those before ML-POINT (the
+    # log-det's curvature dominates a step's cost); laplace_steps = num_steps: throughout
     laplace_steps: int = 500
     steps_per_call: int = 200
     num_eval_tasks: int = 600
@@ -80,89 +75,34 @@ class SinusoidMAMLConfig:
 def make_config(method: str, size: str) -> SinusoidMAMLConfig:
     base = SinusoidMAMLConfig(method=method)
     if size == "quick":
-        return dataclasses.replace(
-            base,
-            shots=(10,),
-            num_steps=40,
-            steps_per_call=20,
-            laplace_steps=20,
-            num_eval_tasks=20,
-            num_val_tasks=10,
-            num_eval_points=20,
-            num_posterior_samples=20,
-            sigma_grid=(0.1, 0.5),
-            tau_grid=(1.0, 100.0),
-        )
+        small = dict(shots=(10,), num_steps=40, steps_per_call=20, laplace_steps=20, num_eval_tasks=20)
+        small.update(num_val_tasks=10, num_eval_points=20, num_posterior_samples=20)
+        return dataclasses.replace(base, **small, sigma_grid=(0.1, 0.5), tau_grid=(1.0, 100.0))
     if size == "full":
         return dataclasses.replace(base, num_steps=70000, laplace_steps=70000, log_det_tasks=25)
     return base
-
-
-# ----------------------------------------------------------------------------- pieces
 
 
 def _likelihood(sigma):
     return lambda f: dist.Normal(f[..., 0], sigma)
 
 
-def _split(x, y, k):
-    return SupportQuery(x[:, :k], y[:, :k], x[:, k:], y[:, k:])
-
-
-def _train_tasks(k: int, meta_batch: int):
-    def sample(rng_key, _):
-        batch, _ = sinusoid_tasks(rng_key, meta_batch, 2 * k)
-        return _split(batch.x, batch.y, k)
-
-    return sample
-
-
-def eval_tasks(rng_key, num_tasks: int, k: int, num_points: int, *, support_range=X_RANGE):
-    """New tasks: ``k`` support points drawn from ``support_range``, ``num_points`` query
-    points from the whole input range. Returns ``(SupportQuery, SinusoidParams)``."""
-    k_task, k_sup = jax.random.split(rng_key)
-    batch, params = sinusoid_tasks(k_task, num_tasks, num_points)
-    sx = jax.random.uniform(k_sup, (num_tasks, k, 1), minval=support_range[0], maxval=support_range[1])
-    sy = sinusoid_fn(params, sx[..., 0])
-    return SupportQuery(sx, sy, batch.x, batch.y), params
-
-
 def objective(config: SinusoidMAMLConfig, method: str | None = None):
     """The meta-objective of ``method`` (default ``config.method``)."""
-    loss = mse_loss(vmap_apply)
-    inner = optax.sgd(config.inner_lr)
+    loss, inner = mse_loss(vmap_apply), optax.sgd(config.inner_lr)
     method = config.method if method is None else method
     if method == "maml":
         return ml_point(loss, inner, config.train_inner_steps, first_order=config.first_order)
     if method == "llama":
-        posterior_fn = functools.partial(
-            laplace,
-            apply_fn=vmap_apply,
-            likelihood=_likelihood(TRAIN_SIGMA),
-            structure="kfac",
-            prior_precision=config.tau,
-        )
-        return ml_laplace(
-            loss,
-            inner,
-            config.train_inner_steps,
-            posterior_fn,
-            eta=config.eta,
-            log_det_fn=functools.partial(log_det, kron_damping=config.kron_damping),
-            log_det_tasks=config.log_det_tasks,
-            first_order=config.first_order,
-        )
+        kw = dict(eta=config.eta, kron_damping=config.kron_damping, log_det_tasks=config.log_det_tasks)
+        kw.update(apply_fn=vmap_apply, likelihood=_likelihood(TRAIN_SIGMA), prior_precision=config.tau)
+        return kfac_llama(loss, inner, config.train_inner_steps, first_order=config.first_order, **kw)
     raise ValueError(f"method must be 'maml' or 'llama', got {method!r}")
 
 
 def _inner(config):
-    return dict(
-        apply_fn=vmap_apply,
-        loss_fn=mse_loss(vmap_apply),
-        inner_optimizer=optax.sgd(config.inner_lr),
-        num_steps=config.eval_inner_steps,
-        link=lambda f: f[..., 0],
-    )
+    inner = dict(apply_fn=vmap_apply, loss_fn=mse_loss(vmap_apply), inner_optimizer=optax.sgd(config.inner_lr))
+    return dict(inner, num_steps=config.eval_inner_steps, link=lambda f: f[..., 0])
 
 
 def point_predictions(theta, tasks: SupportQuery, x=None, *, config) -> jax.Array:
@@ -174,34 +114,8 @@ def point_predictions(theta, tasks: SupportQuery, x=None, *, config) -> jax.Arra
 def posterior_functions(rng_key, theta, tasks: SupportQuery, sigma, tau, num_samples, x=None, *, config):
     """Laplace posterior draws of ``f`` at the query inputs: ``[T, S, Q]``."""
     x = tasks.query_x if x is None else x
-    return laplace_predict(
-        rng_key,
-        theta,
-        tasks.support_x,
-        tasks.support_y,
-        x,
-        likelihood=_likelihood(sigma),
-        prior_precision=tau,
-        num_samples=num_samples,
-        **_inner(config),
-    )
-
-
-def predictive_scores(f_samples, y, sigma, rng_key):
-    """Per-point predictive log-density and 90% interval coverage.
-
-    ``f_samples [T, S, Q]``, ``y [T, Q]``; predictive = mixture over samples of
-    ``N(f_s, sigma^2)``; the interval is the 5%-95% quantiles of ``f_s + sigma * eps``.
-    """
-    logp = jax.scipy.stats.norm.logpdf(y[:, None, :], f_samples, sigma)
-    lpd = jax.nn.logsumexp(logp, axis=1) - jnp.log(f_samples.shape[1])
-    draws = f_samples + sigma * jax.random.normal(rng_key, f_samples.shape)
-    lo, hi = jnp.quantile(draws, 0.05, axis=1), jnp.quantile(draws, 0.95, axis=1)
-    inside = (y >= lo) & (y <= hi)
-    return lpd, inside
-
-
-# ----------------------------------------------------------------------------- run
+    kw = dict(likelihood=_likelihood(sigma), prior_precision=tau, num_samples=num_samples)
+    return laplace_predict(rng_key, theta, tasks.support_x, tasks.support_y, x, **kw, **_inner(config))
 
 
 def run(rng_key: jax.Array, config: SinusoidMAMLConfig, out_dir: Path) -> dict[str, float]:
@@ -209,31 +123,22 @@ def run(rng_key: jax.Array, config: SinusoidMAMLConfig, out_dir: Path) -> dict[s
     out_dir = Path(out_dir)
     k_init, k_train, k_eval, k_val, k_plot = jax.random.split(rng_key, 5)
     # (method, steps) phases: MAML throughout; LLAMA's ML-LAPLACE for the last laplace_steps
-    if config.method == "llama":
-        n_lap = min(config.laplace_steps, config.num_steps)
-        phases = [("maml", config.num_steps - n_lap), ("llama", n_lap)]
-    else:
-        phases = [("maml", config.num_steps)]
-    phases = [(m, n) for m, n in phases if n > 0]
+    n_lap = min(config.laplace_steps, config.num_steps) if config.method == "llama" else 0
+    phases = [(m, n) for m, n in (("maml", config.num_steps - n_lap), ("llama", n_lap)) if n > 0]
     metrics: dict[str, float] = {"train_steps": config.num_steps, "meta_batch": config.meta_batch}
     if config.method == "llama":
-        metrics["laplace_steps"] = min(config.laplace_steps, config.num_steps)
+        metrics["laplace_steps"] = n_lap
     models, histories = {}, {}
     for k in config.shots:
         params, losses = MLP(1, 1, config.hidden, key=k_init), []
         start = time.perf_counter()
         for i, (method, steps) in enumerate(phases):
             learner = meta_learner(objective(config, method), optax.adam(config.meta_lr), has_aux=True)
-            result = fit(
-                jax.random.fold_in(jax.random.fold_in(k_train, k), i),
-                learner,
-                params,
-                steps,
-                sample_batch=_train_tasks(k, config.meta_batch),
-                steps_per_call=min(config.steps_per_call, steps),
-                desc=f"sinusoid-{config.method} K={k} ({method})",
-                checkpoint=Path(out_dir) / f"meta_k{k}_{method}.ckpt",
-            )
+            sampler = lambda key, _: sinusoid_meta_batch(key, config.meta_batch, k)
+            kw = dict(steps_per_call=min(config.steps_per_call, steps), checkpoint=out_dir / f"meta_k{k}_{method}.ckpt")
+            key = jax.random.fold_in(jax.random.fold_in(k_train, k), i)
+            desc = f"sinusoid-{config.method} K={k} ({method})"
+            result = fit(key, learner, params, steps, sample_batch=sampler, desc=desc, **kw)
             params = result.state.params
             losses.append(result.losses)
         metrics[f"train_time_k{k}_s"] = time.perf_counter() - start
@@ -242,50 +147,42 @@ def run(rng_key: jax.Array, config: SinusoidMAMLConfig, out_dir: Path) -> dict[s
     predict = jax.jit(functools.partial(point_predictions, config=config))
     sample_f = jax.jit(functools.partial(posterior_functions, config=config), static_argnums=(5,))
     for k in config.shots:
-        tasks, _ = eval_tasks(jax.random.fold_in(k_eval, k), config.num_eval_tasks, k, config.num_eval_points)
+        tasks, _ = sinusoid_support_query(
+            jax.random.fold_in(k_eval, k), config.num_eval_tasks, k, config.num_eval_points
+        )
         mse = jnp.mean((predict(models[k], tasks) - tasks.query_y) ** 2, axis=1)
         metrics[f"mse_k{k}"], metrics[f"mse_k{k}_ci95"] = mean_ci95(mse)
         if config.method != "llama":
             continue
         # Empirical Bayes for the predictive's sigma and tau on validation tasks.
-        val, _ = eval_tasks(jax.random.fold_in(k_val, k), config.num_val_tasks, k, config.num_eval_points)
-        best = None
-        for tau in config.tau_grid:
-            for sigma in config.sigma_grid:
-                f = sample_f(k_plot, models[k], val, sigma, tau, config.num_posterior_samples)
-                lpd, _ = predictive_scores(f, val.query_y, sigma, k_plot)
-                score = float(jnp.mean(lpd))
-                if best is None or score > best[0]:
-                    best = (score, sigma, tau)
-        _, sigma, tau = best
+        val, _ = sinusoid_support_query(jax.random.fold_in(k_val, k), config.num_val_tasks, k, config.num_eval_points)
+
+        def val_lpd(tau_sigma):
+            tau, sigma = tau_sigma
+            f = sample_f(k_plot, models[k], val, sigma, tau, config.num_posterior_samples)
+            return jnp.mean(sampled_regression_scores(k_plot, f, val.query_y, sigma)[0])
+
+        (tau, sigma), _ = grid_search(val_lpd, itertools.product(config.tau_grid, config.sigma_grid), minimize=False)
         f = sample_f(jax.random.fold_in(k_plot, k), models[k], tasks, sigma, tau, config.num_posterior_samples)
-        lpd, inside = predictive_scores(f, tasks.query_y, sigma, jax.random.fold_in(k_plot, 2 * k))
+        lpd, inside = sampled_regression_scores(jax.random.fold_in(k_plot, 2 * k), f, tasks.query_y, sigma)
         suffix = "" if k == max(config.shots) else f"_k{k}"
         metrics[f"coverage90{suffix}"] = float(jnp.mean(inside))
         metrics[f"nll_k{k}"], metrics[f"nll_k{k}_ci95"] = mean_ci95(-jnp.mean(lpd, axis=1))
         metrics[f"sigma_k{k}"], metrics[f"tau_pred_k{k}"] = sigma, tau
 
-    k_fig = max(config.shots)
-    figure_tasks, curves = _figure(
-        k_plot,
-        config,
-        models[k_fig],
-        metrics.get(f"sigma_k{k_fig}"),
-        metrics.get(f"tau_pred_k{k_fig}"),
-        sample_f,
-        predict,
+    sigma, tau = metrics.get(f"sigma_k{max(config.shots)}"), metrics.get(f"tau_pred_k{max(config.shots)}")
+    save_posterior(
+        _figure(k_plot, config, models[max(config.shots)], sigma, tau, sample_f, predict, out_dir),
+        out_dir / "posterior.nc",
     )
-    save_figure(figure_tasks, out_dir, "posterior_samples.png")
-    save_figure(_training_figure(histories), out_dir, "training.png")
-    save_posterior(curves, out_dir / "posterior.nc")
+    training_figure({f"K={k}": h for k, h in histories.items()}, out_dir, log=True)
     return metrics
 
 
-def _figure(rng_key, config, theta, sigma, tau, sample_f, predict):
-    """The two tasks of Grant et al. (2018) Figure 5: 10 points from the whole range,
-    and 10 points from the lower half only (ambiguous: wider spread expected)."""
-    import matplotlib.pyplot as plt
-
+def _figure(rng_key, config, theta, sigma, tau, sample_f, predict, out_dir):
+    """The two tasks of Grant et al. (2018) Figure 5 (10 points from the whole range, and
+    from the lower half only: ambiguous, wider spread expected), plotted; returns their
+    function draws as an ArviZ tree."""
     k = max(config.shots)
     params = SinusoidParams(amplitude=jnp.array([3.0, 3.0]), phase=jnp.array([0.5, 0.5]))
     k1, k2 = jax.random.split(rng_key)
@@ -303,44 +200,21 @@ def _figure(rng_key, config, theta, sigma, tau, sample_f, predict):
         f = sample_f(rng_key, theta, tasks, sigma, tau, config.num_posterior_samples)  # [2, S, 200]
     else:
         f = predict(theta, tasks)[:, None, :]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
     titles = (f"{k} points from [-5, 5]", f"{k} points from [-5, 0] (ambiguous)")
-    for j, ax in enumerate(axes):
-        for s in range(min(f.shape[1], 30)):
-            ax.plot(grid, f[j, s], color="tab:blue", alpha=0.25 if f.shape[1] > 1 else 1.0, lw=0.8)
-        ax.plot(grid, tasks.query_y[j], color="k", lw=1.5, label="true function")
-        ax.scatter(sx[j, :, 0], sy[j], color="tab:red", zorder=3, label="support")
-        ax.set_title(titles[j])
-        ax.set_xlabel("x")
+    panels = [
+        dict(title=titles[j], grid=grid, samples=f[j], truth=tasks.query_y[j], support_x=sx[j, :, 0], support_y=sy[j])
+        for j in range(2)
+    ]
     label = "Laplace posterior samples" if config.method == "llama" else "MAML adapted function"
-    axes[0].plot([], [], color="tab:blue", label=label)
-    axes[0].legend(loc="lower left", fontsize=8)
-    axes[0].set_ylabel("y")
-    fig.suptitle(f"sinusoid-{config.method}: new tasks after {config.eval_inner_steps} inner steps")
-    tree = to_datatree(
+    title = f"sinusoid-{config.method}: new tasks after {config.eval_inner_steps} inner steps"
+    functions_figure(panels, out_dir, "posterior_samples.png", title=title, label=label)
+    return to_datatree(
         {"f": np.asarray(f).transpose(1, 0, 2)[None]},
         observed_data={"y_support": np.asarray(sy), "x_support": np.asarray(sx[..., 0])},
         dims={"f": ["task", "x"], "y_support": ["task", "support"], "x_support": ["task", "support"]},
         coords={"x": np.asarray(grid), "task": ["whole_range", "lower_half"]},
         attrs={"method": config.method, "sigma": float(sigma or 0.0), "tau_pred": float(tau or 0.0)},
     )
-    return fig, tree
-
-
-def _training_figure(histories):
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for k, losses in histories.items():
-        losses = np.asarray(losses)
-        w = max(1, len(losses) // 200)
-        smooth = np.convolve(losses, np.ones(w) / w, mode="valid")
-        ax.plot(np.arange(len(smooth)) + w, smooth, label=f"K={k}")
-    ax.set_yscale("log")
-    ax.set_xlabel("meta-training step")
-    ax.set_ylabel("meta-loss (moving average)")
-    ax.legend()
-    return fig
 
 
 METRICS_DOC = """

@@ -7,6 +7,7 @@ shared few-shot / regression evaluation.
 """
 
 from metaprior.inference import laplace
+from metaprior.inference.amortized_classifier import amortized_predictive, init_conv4_guide
 from metaprior.inference.diagnostics import (
     expected_calibration_error,
     from_guide,
@@ -18,6 +19,7 @@ from metaprior.inference.diagnostics import (
     save_posterior,
     to_datatree,
 )
+from metaprior.inference.evaluation import evaluate_fewshot, grid_search, predict_episodes
 from metaprior.inference.flipout import (
     LayerEstimator,
     apply_layer,
@@ -29,7 +31,16 @@ from metaprior.inference.flipout import (
 )
 from metaprior.inference.laplace import LaplacePosterior, fit_laplace, log_det, predictive
 from metaprior.inference.local import LocalFit, fit_local, restart_weights, sample_restart_mixture, task_batch_learner
-from metaprior.inference.maml import MAMLAux, SupportQuery, adapt, ml_laplace, ml_point
+from metaprior.inference.maml import (
+    MAMLAux,
+    SupportQuery,
+    adapt,
+    kfac_llama,
+    laplace_predictive,
+    ml_laplace,
+    ml_point,
+    point_predictive,
+)
 from metaprior.inference.mcmc import (
     NutsHealth,
     RestartInit,
@@ -41,6 +52,7 @@ from metaprior.inference.mcmc import (
     run_nuts,
 )
 from metaprior.inference.meta import FitResult, MetaLearner, MetaState, NonFiniteLossError, fit, meta_learner
+from metaprior.inference.sib import sib_guide, sib_loss, sib_posterior, sib_predict, sib_predictive, support_initializer
 from metaprior.inference.svi import elbo_loss, init_params
 from metaprior.inference.synthetic_gradients import (
     DiagGaussian,
@@ -54,6 +66,7 @@ from metaprior.inference.synthetic_gradients import (
     synthetic_gradient,
     synthetic_gradient_vi,
 )
+from metaprior.inference.task_latent import build_task_guide, infer_support_sizes
 
 __all__ = [
     "fit",
@@ -79,6 +92,22 @@ __all__ = [
     "sample_noise",
     "synthetic_gradient",
     "synthetic_gradient_vi",
+    "sib_guide",
+    "sib_loss",
+    "sib_posterior",
+    "sib_predict",
+    "sib_predictive",
+    "support_initializer",
+    "evaluate_fewshot",
+    "predict_episodes",
+    "grid_search",
+    "kfac_llama",
+    "point_predictive",
+    "laplace_predictive",
+    "build_task_guide",
+    "infer_support_sizes",
+    "amortized_predictive",
+    "init_conv4_guide",
     "laplace",
     "LaplacePosterior",
     "fit_laplace",

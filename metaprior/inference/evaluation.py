@@ -9,7 +9,9 @@ it over a fixed set of episodes in chunks and returns a :class:`FewShotEvaluatio
 whose :meth:`~FewShotEvaluation.metrics` are accuracy (mean over episodes, with the
 half-width of its normal 95% interval), expected calibration error (15 equal-width
 bins over all queries) and NLL per query; :meth:`~FewShotEvaluation.reliability` is
-the curve for :func:`metaprior.inference.diagnostics.plot_reliability`. The same
+the curve for :func:`metaprior.inference.diagnostics.plot_reliability`;
+:meth:`~FewShotEvaluation.bootstrap` gives percentile-bootstrap intervals over episodes
+of all three (:func:`fewshot_bootstrap`, built on :func:`episode_bootstrap`). The same
 episodes and keys give the same numbers whichever method is scored, so two methods
 evaluated on one :class:`~metaprior.data.Episodes` are compared pair for pair.
 
@@ -33,9 +35,13 @@ __all__ = [
     "FewShotEvaluation",
     "mean_ci95",
     "fewshot_metrics",
+    "episode_bootstrap",
+    "fewshot_bootstrap",
     "predict_episodes",
     "evaluate_fewshot",
     "regression_metrics",
+    "sampled_regression_scores",
+    "grid_search",
 ]
 
 FewShotPredictive = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], Any]
@@ -95,6 +101,106 @@ def fewshot_metrics(probs, labels, num_bins: int = 15) -> dict[str, float]:
     }
 
 
+def episode_bootstrap(
+    statistic: Callable[[np.ndarray], float],
+    num_episodes: int,
+    *,
+    num_resamples: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of a statistic of episodes, resampling whole episodes.
+
+    Resample ``r`` draws ``num_episodes`` episode indices uniformly with replacement (all
+    resamples from one ``numpy.random.default_rng(seed)``, as one ``[num_resamples,
+    num_episodes]`` array, so calls with the same seed and sizes see the same resamples);
+    the interval's ends are the ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles of
+    ``statistic(indices_r)`` over the resamples (NumPy's default, linear interpolation).
+
+    Args:
+        statistic: ``indices [num_episodes] int -> float``, the statistic of the episodes
+            ``indices`` (repeats included), e.g. ``lambda i: acc[i].mean()``.
+        num_episodes: ``E``, the number of episodes resampled.
+        num_resamples: bootstrap resamples.
+        level: the interval's nominal coverage, in ``(0, 1)``.
+        seed: the NumPy generator's seed.
+
+    Returns:
+        ``(lo, hi)``.
+
+    Raises:
+        ValueError: ``num_episodes < 1``, ``num_resamples < 1``, ``level`` outside
+            ``(0, 1)``, or a statistic that is not a finite number.
+    """
+    for name, value, least in (("num_episodes", num_episodes, 1), ("num_resamples", num_resamples, 1)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+            raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+    if not 0 < level < 1:
+        raise ValueError(f"level must lie in (0, 1), got {level!r}")
+    indices = np.random.default_rng(seed).integers(0, num_episodes, size=(num_resamples, num_episodes))
+    values = np.array([float(statistic(idx)) for idx in indices])
+    if not np.all(np.isfinite(values)):
+        raise ValueError("statistic returned NaN or inf on a resample")
+    tail = (1 - level) / 2
+    lo, hi = np.quantile(values, [tail, 1 - tail])
+    return float(lo), float(hi)
+
+
+def fewshot_bootstrap(
+    probs,
+    labels,
+    *,
+    num_resamples: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+    num_bins: int = 15,
+) -> dict[str, float]:
+    """Percentile bootstrap intervals over episodes of the metrics of :func:`fewshot_metrics`.
+
+    Each resample draws ``E`` episodes with replacement (:func:`episode_bootstrap`; the
+    three metrics are computed on the same resamples) and recomputes: accuracy, the mean
+    of the per-episode accuracies; ECE, :func:`expected_calibration_error` (``num_bins``
+    bins) of the pooled queries of the resampled episodes; NLL, the mean over those
+    queries of ``-log(p_true + 1e-12)``.
+
+    Args:
+        probs: ``[E, Q, W]`` predictive class probabilities.
+        labels: ``[E, Q]`` true query classes.
+        num_resamples: bootstrap resamples.
+        level: the intervals' nominal coverage, in ``(0, 1)``.
+        seed: the NumPy generator's seed.
+        num_bins: ECE bins (equal width on [0, 1]).
+
+    Returns:
+        ``{"acc_lo", "acc_hi", "ece_lo", "ece_hi", "nll_lo", "nll_hi"}``.
+
+    Raises:
+        ValueError: bad shapes or labels (as :func:`fewshot_metrics`), no episodes
+            (``E = 0``) or queries, or bad ``num_resamples`` / ``level``.
+    """
+    probs, labels = np.asarray(probs), np.asarray(labels)
+    _check_probs(probs, labels)
+    num_episodes, num_queries, ways = probs.shape
+    if num_episodes < 1 or num_queries < 1:
+        raise ValueError(f"probs must hold at least one episode (E >= 1) of one query or more, got shape {probs.shape}")
+    episode_acc = (probs.argmax(-1) == labels).mean(-1)  # [E]
+    p_true = np.take_along_axis(probs, labels[..., None], axis=-1)[..., 0]  # [E, Q]
+    episode_nll = -np.log(p_true + 1e-12).mean(-1)  # [E]; every episode has Q queries, so pooled = mean
+
+    def ece(idx: np.ndarray) -> float:
+        return expected_calibration_error(probs[idx].reshape(-1, ways), labels[idx].reshape(-1), num_bins=num_bins)
+
+    kw = dict(num_resamples=num_resamples, level=level, seed=seed)
+    out = {}
+    for name, statistic in (
+        ("acc", lambda idx: episode_acc[idx].mean()),
+        ("ece", ece),
+        ("nll", lambda idx: episode_nll[idx].mean()),
+    ):
+        out[f"{name}_lo"], out[f"{name}_hi"] = episode_bootstrap(statistic, num_episodes, **kw)
+    return out
+
+
 class FewShotEvaluation(NamedTuple):
     """Predictions of one method on a fixed set of episodes.
 
@@ -125,6 +231,11 @@ class FewShotEvaluation(NamedTuple):
     def reliability(self, num_bins: int = 15):
         """``(bin_confidence, bin_accuracy, bin_count)`` over all queries."""
         return reliability_curve(self.probs, self.labels, num_bins=num_bins)
+
+    def bootstrap(self, **kw: Any) -> dict[str, float]:
+        """:func:`fewshot_bootstrap` of these predictions (``kw``: ``num_resamples``,
+        ``level``, ``seed``, ``num_bins``)."""
+        return fewshot_bootstrap(self.probs, self.labels, **kw)
 
 
 def _chunks(episodes, chunk: int):
@@ -239,3 +350,43 @@ def regression_metrics(samples, y, noise_scale, *, level: float = 0.95) -> dict[
     sd = np.sqrt(samples.var(0) + np.mean(sigma**2, axis=0))
     z = NormalDist().inv_cdf((1 + level) / 2)
     return {"mse": mse, "nll": nll, "coverage": float(np.mean(np.abs(y - mean) <= z * sd))}
+
+
+def sampled_regression_scores(rng_key: jax.Array, f_samples, y, noise_scale, *, level: float = 0.9):
+    """Per-point predictive log-density and central-interval coverage from function draws.
+
+    Args:
+        f_samples: ``[T, S, Q]`` draws of the regression function at the query inputs.
+        y: ``[T, Q]`` held-out targets.
+        noise_scale: observation noise ``sigma``.
+        level: the central interval's probability; its ends are the empirical quantiles
+            of ``f_s + sigma * eps`` over the draws (``eps`` from ``rng_key``).
+
+    Returns:
+        ``(lpd [T, Q], inside [T, Q])``: ``log (1/S) sum_s N(y; f_s, sigma^2)`` and whether
+        ``y`` lies in the interval.
+    """
+    import jax.numpy as jnp
+
+    logp = jax.scipy.stats.norm.logpdf(y[:, None, :], f_samples, noise_scale)
+    lpd = jax.nn.logsumexp(logp, axis=1) - jnp.log(f_samples.shape[1])
+    draws = f_samples + noise_scale * jax.random.normal(rng_key, f_samples.shape)
+    tail = round((1 - level) / 2, 12)  # 0.05, not 0.04999...: the quantile's exact level
+    lo, hi = jnp.quantile(draws, tail, axis=1), jnp.quantile(draws, 1 - tail, axis=1)
+    return lpd, (y >= lo) & (y <= hi)
+
+
+def grid_search(score: Callable[[Any], float], grid: Iterable, *, minimize: bool = True) -> tuple[Any, dict]:
+    """The first element of ``grid`` with the best ``score`` (empirical Bayes on validation tasks).
+
+    Returns:
+        ``(best, scores)`` with ``scores = {candidate: score}`` in grid order.
+
+    Raises:
+        ValueError: ``grid`` is empty.
+    """
+    scores = {candidate: float(score(candidate)) for candidate in grid}
+    if not scores:
+        raise ValueError("grid_search: grid is empty")
+    pick = min if minimize else max
+    return pick(scores, key=scores.__getitem__), scores

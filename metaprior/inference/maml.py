@@ -26,6 +26,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -34,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from metaprior.data.tasks import SupportQuery
 from metaprior.inference.laplace import log_det
 from metaprior.inference.laplace._layers import resolve_filter
 
@@ -48,26 +50,14 @@ __all__ = [
     "adapt_tasks",
     "point_predict",
     "laplace_predict",
+    "kfac_llama",
+    "point_predictive",
+    "laplace_sampler",
+    "laplace_predictive",
 ]
 
 PyTree = Any
 LossFn = Callable[[PyTree, jax.Array, jax.Array], jax.Array]
-
-
-class SupportQuery(NamedTuple):
-    """A batch of tasks, each with a support and a query set.
-
-    Attributes:
-        support_x: ``[tasks, support, ...]``.
-        support_y: ``[tasks, support, ...]``.
-        query_x: ``[tasks, query, ...]``.
-        query_y: ``[tasks, query, ...]``.
-    """
-
-    support_x: jax.Array
-    support_y: jax.Array
-    query_x: jax.Array
-    query_y: jax.Array
 
 
 class MAMLAux(NamedTuple):
@@ -346,3 +336,65 @@ def laplace_predict(
 
     keys = jax.random.split(rng_key, support_x.shape[0])
     return jax.vmap(one)(keys, phis, support_x, support_y, query_x)
+
+
+def kfac_llama(
+    loss_fn: LossFn,
+    inner_optimizer: optax.GradientTransformation,
+    num_inner_steps: int,
+    *,
+    apply_fn: Callable,
+    likelihood: Callable,
+    prior_precision: float,
+    eta: float = 1e-6,
+    kron_damping: str = "factored",
+    fisher: str = "exact",
+    log_det_tasks: int | None = None,
+    first_order: bool = False,
+) -> Callable[[PyTree, jax.Array, Any], tuple[jax.Array, MAMLAux]]:
+    """LLAMA as Grant et al. (2018) run it: :func:`ml_laplace` with a K-FAC Laplace posterior.
+
+    The composition ``ml_laplace(..., partial(laplace, structure="kfac", ...),
+    log_det_fn=partial(log_det, kron_damping=...))`` in one call; see :func:`ml_laplace`
+    for ``eta`` and ``log_det_tasks`` and :func:`metaprior.inference.laplace.log_det`
+    for ``kron_damping``.
+    """
+    from metaprior.inference.laplace import laplace
+
+    posterior_fn = functools.partial(
+        laplace,
+        apply_fn=apply_fn,
+        likelihood=likelihood,
+        structure="kfac",
+        fisher=fisher,
+        prior_precision=prior_precision,
+    )
+    log_det_fn = functools.partial(log_det, kron_damping=kron_damping)
+    kw = dict(eta=eta, log_det_fn=log_det_fn, log_det_tasks=log_det_tasks, first_order=first_order)
+    return ml_laplace(loss_fn, inner_optimizer, num_inner_steps, posterior_fn, **kw)
+
+
+def point_predictive(theta: PyTree, **inner: Any) -> Callable:
+    """MAML's few-shot predictive ``(rng_key, support_x, support_y, query_x) -> [T, Q, ...]``, jitted.
+
+    ``inner`` are :func:`point_predict`'s keywords (``apply_fn``, ``loss_fn``,
+    ``inner_optimizer``, ``num_steps``, ``link``); the key is unused (MAML is
+    deterministic). A :data:`metaprior.inference.evaluation.FewShotPredictive`.
+    """
+    fn = eqx.filter_jit(functools.partial(point_predict, **inner))
+    return lambda rng_key, sx, sy, qx: fn(theta, sx, sy, qx)
+
+
+def laplace_sampler(theta: PyTree, **kwargs: Any) -> Callable:
+    """LLAMA's predictive draws ``(rng_key, support_x, support_y, query_x) -> [T, S, Q, ...]``, jitted.
+
+    ``kwargs`` are :func:`laplace_predict`'s keywords.
+    """
+    fn = eqx.filter_jit(functools.partial(laplace_predict, **kwargs))
+    return lambda rng_key, sx, sy, qx: fn(rng_key, theta, sx, sy, qx)
+
+
+def laplace_predictive(theta: PyTree, **kwargs: Any) -> Callable:
+    """LLAMA's few-shot predictive: the mean over Laplace draws (:func:`laplace_sampler`) of ``link(f)``."""
+    sampler = laplace_sampler(theta, **kwargs)
+    return lambda rng_key, sx, sy, qx: sampler(rng_key, sx, sy, qx).mean(1)

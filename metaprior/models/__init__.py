@@ -43,12 +43,7 @@ from metaprior.models.sib import (
     init_sib_params,
     pretrain_loss,
     sample_classification_batch,
-    sib_guide,
-    sib_loss,
     sib_model,
-    sib_posterior,
-    sib_predict,
-    support_initializer,
 )
 
 __all__ = [
@@ -67,12 +62,7 @@ __all__ = [
     "init_sib_params",
     "pretrain_loss",
     "sample_classification_batch",
-    "sib_guide",
-    "sib_loss",
     "sib_model",
-    "sib_posterior",
-    "sib_predict",
-    "support_initializer",
     "maml_model",
     "phi_site_names",
     "task_networks",

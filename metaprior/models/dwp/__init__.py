@@ -19,8 +19,9 @@ This module holds the model side:
   Its forward pass takes the kernels and the convolution as arguments, so the same
   network runs with point kernels, sampled kernels or a weight-noise estimator.
 - :class:`KernelEncoder`, :class:`KernelDecoder`, :class:`KernelVAE` and
-  :func:`kernel_vae_elbo`: the kernel VAE (fully factorised Gaussians, MLPs with ELU,
-  which the paper's appendix allows for small kernels).
+  :func:`kernel_vae_elbo`: the kernel VAE (fully factorised Gaussians, MLPs with ELU).
+  The paper's Appendix D and the authors' code use conv / transposed-conv VAEs (hidden 32
+  for 7x7, 64 for 5x5, softplus decoder scale); the MLPs are our simplification.
 - :class:`DeepWeightPrior`: the trained VAEs of all conv layers as one reusable prior
   object, saved and loaded atomically (:meth:`DeepWeightPrior.save`,
   :meth:`DeepWeightPrior.load`).

@@ -1,0 +1,444 @@
+"""The deep weight prior's Bayesian nets (Atanov et al. 2019, steps 3 and 4).
+
+3. *Bayesian nets* (:func:`fit_bnns`, :func:`bayesian_nets`): variational inference on
+   :func:`metaprior.models.dwp.dwp_model` with each prior over the conv kernels: the deep
+   weight prior (auxiliary bound, guide :class:`metaprior.inference.guides.AuxiliaryGuide`
+   with ``z ~ r(z | w)``), a standard normal, and the log-uniform prior (KL approximation
+   of Molchanov et al. 2017). The dense layer and the biases are point estimates. Scored
+   by the accuracy of the posterior predictive (:func:`predictive_accuracy`).
+4. *Initialisation from the prior* (:func:`init_curves`): ordinary training with kernels
+   drawn from the prior against Xavier initialisation.
+
+Steps 1 and 2 (source nets, kernel VAEs) and :class:`DWPSettings` are in
+:mod:`metaprior.inference.dwp_source` (re-exported here).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from numpy.typing import ArrayLike
+from numpyro.infer import Predictive
+
+from metaprior.inference.dwp_source import (
+    DWPSettings,
+    accuracy,
+    cross_entropy,
+    forward,
+    learn_prior,
+    make_nets,
+    mean_std,
+    minibatch,
+    train_kernel_vae,
+    train_source_nets,
+)
+from metaprior.inference.guides.auxiliary import (
+    AuxiliaryGuide,
+    AuxiliarySite,
+    latent_elbo,
+    local_reparam_conv2d,
+)
+from metaprior.inference.meta import FitResult, fit, meta_learner
+from metaprior.models.dwp import (
+    ConvNet,
+    DeepKernelPrior,
+    DeepWeightPrior,
+    KernelPrior,
+    LogUniformKernelPrior,
+    NormalKernelPrior,
+    conv2d_im2col,
+    dwp_model,
+    dwp_model_params,
+    kernel_sites,
+    without_kernels,
+)
+
+__all__ = [
+    "PRIORS",  # DWPSettings, train_source_nets, train_kernel_vae, learn_prior, mean_std: re-exported
+    "DWPSettings",
+    "train_source_nets",
+    "train_kernel_vae",
+    "learn_prior",
+    "make_priors",
+    "build_guide",
+    "bnn_loss",
+    "fit_bnns",
+    "kernel_moments",
+    "predictive_accuracy",
+    "bayesian_nets",
+    "init_curves",
+    "paired_win_rate",
+    "posterior_datatree",
+    "mean_std",
+]
+
+PRIORS = ("dwp", "normal", "loguniform")
+
+
+# --------------------------------------------------------------------------- 3. Bayesian nets
+
+
+def make_priors(kind: str, prior: DeepWeightPrior) -> tuple[KernelPrior, ...]:
+    """The kernel priors of every conv layer for ``kind`` in ``PRIORS``."""
+    n = len(prior.vaes)
+    if kind == "dwp":
+        return prior.priors()
+    if kind == "normal":
+        return (NormalKernelPrior(),) * n
+    if kind == "loguniform":
+        return (LogUniformKernelPrior(),) * n
+    raise ValueError(f"unknown prior {kind!r}; expected one of {PRIORS}")
+
+
+def build_guide(
+    net: ConvNet,
+    priors: Sequence[KernelPrior],
+    *,
+    prior: DeepWeightPrior | None = None,
+    init_log_scale: float = -5.0,
+    init_logit_alpha: float = -2.0,
+) -> AuxiliaryGuide:
+    """The guide of :func:`dwp_model` for these priors.
+
+    Layers with a :class:`~metaprior.models.dwp.DeepKernelPrior` get the auxiliary
+    latent ``z ~ r(z | w)`` (encoder from ``prior``); the log-uniform prior gets the
+    truncated-alpha parameterisation of ``q``, the others a free log-scale.
+    """
+    sites = []
+    for layer, (shape, p) in enumerate(zip(net.kernel_shapes, priors)):
+        names = kernel_sites(layer)
+        out, inp, k, _ = shape
+        if isinstance(p, DeepKernelPrior):
+            if prior is None:
+                raise ValueError("a deep weight prior layer needs prior= for its encoder r(z | w)")
+            sites.append(AuxiliarySite(names.w, names.plate, out * inp, (k, k), names.z, prior.vaes[layer].encoder))
+        else:
+            sites.append(AuxiliarySite(names.w, names.plate, out * inp, (k, k)))
+    log_uniform = any(isinstance(p, LogUniformKernelPrior) for p in priors)
+    return AuxiliaryGuide(
+        tuple(sites),
+        scale_param="truncated_alpha" if log_uniform else "log_scale",
+        init_log_scale=init_log_scale,
+        init_logit_alpha=init_logit_alpha,
+    )
+
+
+def masked_minibatch(rng_key: jax.Array, x: jax.Array, y: jax.Array, n, batch: int) -> tuple[jax.Array, jax.Array]:
+    """``batch`` distinct examples drawn uniformly from the first ``n`` of ``x [N_max, ...]``
+    (``n`` may be traced, so data sets of different sizes share one compiled step)."""
+    scores = jax.random.uniform(rng_key, (x.shape[0],))
+    scores = jnp.where(jnp.arange(x.shape[0]) < n, scores, 2.0)
+    _, idx = jax.lax.top_k(-scores, batch)
+    return x[idx], y[idx]
+
+
+def bnn_loss(
+    kind: str,
+    net: ConvNet,
+    priors: Sequence[KernelPrior],
+    guide: AuxiliaryGuide,
+    *,
+    batch_size: int,
+    local_reparam: bool = True,
+) -> Callable[[dict, jax.Array, tuple], jax.Array]:
+    """``loss_fn(params, rng_key, data)``: minus ``L_aux`` (or the ELBO) of one data set.
+
+    ``data = (images [N_max, 28, 28, 1], labels [N_max], n)``: the data set is the first
+    ``n`` examples (padding beyond). The observation term ``n / B * sum_batch
+    log p(y | x, W)`` is estimated on ``B = batch_size`` of them with the local
+    reparameterisation trick (``local_reparam``) or one weight sample; the prior term
+    is, for the deep weight prior, the pair's ELBO without the observations
+    (:func:`~metaprior.inference.guides.auxiliary.latent_elbo`: minus the auxiliary
+    upper bound on ``KL(q(W) || p(W))``), and for the baselines the closed-form (normal)
+    or approximate (log-uniform) ``-KL(q || p)``.
+    """
+    _, body_static = eqx.partition(without_kernels(net), eqx.is_inexact_array)
+    shapes = net.kernel_shapes
+    sites = [kernel_sites(i).w for i in range(len(shapes))]
+
+    def loss(params, rng_key, data):
+        images, labels, n = data
+        k_batch, k_lik, k_prior = jax.random.split(rng_key, 3)
+        xb, yb = masked_minibatch(k_batch, images, labels, n, batch_size)
+        body = eqx.combine(params["net$params"], body_static)
+        moments = guide.moments(params)
+        keys = jax.random.split(k_lik, len(shapes))
+        if local_reparam:
+            kernels = [
+                (k, moments[s][0].reshape(shape), moments[s][1].reshape(shape))
+                for k, s, shape in zip(keys, sites, shapes)
+            ]
+            logits = body.apply(
+                xb, kernels, conv=lambda h, kern: local_reparam_conv2d(kern[0], h, kern[1], kern[2], conv=conv2d_im2col)
+            )
+        else:
+            kernels = [
+                (moments[s][0] + moments[s][1] * jax.random.normal(k, moments[s][0].shape)).reshape(shape)
+                for k, s, shape in zip(keys, sites, shapes)
+            ]
+            logits = body.apply(xb, kernels, conv=conv2d_im2col)
+        log_lik = (n / batch_size) * jnp.sum(jnp.take_along_axis(jax.nn.log_softmax(logits), yb[:, None], axis=-1))
+        if kind == "dwp":
+            # The model's own likelihood site is hidden here; its plate size is irrelevant.
+            prior_term = latent_elbo(
+                k_prior, params, dwp_model, guide, xb, yb, net=net, priors=priors, conv=conv2d_im2col
+            )
+        else:
+            prior_term = -sum(jnp.sum(p.kl(*moments[s])) for p, s in zip(priors, sites))
+        return -(log_lik + prior_term)
+
+    return loss
+
+
+def init_bnn_params(
+    rng_key: jax.Array, kind: str, settings: DWPSettings, guide: AuxiliaryGuide, prior: DeepWeightPrior
+) -> dict:
+    """Initial parameters of one Bayesian net.
+
+    Kernel means: samples from the deep weight prior (decoder means) for ``"dwp"``, as the
+    paper's code does; Xavier-normal for the baselines. Dense layer: Xavier-normal.
+    """
+    k_net, k_guide, k_prior = jax.random.split(rng_key, 3)
+    net = ConvNet(filters=settings.filters, kernel_sizes=settings.kernel_sizes, key=k_net)
+    if kind == "dwp":
+        net = prior.init_net(k_prior, net, noise=False)
+    params = {**guide.init_params(k_guide), **dwp_model_params(net)}
+    for layer, conv in enumerate(net.convs):
+        name = kernel_sites(layer).w + "_loc"
+        params[name] = conv.weight.reshape(params[name].shape)
+    return params
+
+
+def kernel_moments(guide: AuxiliaryGuide, net: ConvNet, params: dict) -> list[tuple[jax.Array, jax.Array]]:
+    """``[(loc, scale)]`` of ``q`` for every conv layer, each ``[out, in, k, k]``."""
+    moments = guide.moments(params)
+    return [tuple(m.reshape(shape) for m in moments[kernel_sites(i).w]) for i, shape in enumerate(net.kernel_shapes)]
+
+
+def predictive_accuracy(
+    rng_key: jax.Array, net: ConvNet, head: ConvNet, moments: Sequence, x: jax.Array, y: jax.Array, num_samples: int
+) -> jax.Array:
+    """Accuracy of the posterior predictive ``mean_s softmax(f(x; W_s))``, ``W_s ~ q``.
+
+    Args:
+        net: the architecture (its kernels are not used).
+        head: the ``"net$params"`` value (biases and dense layer).
+        moments: :func:`kernel_moments` of the guide.
+    """
+    _, body_static = eqx.partition(without_kernels(net), eqx.is_inexact_array)
+    body = eqx.combine(head, body_static)
+
+    def probs(key):
+        keys = jax.random.split(key, len(moments))
+        kernels = [loc + scale * jax.random.normal(k, loc.shape) for k, (loc, scale) in zip(keys, moments)]
+        return jax.nn.softmax(body.apply(x, kernels, conv=conv2d_im2col))
+
+    mean = jax.lax.map(probs, jax.random.split(rng_key, num_samples)).mean(axis=0)
+    return accuracy(mean, y)
+
+
+def fit_bnns(
+    rng_key: jax.Array,
+    kind: str,
+    settings: DWPSettings,
+    prior: DeepWeightPrior,
+    xs: jax.Array,
+    ys: jax.Array,
+    ns: jax.Array,
+) -> tuple[ConvNet, AuxiliaryGuide, dict, FitResult]:
+    """Variational inference for one prior on ``M`` stacked data sets at once.
+
+    Args:
+        xs, ys: ``[M, N_max, ...]``, ``[M, N_max]``; data set ``m`` is the first
+            ``ns[m]`` examples.
+        ns: ``[M]`` int sizes.
+
+    Returns:
+        ``(net, guide, params [M, ...], FitResult)``.
+    """
+    k_init, k_fit = jax.random.split(rng_key)
+    num = xs.shape[0]
+    net = ConvNet(filters=settings.filters, kernel_sizes=settings.kernel_sizes, key=jax.random.key(0))
+    priors = make_priors(kind, prior)
+    guide = build_guide(
+        net, priors, prior=prior, init_log_scale=settings.init_log_scale, init_logit_alpha=settings.init_logit_alpha
+    )
+    init = eqx.filter_jit(jax.vmap(lambda k: init_bnn_params(k, kind, settings, guide, prior)))
+    params = init(jax.random.split(k_init, num))
+    single = bnn_loss(kind, net, priors, guide, batch_size=settings.batch_size, local_reparam=settings.local_reparam)
+
+    def loss(params, key, data):
+        keys = jax.random.split(key, num)
+        return jnp.sum(jax.vmap(single)(params, keys, data))
+
+    learner = meta_learner(loss, optax.adam(settings.learning_rate))
+    result = fit(
+        k_fit,
+        learner,
+        params,
+        settings.num_steps,
+        data=(xs, ys, ns),
+        steps_per_call=settings.steps_per_call,
+        desc=f"BNN, {kind} prior ({num} data sets)",
+    )
+    return net, guide, result.state.params, result
+
+
+def bayesian_nets(
+    rng_key: jax.Array,
+    settings: DWPSettings,
+    prior: DeepWeightPrior,
+    pool_x: np.ndarray,
+    pool_y: np.ndarray,
+    test_x: np.ndarray,
+    test_y: np.ndarray,
+    orders: np.ndarray,
+) -> tuple[dict, dict]:
+    """Step 3: every prior, every size and split (one :func:`fit` per prior).
+
+    Returns:
+        ``(accs, fits)``: ``accs[(kind, N)]`` the ``[num_splits]`` test accuracies;
+        ``fits[kind] = (net, guide, params [len(sizes) * num_splits, ...])``, data set
+        ``j * num_splits + s`` being size ``sizes[j]``, split ``s``.
+    """
+    sizes, splits = settings.sizes, settings.num_splits
+    n_max = max(sizes)
+    idx = np.concatenate([orders[:splits, :n_max]] * len(sizes))
+    xs, ys = jnp.asarray(pool_x[idx]), jnp.asarray(pool_y[idx])
+    ns = jnp.asarray(np.repeat(np.asarray(sizes), splits), jnp.int32)
+    test_x, test_y = jnp.asarray(test_x), jnp.asarray(test_y)
+    arch = ConvNet(filters=settings.filters, kernel_sizes=settings.kernel_sizes, key=jax.random.key(0))
+    # one compiled scorer for every prior: it sees only q's moments and the point estimates
+    score = eqx.filter_jit(
+        lambda keys, heads, moments: jax.lax.map(
+            lambda a: predictive_accuracy(a[0], arch, a[1], a[2], test_x, test_y, settings.num_eval_samples),
+            (keys, heads, moments),
+        )
+    )
+    accs, fits = {}, {}
+    for i, kind in enumerate(PRIORS):
+        key = jax.random.fold_in(rng_key, i)
+        net, guide, params, _ = fit_bnns(key, kind, settings, prior, xs, ys, ns)
+        k_eval = jax.random.split(jax.random.fold_in(key, 7), xs.shape[0])
+        moments = jax.vmap(lambda p: kernel_moments(guide, net, p))(params)
+        acc = np.asarray(score(k_eval, params["net$params"], moments)).reshape(len(sizes), splits)
+        for j, n in enumerate(sizes):
+            accs[(kind, n)] = acc[j]
+        fits[kind] = (net, guide, params)
+    return accs, fits
+
+
+# --------------------------------------------------------------------------- 4. initialisation
+
+
+def init_curves(
+    rng_key: jax.Array,
+    settings: DWPSettings,
+    prior: DeepWeightPrior,
+    pool_x: np.ndarray,
+    pool_y: np.ndarray,
+    test_x: np.ndarray,
+    test_y: np.ndarray,
+    orders: np.ndarray,
+) -> dict[str, np.ndarray]:
+    """Ordinary training from Xavier and from prior-sampled kernels.
+
+    For each of ``init_splits`` training sets (the first ``init_train_size`` images of
+    the split) the two runs share the dense layer and biases, the training set and the
+    minibatch sequence; only the kernels differ. Both initialisations are trained
+    together (stacked), with the training cut at every ``init_eval_steps`` to score the
+    test set (resuming from a checkpoint, so the optimizer state carries over).
+
+    Returns:
+        ``{"dwp" | "xavier": [len(init_eval_steps), init_splits]}`` test accuracies.
+    """
+    m = settings.init_splits
+    idx = orders[:m, : settings.init_train_size]
+    x, y = jnp.asarray(pool_x[idx]), jnp.asarray(pool_y[idx])
+    test_x, test_y = jnp.asarray(test_x), jnp.asarray(test_y)
+    k_net, k_prior, k_fit = jax.random.split(rng_key, 3)
+    xavier = make_nets(k_net, m, filters=settings.filters, kernel_sizes=settings.kernel_sizes)
+    from_prior = eqx.filter_jit(jax.vmap(lambda k, n: prior.init_net(k, n, noise=False)))(
+        jax.random.split(k_prior, m), xavier
+    )
+    nets = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), from_prior, xavier)
+    batch = min(settings.init_batch, settings.init_train_size)
+
+    def sample(key, data):  # the same minibatch for the two runs of a split
+        xb, yb = jax.vmap(lambda k, a, b: minibatch(k, a, b, batch))(jax.random.split(key, m), *data)
+        return jnp.concatenate([xb, xb]), jnp.concatenate([yb, yb])
+
+    def loss(nets, key, batch):
+        xb, yb = batch
+        return jnp.sum(jax.vmap(lambda n, a, b: cross_entropy(forward(n, a), b))(nets, xb, yb))
+
+    learner = meta_learner(loss, optax.adam(settings.init_lr))
+    evaluate = eqx.filter_jit(lambda ns: jax.lax.map(lambda n: accuracy(forward(n, test_x), test_y), ns))
+    accs = []
+    with tempfile.TemporaryDirectory(prefix="dwp-init-") as tmp:
+        ckpt = Path(tmp) / "init.ckpt"
+        current = nets
+        for step in settings.init_eval_steps:
+            if step > 0:
+                res = fit(
+                    k_fit,
+                    learner,
+                    nets,
+                    step,
+                    data=(x, y),
+                    sample_batch=sample,
+                    steps_per_call=settings.steps_per_call,
+                    checkpoint=ckpt,
+                    checkpoint_every=10**9,
+                    desc=f"init dwp vs xavier (to step {step})",
+                )
+                current = res.state.params
+            accs.append(np.asarray(evaluate(current)))
+    accs = np.stack(accs)  # [steps, 2m]
+    return {"dwp": accs[:, :m], "xavier": accs[:, m:]}
+
+
+def paired_win_rate(first: ArrayLike, second: ArrayLike) -> float:
+    """Fraction of pairs ``(first[s], second[s])`` with ``first[s] > second[s]``.
+
+    For the initialisation curves the two runs of split ``s`` share the training set,
+    the minibatch sequence and the dense layer, so a per-split comparison removes the
+    split-to-split spread that the means and sds keep (a sign test's statistic).
+
+    Raises:
+        ValueError: the two have different shapes, or are empty.
+    """
+    first, second = np.asarray(first), np.asarray(second)
+    if first.shape != second.shape or first.size == 0:
+        raise ValueError(f"first and second must be non-empty and of one shape, got {first.shape} and {second.shape}")
+    return float(np.mean(first > second))
+
+
+# --------------------------------------------------------------------------- posterior
+
+
+def posterior_datatree(rng_key: jax.Array, fits: dict, num_samples: int, member: int = 0) -> Any:
+    """ArviZ DataTree with draws of the guide's conv kernels for every prior, for data set
+    ``member`` of the stack (0: the smallest size, split 0): variables
+    ``{prior}_conv{l}_w`` ``[chain, draw, kernel, row, col]``."""
+    import arviz as az
+
+    posterior, dims = {}, {}
+    for i, kind in enumerate(PRIORS):
+        net, guide, params = fits[kind]
+        first = jax.tree.map(lambda a: a[member], params)
+        draws = Predictive(guide, params=first, num_samples=num_samples)(jax.random.fold_in(rng_key, i))
+        for layer in range(len(net.convs)):
+            name = kernel_sites(layer).w
+            var = f"{kind}_{name}"
+            posterior[var] = np.asarray(draws[name])[None]
+            dims[var] = [f"kernel_l{layer}", f"row_l{layer}", f"col_l{layer}"]
+    return az.from_dict({"posterior": posterior}, dims=dims)

@@ -1,0 +1,398 @@
+"""Every few-shot classifier of the library on one backbone and one budget.
+
+:func:`train_method` meta-trains one method on ``ways``-way ``train_shots``-shot episodes
+of a class-indexed image array, for ``num_steps`` steps of ``meta_batch`` tasks, through
+:func:`metaprior.inference.meta.fit` (checkpoint, exact resume, NaN stop), and returns a
+:class:`TrainedMethod` whose :meth:`~TrainedMethod.predictives` are
+:data:`~metaprior.inference.evaluation.FewShotPredictive` functions, one per table row
+(*variant*):
+
+=============  ==========================================================================
+variant        what it is
+=============  ==========================================================================
+``maml``       MAML (ML-POINT), second-order; the adapted network's softmax
+``maml_fo``    the same, first-order meta-gradient
+``llama_nn``   LLAMA (ML-LAPLACE, K-FAC): mean softmax over sampled networks of each
+               task's Laplace posterior, ``tau_pred`` chosen on validation NLL
+``llama_glm``  the same model, linearised-network (GLM) Laplace predictive
+``amortized``  the amortized LSTM guide over the Bayesian Conv4's weights (Flipout)
+``sib_t0``     SIB with no synthetic-gradient step (the amortized initialisation)
+``sib_t3``     SIB with ``sib_steps`` synthetic-gradient steps (each T meta-trained)
+``protonet``   Prototypical networks (Snell et al. 2017), the non-Bayesian reference
+=============  ==========================================================================
+
+Every method uses :class:`~metaprior.models.nets.Conv4` with batch statistics (support
+and query sets normalised as separate batches, as MAML does here). Episodes of another
+number of ways than the training one: ProtoNets take any; MAML and LLAMA start the head
+of a ``W``-way task at the mean of their learned head rows, tiled ``W`` times (an
+exchangeable initialisation: the learned rows belong to arbitrary label positions anyway);
+the amortized guide and SIB's ``xi`` are built for the training ways and have no
+predictive there (``None``). SIB pretrains its feature net by ordinary classification
+on the training classes (``sib_pretrain_steps``, not counted in ``num_steps``) and keeps
+it fixed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro.distributions as dist
+import optax
+
+from metaprior.data.episodes import Episodes, episode_batches, sample_episodes
+from metaprior.inference import maml
+from metaprior.inference.amortized_classifier import amortized_predictive, conv4_inference, init_conv4_guide
+from metaprior.inference.evaluation import FewShotPredictive, evaluate_fewshot, grid_search
+from metaprior.inference.guides.amortized import amortized_meta_loss
+from metaprior.inference.meta import fit, meta_learner
+from metaprior.inference.protonet import protonet_loss, protonet_predictive
+from metaprior.inference.sib import sib_loss, sib_predict
+from metaprior.models.nets import Conv4
+from metaprior.models.sib import init_sib_params, pretrain_loss, sample_classification_batch
+
+__all__ = [
+    "METHODS",
+    "VARIANTS",
+    "BAYESIAN",
+    "FewShotSettings",
+    "TrainedMethod",
+    "train_method",
+    "with_ways",
+    "method_of",
+    "fewshot_table",
+]
+
+METHODS = ("maml", "maml_fo", "llama", "amortized", "sib", "protonet")
+VARIANTS = {
+    "maml": ("maml",),
+    "maml_fo": ("maml_fo",),
+    "llama": ("llama_nn", "llama_glm"),
+    "amortized": ("amortized",),
+    "sib": ("sib_t0", "sib_t3"),
+    "protonet": ("protonet",),
+}
+BAYESIAN = ("llama_nn", "llama_glm", "amortized", "sib_t0", "sib_t3")
+
+
+def method_of(variant: str) -> str:
+    """The training unit (:data:`METHODS`) a variant belongs to."""
+    for method, variants in VARIANTS.items():
+        if variant in variants:
+            return method
+    raise ValueError(f"unknown variant {variant!r}; known: {[v for vs in VARIANTS.values() for v in vs]}")
+
+
+@dataclasses.dataclass(frozen=True)
+class FewShotSettings:
+    """The shared backbone and budget, and each method's own settings.
+
+    Attributes:
+        filters, conv_impl, image_size: the Conv4 backbone.
+        ways, train_shots, train_queries: the meta-training episodes.
+        meta_batch, num_steps, meta_lr: tasks per step, steps, Adam step size (every method).
+        inner_lr, train_inner_steps, eval_inner_steps: SGD inner loop of MAML, LLAMA and the
+            amortized guide's refinement.
+        eta, tau, log_det_tasks: LLAMA's ML-LAPLACE (log-det weight, K-FAC prior precision,
+            tasks whose log-det is computed per step).
+        tau_grid, num_val_episodes, val_queries: LLAMA's ``tau_pred``, chosen per predictive
+            type by validation NLL on ``num_val_episodes`` episodes (``val_queries`` per class).
+        eval_batch: episodes per predictive call (validation and test: one compile per shape).
+        num_samples: posterior draws of every Bayesian predictive.
+        amortized_hidden, amortized_noise, amortized_beta: the LSTM guide and its KL weight.
+        sib_steps: T of ``sib_t3``; sib_inner_lr: its step size; sib_pretrain_steps,
+            sib_pretrain_batch: the feature net's classification pretraining.
+        steps_per_call: optimizer steps per compiled call.
+    """
+
+    filters: int = 32
+    conv_impl: str = "im2col"
+    image_size: int = 28
+    ways: int = 5
+    train_shots: int = 1
+    train_queries: int = 5
+    meta_batch: int = 8
+    num_steps: int = 1000
+    meta_lr: float = 1e-3
+    inner_lr: float = 0.4
+    train_inner_steps: int = 1
+    eval_inner_steps: int = 3
+    eta: float = 1e-6
+    tau: float = 1e-3
+    log_det_tasks: int = 2
+    tau_grid: tuple[float, ...] = (1000.0, 10000.0)
+    num_val_episodes: int = 50
+    num_samples: int = 8
+    val_queries: int = 15
+    eval_batch: int = 25
+    amortized_hidden: int = 64
+    amortized_noise: int = 16
+    amortized_beta: float = 1e-3
+    sib_steps: int = 3
+    sib_inner_lr: float = 0.01
+    sib_pretrain_steps: int = 1000
+    sib_pretrain_batch: int = 64
+    steps_per_call: int = 10
+
+
+class TrainedMethod(NamedTuple):
+    """One meta-trained method.
+
+    Attributes:
+        method: its name in :data:`METHODS`.
+        params: the meta-parameters (per variant for SIB: ``{"sib_t0": ..., "sib_t3": ...}``).
+        losses: the meta-training losses (concatenated over SIB's runs).
+        train_time_s: seconds of meta-training (with SIB's pretraining, LLAMA's validation).
+        make_predictives: ``(ways, num_samples) -> {variant: FewShotPredictive | None}``.
+        info: scalars worth reporting (``tau_pred_nn``...).
+    """
+
+    method: str
+    params: Any
+    losses: np.ndarray
+    train_time_s: float
+    make_predictives: Callable[[int, int], dict[str, FewShotPredictive | None]]
+    info: dict[str, float]
+
+    def predictives(self, ways: int, num_samples: int | None = None) -> dict[str, FewShotPredictive | None]:
+        """The variants' predictives for ``ways``-way episodes (``None`` where the method
+        has none); ``num_samples`` overrides the draws of a Bayesian predictive."""
+        return self.make_predictives(ways, num_samples)
+
+
+def _apply(net, x):
+    return net(x)
+
+
+def _likelihood(f):
+    return dist.Categorical(logits=f)
+
+
+def _nll():
+    return maml.nll_loss(_apply, _likelihood)
+
+
+def with_ways(net: Conv4, ways: int) -> Conv4:
+    """``net`` with a ``ways``-way head: unchanged when it has that many outputs, else the
+    mean of its head rows (and biases) tiled ``ways`` times."""
+    head = net.head
+    if head is None or head.out_features == ways:
+        return net
+    weight = jnp.broadcast_to(head.weight.mean(0, keepdims=True), (ways, head.weight.shape[1]))
+    bias = jnp.broadcast_to(head.bias.mean(keepdims=True), (ways,))
+    new_head = eqx.nn.Linear(head.in_features, ways, key=jax.random.key(0))
+    new_head = eqx.tree_at(lambda h: (h.weight, h.bias), new_head, (weight, bias))
+    return eqx.tree_at(lambda n: n.head, net, new_head)
+
+
+def _fit(rng_key, s: FewShotSettings, loss, params, images, desc, checkpoint, *, has_aux=False, clip=False):
+    optimizer = optax.adam(s.meta_lr)
+    if clip:
+        optimizer = optax.chain(optax.clip_by_global_norm(10.0), optimizer)
+    sampler = lambda k, d: sample_episodes(k, d, s.meta_batch, s.ways, s.train_shots, s.train_queries)
+    kw = dict(data=images, sample_batch=sampler, steps_per_call=s.steps_per_call, checkpoint=checkpoint, desc=desc)
+    return fit(rng_key, meta_learner(loss, optimizer, has_aux=has_aux), params, s.num_steps, **kw)
+
+
+def _conv4(rng_key, s: FewShotSettings, out_size) -> Conv4:
+    return Conv4(out_size, filters=s.filters, image_size=s.image_size, conv_impl=s.conv_impl, key=rng_key)
+
+
+def _maml_inner(s: FewShotSettings) -> dict:
+    return dict(apply_fn=_apply, loss_fn=_nll(), inner_optimizer=optax.sgd(s.inner_lr), num_steps=s.eval_inner_steps)
+
+
+def _train_maml(rng_key, s, images, val_images, checkpoint, *, method):
+    k_init, k_fit, k_val = jax.random.split(rng_key, 3)
+    inner = (_nll(), optax.sgd(s.inner_lr), s.train_inner_steps)
+    if method == "llama":
+        kw = dict(eta=s.eta, log_det_tasks=s.log_det_tasks, apply_fn=_apply, likelihood=_likelihood)
+        objective = maml.kfac_llama(*inner, prior_precision=s.tau, **kw)
+    else:
+        objective = maml.ml_point(*inner, first_order=method == "maml_fo")
+    result = _fit(k_fit, s, objective, _conv4(k_init, s, s.ways), images, method, checkpoint, has_aux=True)
+    theta = result.state.params
+    if method != "llama":
+
+        def make(ways, num_samples=None):
+            return {method: maml.point_predictive(with_ways(theta, ways), **_maml_inner(s))}
+
+        return theta, result.losses, make, {}
+
+    def laplace(ways, tau, pred_type, num_samples):
+        kw = dict(likelihood=_likelihood, prior_precision=tau, num_samples=num_samples, pred_type=pred_type)
+        return maml.laplace_predictive(with_ways(theta, ways), **kw, **_maml_inner(s))
+
+    info = {}
+    for pred_type in ("nn", "glm"):  # empirical Bayes for tau_pred on validation episodes
+
+        def val_nll(tau):
+            shape = (s.num_val_episodes, s.ways, s.train_shots, s.val_queries)
+            episodes = episode_batches(k_val, val_images, *shape, batch_size=s.eval_batch)
+            predict = laplace(s.ways, tau, pred_type, s.num_samples)
+            ev = evaluate_fewshot(jax.random.fold_in(k_val, 1), predict, episodes, desc=f"validation {pred_type}")
+            return ev.metrics()["nll"]
+
+        info[f"tau_pred_{pred_type}"], _ = grid_search(val_nll, s.tau_grid)
+
+    def make(ways, num_samples=None):
+        n = num_samples or s.num_samples
+        return {f"llama_{t}": laplace(ways, info[f"tau_pred_{t}"], t, n) for t in ("nn", "glm")}
+
+    return theta, result.losses, make, info
+
+
+def _train_amortized(rng_key, s, images, val_images, checkpoint):
+    k_init, k_fit = jax.random.split(rng_key)
+    lstm = dict(hidden_size=s.amortized_hidden, noise_size=s.amortized_noise, init_log_var=-10.0)
+    size = dict(filters=s.filters, image_size=s.image_size, conv_impl=s.conv_impl)
+    params, net = init_conv4_guide(k_init, s.ways, **size, **lstm)
+    spec = lambda steps: conv4_inference(
+        net, beta=s.amortized_beta, inner_optimizer=optax.sgd(s.inner_lr), num_inner_steps=steps
+    )
+    loss = amortized_meta_loss(spec(s.train_inner_steps), task_batch_size=1)
+    result = _fit(k_fit, s, loss, params, images, "amortized", checkpoint, has_aux=True, clip=True)
+    trained = result.state.params
+
+    def make(ways, num_samples=None):
+        if ways != s.ways:
+            return {"amortized": None}
+        kw = dict(num_samples=num_samples or s.num_samples, inner_steps=(s.eval_inner_steps,), task_batch_size=1)
+        predict = amortized_predictive(trained, spec(s.eval_inner_steps), **kw)
+        return {"amortized": lambda key, sx, sy, qx: predict(key, sx, sy, qx)[0]}
+
+    return trained, result.losses, make, {}
+
+
+def _embed_episodes(net: Conv4, x: jax.Array) -> jax.Array:
+    """``[T, N, H, W, C] -> [T, N, features]``, each task's set a batch of its own."""
+    return jax.vmap(net.features)(x)
+
+
+def _train_sib(rng_key, s, images, val_images, checkpoint):
+    k_net, k_pre, k_init, k_fit = jax.random.split(rng_key, 4)
+    ckpt = lambda name: (
+        None if checkpoint is None else Path(checkpoint).with_name(f"{Path(checkpoint).stem}_{name}.ckpt")
+    )
+    net = _conv4(k_net, s, images.shape[0])
+    params, static = eqx.partition(net, eqx.is_array)
+    loss = lambda p, key, batch: pretrain_loss(eqx.combine(p, static), key, batch)
+    sampler = lambda k, d: sample_classification_batch(k, d, s.sib_pretrain_batch)
+    kw = dict(data=images, sample_batch=sampler, steps_per_call=s.steps_per_call, checkpoint=ckpt("pretrain"))
+    pre = fit(k_pre, meta_learner(loss, optax.adam(s.meta_lr)), params, s.sib_pretrain_steps, desc="SIB pretrain", **kw)
+    feature_net = eqx.combine(pre.state.params, static)
+    num_features = jax.eval_shape(feature_net.features, images[0, :1]).shape[-1]
+    inner = dict(inner_optimizer=optax.sgd(s.sib_inner_lr))
+    trained, losses = {}, [pre.losses]
+    for t in (0, s.sib_steps):
+        init = init_sib_params(k_init, num_features, s.ways)  # the same initial values for every T
+
+        def loss(p, key, ep, t=t):
+            embed = functools.partial(_embed_episodes, feature_net)
+            feats = Episodes(embed(ep.support_x), ep.support_y, embed(ep.query_x), ep.query_y)
+            return sib_loss(p, key, feats, num_ways=s.ways, num_steps=t, **inner)
+
+        result = _fit(k_fit, s, loss, init, images, f"SIB T={t}", ckpt(f"t{t}"), clip=True)
+        trained[f"sib_t{t}" if t == 0 else "sib_t3"] = (t, result.state.params)
+        losses.append(result.losses)
+
+    def make(ways, num_samples=None):
+        if ways != s.ways:
+            return {name: None for name in trained}
+        out = {}
+        for name, (t, p) in trained.items():
+            kw = dict(num_ways=ways, num_steps=t, num_draws=num_samples or s.num_samples, **inner)
+
+            @jax.jit
+            def predict(key, sx, sy, qx, p=p, kw=kw):
+                feats = Episodes(_embed_episodes(feature_net, sx), sy, _embed_episodes(feature_net, qx), None)
+                return sib_predict(key, p, feats, **kw)
+
+            out[name] = predict
+        return out
+
+    return {"net": feature_net, **{k: v[1] for k, v in trained.items()}}, np.concatenate(losses), make, {}
+
+
+def _train_protonet(rng_key, s, images, val_images, checkpoint):
+    k_init, k_fit = jax.random.split(rng_key)
+    result = _fit(k_fit, s, protonet_loss(s.ways), _conv4(k_init, s, None), images, "protonet", checkpoint)
+    embed = result.state.params
+    return embed, result.losses, lambda ways, num_samples=None: {"protonet": protonet_predictive(embed, ways)}, {}
+
+
+_TRAINERS = {
+    "maml": functools.partial(_train_maml, method="maml"),
+    "maml_fo": functools.partial(_train_maml, method="maml_fo"),
+    "llama": functools.partial(_train_maml, method="llama"),
+    "amortized": _train_amortized,
+    "sib": _train_sib,
+    "protonet": _train_protonet,
+}
+
+
+def train_method(
+    method: str,
+    rng_key: jax.Array,
+    settings: FewShotSettings,
+    images: jax.Array,
+    val_images: jax.Array | None = None,
+    *,
+    checkpoint: str | Path | None = None,
+) -> TrainedMethod:
+    """Meta-train one method.
+
+    Args:
+        method: one of :data:`METHODS`.
+        rng_key: the run's key.
+        settings: the backbone and budget.
+        images: ``[classes, examples, H, W, C]`` meta-training classes.
+        val_images: validation classes (LLAMA chooses ``tau_pred`` on them).
+        checkpoint: the meta-training checkpoint (SIB keeps its runs beside it).
+
+    Raises:
+        ValueError: an unknown method, LLAMA without ``val_images``, or images of the
+            wrong rank or size.
+    """
+    if method not in _TRAINERS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    images = jnp.asarray(images)
+    if images.ndim != 5 or images.shape[2:4] != (settings.image_size, settings.image_size):
+        raise ValueError(
+            f"images must be [classes, examples, {settings.image_size}, {settings.image_size}, C], got {images.shape}"
+        )
+    if method == "llama" and val_images is None:
+        raise ValueError("llama chooses tau_pred on validation episodes: pass val_images")
+    start = time.perf_counter()
+    val = None if val_images is None else jnp.asarray(val_images)
+    params, losses, make, info = _TRAINERS[method](rng_key, settings, images, val, checkpoint)
+    return TrainedMethod(method, params, np.asarray(losses), time.perf_counter() - start, make, info)
+
+
+def fewshot_table(metrics: dict[str, Any], variants: list[str], beds: list[str], *, time_keys: bool = True) -> str:
+    """A Markdown table of ``metrics`` (keys ``{variant}_{bed}_{acc,acc_ci95,ece,nll}``): one row a
+    variant, one column a bed (``acc ± ci95 / ECE / NLL``; ``n/a`` where the variant has no
+    predictive), then ``{method}_train_time_s`` when present."""
+    head = ["method", *[f"{b} acc / ECE / NLL" for b in beds]] + (["train s"] if time_keys else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for v in variants:
+        cells = [v]
+        for b in beds:
+            if f"{v}_{b}_acc" not in metrics:
+                cells.append("n/a")
+                continue
+            acc, ci = metrics[f"{v}_{b}_acc"], metrics[f"{v}_{b}_acc_ci95"]
+            cells.append(f"{acc:.3f} ± {ci:.3f} / {metrics[f'{v}_{b}_ece']:.3f} / {metrics[f'{v}_{b}_nll']:.3f}")
+        if time_keys:
+            seconds = metrics.get(f"{method_of(v)}_train_time_s")
+            cells.append("-" if seconds is None else f"{seconds:.0f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
