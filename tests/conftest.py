@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import os
+import resource
 from pathlib import Path
 
 # The suite compiles hundreds of small programs and runs little compute in each, so XLA's
@@ -32,3 +34,31 @@ def shared_data_dir() -> Path:
     if not path.is_dir():
         pytest.skip(f"real data not found at {path} (set METAPRIOR_DATA)")
     return path
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_programs(request):
+    """Drop JAX's compiled programs and traces after each module.
+
+    An xdist worker runs about half the suite in one process, and JAX keeps every
+    executable (and the constants captured in it) for the process's lifetime: without
+    this a worker's memory only grows, and two workers beside a heavy test can exhaust
+    the 24 GiB machine (a worker once died of a fatal signal in CI). With
+    ``METAPRIOR_TEST_RSS=FILE`` each module's resident memory before and after the
+    release, and the process's peak, are appended to FILE.
+    """
+    yield
+    before = _rss_mb()
+    jax.clear_caches()
+    gc.collect()
+    log = os.environ.get("METAPRIOR_TEST_RSS")
+    if log:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        with open(log, "a") as f:
+            name = request.module.__name__
+            f.write(f"{os.getpid()} {name} rss_mb={before:.0f}->{_rss_mb():.0f} peak_mb={peak:.0f}\n")

@@ -106,6 +106,23 @@ def test_with_ways_tiles_the_mean_head_row():
     assert eqx.tree_equal(wide.convs, net.convs)
 
 
+def test_grouped_predictives_split_into_the_variants_rows():
+    # a group (variants sharing one posterior) returns [V, T, Q, W]; predictives() hands each
+    # variant its own row, and a single variant is grouped as a one-row stack.
+    joint = lambda key, sx, sy, qx: jnp.stack([qx * 1.0, qx * 2.0])
+    single = lambda key, sx, sy, qx: qx * 3.0
+    t = TrainedMethod("m", None, np.zeros(1), 0.0, lambda ways, n=None: {("a", "b"): joint, "c": single, "d": None}, {})
+    x = jnp.arange(6.0).reshape(1, 2, 3)
+    args = (jax.random.key(0), x, x, x)
+    split = t.predictives(5)
+    assert sorted(split) == ["a", "b", "c", "d"] and split["d"] is None
+    np.testing.assert_array_equal(split["b"](*args), 2.0 * x)
+    np.testing.assert_array_equal(split["c"](*args), 3.0 * x)
+    grouped = t.grouped_predictives(5)
+    assert sorted(grouped) == [("a", "b"), ("c",), ("d",)] and grouped[("d",)] is None
+    np.testing.assert_array_equal(grouped[("c",)](*args), 3.0 * x[None])
+
+
 def test_table_has_a_row_per_variant_and_na_where_missing():
     m = {"maml_id_5w1s_acc": 0.9, "maml_id_5w1s_acc_ci95": 0.01, "maml_id_5w1s_ece": 0.02, "maml_id_5w1s_nll": 0.3}
     m["maml_train_time_s"] = 12.4
@@ -167,7 +184,7 @@ def test_every_method_sees_the_same_episodes(shared_data_dir, tmp_path, monkeypa
     from metaprior.experiments import fewshot
 
     seen: dict[tuple[str, str], bytes] = {}
-    real = fewshot.evaluate_fewshot
+    real = fewshot.predict_episodes
 
     def recording(key, predict, episodes, **kw):
         episodes = list(episodes)
@@ -178,7 +195,7 @@ def test_every_method_sees_the_same_episodes(shared_data_dir, tmp_path, monkeypa
         seen[(kw["desc"], "")] = digest.digest()
         return real(key, predict, episodes, **kw)
 
-    monkeypatch.setattr(fewshot, "evaluate_fewshot", recording)
+    monkeypatch.setattr(fewshot, "predict_episodes", recording)
     config = dataclasses.replace(
         fewshot.make_config("quick"),
         methods=("maml_fo", "protonet"),

@@ -445,6 +445,22 @@ def test_glm_predictive_is_the_linearised_network(mlp_data, rng_key):
     assert float(jnp.max(jnp.abs(nn - glm))) > 1e-3
 
 
+def test_joint_predictive_rows_equal_the_single_predictives(mlp_data, rng_key):
+    # pred_type=("nn", "glm") draws the weights once: each row is exactly the single-type
+    # predictive of the same key (the same draws), and the order follows the tuple.
+    net, x, y = mlp_data
+    post = posterior(net, x, y, "kfac", prior_precision=2.0)
+    kw = dict(apply_fn=L.vmap_apply, num_samples=5)
+    both = L.predictive(rng_key, post, x, **kw, pred_type=("nn", "glm"))
+    assert both.shape == (2, 5, x.shape[0], 4)
+    np.testing.assert_array_equal(both[0], L.predictive(rng_key, post, x, **kw, pred_type="nn"))
+    np.testing.assert_allclose(both[1], L.predictive(rng_key, post, x, **kw, pred_type="glm"), rtol=1e-6, atol=1e-7)
+    swapped = L.predictive(rng_key, post, x, **kw, pred_type=("glm", "nn"))
+    np.testing.assert_allclose(swapped[::-1], both, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="pred_type"):
+        L.predictive(rng_key, post, x, **kw, pred_type=())
+
+
 def test_glm_predictive_equals_nn_for_a_model_linear_in_its_weights(rng_key):
     # ... but for a single linear layer they are the same function of the same draws.
     k1, k2, k3 = jax.random.split(rng_key, 3)

@@ -37,7 +37,7 @@ from metaprior.experiments._common import atomic_write_bytes, save_datatree, wri
 from metaprior.experiments._plots import reliability_figure, scatter_figure, training_figure
 from metaprior.experiments._registry import Experiment
 from metaprior.inference.diagnostics import to_datatree
-from metaprior.inference.evaluation import evaluate_fewshot
+from metaprior.inference.evaluation import FewShotEvaluation, predict_episodes
 from metaprior.inference.fewshot import BAYESIAN, METHODS, VARIANTS, FewShotSettings, fewshot_table, train_method
 
 __all__ = ["FewShotConfig", "make_config", "run"]
@@ -87,7 +87,8 @@ def make_config(size: str) -> FewShotConfig:
     if size == "default":  # 16 filters: the budget at which omniglot-maml's figures were recorded
         return FewShotConfig(filters=16)
     if size == "full":
-        return FewShotConfig(filters=64, meta_batch=32, num_steps=60000, train_queries=15, sib_pretrain_steps=20000)
+        full = dict(filters=64, meta_batch=32, num_steps=60000, train_queries=15, sib_pretrain_steps=20000)
+        return FewShotConfig(**full, num_samples=16)
     raise ValueError(f"unknown size {size!r}")
 
 
@@ -160,21 +161,27 @@ def run(rng_key: jax.Array, config: FewShotConfig, out_dir: Path) -> dict[str, f
         trained[method], curves[method] = t, t.losses
         metrics[f"{method}_train_time_s"] = t.train_time_s
         metrics.update({f"{method}_{k}": v for k, v in t.info.items()})
-        predictives = {ways: t.predictives(ways) for ways in sorted({b.ways for b in beds})}  # one compile per shape
+        groups = {ways: t.grouped_predictives(ways) for ways in sorted({b.ways for b in beds})}  # one compile per shape
         for j, bed in enumerate(beds):
-            for variant, predict in predictives[bed.ways].items():
+            for variants, predict in groups[bed.ways].items():
                 if predict is None:
                     continue
                 start = time.perf_counter()
-                desc = f"{variant} {bed.name}"
-                ev = evaluate_fewshot(jax.random.fold_in(k_eval, j), predict, bed.batches(config.eval_batch), desc=desc)
-                prefix = f"{variant}_{bed.name}_"
-                metrics[f"{prefix}eval_time_s"] = time.perf_counter() - start
-                metrics.update(ev.metrics(prefix=prefix))
-                ci = ev.bootstrap(num_resamples=config.bootstrap, seed=j)
-                metrics.update({f"{prefix}{k}": v for k, v in ci.items()})
-                reliability[bed.name][variant] = ev.reliability()
-                points[bed.name][variant] = (metrics[f"{prefix}ece"], metrics[f"{prefix}acc"])
+                desc = f"{'+'.join(variants)} {bed.name}"
+                episodes = list(bed.batches(config.eval_batch))
+                labels = np.concatenate([np.asarray(e.query_y) for e in episodes])
+                key = jax.random.fold_in(k_eval, j)
+                probs = predict_episodes(key, predict, episodes, episode_axis=1, desc=desc)  # [V, E, Q, W]
+                seconds = (time.perf_counter() - start) / len(variants)  # a group's time, shared
+                for variant, p in zip(variants, probs):
+                    ev = FewShotEvaluation(p, labels)
+                    prefix = f"{variant}_{bed.name}_"
+                    metrics[f"{prefix}eval_time_s"] = seconds
+                    metrics.update(ev.metrics(prefix=prefix))
+                    ci = ev.bootstrap(num_resamples=config.bootstrap, seed=j)
+                    metrics.update({f"{prefix}{k}": v for k, v in ci.items()})
+                    reliability[bed.name][variant] = ev.reliability()
+                    points[bed.name][variant] = (metrics[f"{prefix}ece"], metrics[f"{prefix}acc"])
         _log(f"{method} done in {t.train_time_s:.0f} s of training")
         write_metrics(out_dir / "metrics.json", {**metrics, "partial": 1})  # a killed run shows what finished
     _oneshot(jax.random.fold_in(k_eval, 99), config, trained, metrics)
@@ -201,10 +208,12 @@ METRICS_DOC = """
     bed in id, ood_mnist, ood_notmnist; absent where the variant has no W-way predictive
 {variant}_{bed}_{W}w{S}s_acc_ci95: half-width of the normal 95% interval of the accuracy
 {variant}_{bed}_{W}w{S}s_{acc,ece,nll}_{lo,hi}: 95% percentile bootstrap interval over episodes
-{variant}_{bed}_{W}w{S}s_eval_time_s: seconds to score the bed
+{variant}_{bed}_{W}w{S}s_eval_time_s: seconds to score the bed (variants scored in one pass, as LLAMA's
+    nn and glm sharing one Laplace fit, split the pass's time evenly)
 {variant}_oneshot_error: error rate on Lake's 20 one-shot runs (oneshot_note says why when skipped)
 {method}_train_time_s: meta-training seconds (SIB: with pretraining; LLAMA: with the tau_pred search)
 llama_tau_pred_{nn,glm}: LLAMA's predictive prior precision chosen on validation NLL
+llama_val_nll_{nn,glm}_tau{tau}: validation NLL per query of each predictive at each tau of tau_grid
 num_steps, meta_batch, filters: the shared budget
 """
 

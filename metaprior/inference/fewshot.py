@@ -51,7 +51,7 @@ import optax
 from metaprior.data.episodes import Episodes, episode_batches, sample_episodes
 from metaprior.inference import maml
 from metaprior.inference.amortized_classifier import amortized_predictive, conv4_inference, init_conv4_guide
-from metaprior.inference.evaluation import FewShotPredictive, evaluate_fewshot, grid_search
+from metaprior.inference.evaluation import FewShotEvaluation, FewShotPredictive, predict_episodes
 from metaprior.inference.guides.amortized import amortized_meta_loss
 from metaprior.inference.meta import fit, meta_learner
 from metaprior.inference.protonet import protonet_loss, protonet_predictive
@@ -106,7 +106,9 @@ class FewShotSettings:
         tau_grid, num_val_episodes, val_queries: LLAMA's ``tau_pred``, chosen per predictive
             type by validation NLL on ``num_val_episodes`` episodes (``val_queries`` per class).
         eval_batch: episodes per predictive call (validation and test: one compile per shape).
-        num_samples: posterior draws of every Bayesian predictive.
+        num_samples: posterior draws of every Bayesian predictive (4: the sampled forward
+            passes are most of LLAMA's and the amortized guide's evaluation time; 8 doubles
+            it, ``benchmarks/README.md`` "One few-shot table").
         amortized_hidden, amortized_noise, amortized_beta: the LSTM guide and its KL weight.
         sib_steps: T of ``sib_t3``; sib_inner_lr: its step size; sib_pretrain_steps,
             sib_pretrain_batch: the feature net's classification pretraining.
@@ -128,9 +130,9 @@ class FewShotSettings:
     eta: float = 1e-6
     tau: float = 1e-3
     log_det_tasks: int = 2
-    tau_grid: tuple[float, ...] = (1000.0, 10000.0)
+    tau_grid: tuple[float, ...] = (1e2, 1e3, 1e4, 1e5)
     num_val_episodes: int = 50
-    num_samples: int = 8
+    num_samples: int = 4
     val_queries: int = 15
     eval_batch: int = 25
     amortized_hidden: int = 64
@@ -151,7 +153,9 @@ class TrainedMethod(NamedTuple):
         params: the meta-parameters (per variant for SIB: ``{"sib_t0": ..., "sib_t3": ...}``).
         losses: the meta-training losses (concatenated over SIB's runs).
         train_time_s: seconds of meta-training (with SIB's pretraining, LLAMA's validation).
-        make_predictives: ``(ways, num_samples) -> {variant: FewShotPredictive | None}``.
+        make_predictives: ``(ways, num_samples) -> {key: FewShotPredictive | None}``; a key is
+            a variant, or a tuple of variants whose predictive returns ``[V, T, Q, W]``
+            (variants that share one posterior, e.g. LLAMA's ``nn`` and ``glm``).
         info: scalars worth reporting (``tau_pred_nn``...).
     """
 
@@ -165,7 +169,33 @@ class TrainedMethod(NamedTuple):
     def predictives(self, ways: int, num_samples: int | None = None) -> dict[str, FewShotPredictive | None]:
         """The variants' predictives for ``ways``-way episodes (``None`` where the method
         has none); ``num_samples`` overrides the draws of a Bayesian predictive."""
-        return self.make_predictives(ways, num_samples)
+        out = {}
+        for key, predict in self.make_predictives(ways, num_samples).items():
+            if isinstance(key, str):
+                out[key] = predict
+            else:
+                for i, variant in enumerate(key):
+                    out[variant] = None if predict is None else _row(predict, i)
+        return out
+
+    def grouped_predictives(self, ways: int, num_samples: int | None = None) -> dict[tuple[str, ...], Any]:
+        """``{variants: predict}``: ``predict`` returns ``[len(variants), T, Q, W]`` (one call
+        scores every variant of the group; what an evaluation over many episodes wants)."""
+        out = {}
+        for key, predict in self.make_predictives(ways, num_samples).items():
+            if isinstance(key, str):
+                out[(key,)] = None if predict is None else _stacked(predict)
+            else:
+                out[tuple(key)] = predict
+        return out
+
+
+def _row(predict: FewShotPredictive, i: int) -> FewShotPredictive:
+    return lambda *args: predict(*args)[i]
+
+
+def _stacked(predict: FewShotPredictive) -> FewShotPredictive:
+    return lambda *args: predict(*args)[None]
 
 
 def _apply(net, x):
@@ -231,21 +261,28 @@ def _train_maml(rng_key, s, images, val_images, checkpoint, *, method):
         kw = dict(likelihood=_likelihood, prior_precision=tau, num_samples=num_samples, pred_type=pred_type)
         return maml.laplace_predictive(with_ways(theta, ways), **kw, **_maml_inner(s))
 
-    info = {}
-    for pred_type in ("nn", "glm"):  # empirical Bayes for tau_pred on validation episodes
-
-        def val_nll(tau):
-            shape = (s.num_val_episodes, s.ways, s.train_shots, s.val_queries)
-            episodes = episode_batches(k_val, val_images, *shape, batch_size=s.eval_batch)
-            predict = laplace(s.ways, tau, pred_type, s.num_samples)
-            ev = evaluate_fewshot(jax.random.fold_in(k_val, 1), predict, episodes, desc=f"validation {pred_type}")
-            return ev.metrics()["nll"]
-
-        info[f"tau_pred_{pred_type}"], _ = grid_search(val_nll, s.tau_grid)
+    # empirical Bayes for tau_pred on validation episodes, per predictive type; both types are
+    # scored in one pass per tau (one Laplace fit per episode, the same draws)
+    types = ("nn", "glm")
+    shape = (s.num_val_episodes, s.ways, s.train_shots, s.val_queries)
+    episodes = list(episode_batches(k_val, val_images, *shape, batch_size=s.eval_batch))
+    labels = np.concatenate([np.asarray(e.query_y) for e in episodes])
+    scores = np.empty((len(s.tau_grid), len(types)))
+    for j, tau in enumerate(s.tau_grid):
+        predict = laplace(s.ways, tau, types, s.num_samples)
+        desc = f"validation tau={tau:g}"
+        probs = predict_episodes(jax.random.fold_in(k_val, 1), predict, episodes, episode_axis=1, desc=desc)
+        scores[j] = [FewShotEvaluation(p, labels).metrics()["nll"] for p in probs]
+    info = {f"tau_pred_{t}": float(s.tau_grid[int(np.nanargmin(scores[:, i]))]) for i, t in enumerate(types)}
+    for j, tau in enumerate(s.tau_grid):
+        info.update({f"val_nll_{t}_tau{tau:g}": float(scores[j, i]) for i, t in enumerate(types)})
 
     def make(ways, num_samples=None):
         n = num_samples or s.num_samples
-        return {f"llama_{t}": laplace(ways, info[f"tau_pred_{t}"], t, n) for t in ("nn", "glm")}
+        taus = [info[f"tau_pred_{t}"] for t in types]
+        if taus[0] == taus[1]:  # one posterior serves both predictives
+            return {tuple(f"llama_{t}" for t in types): laplace(ways, taus[0], types, n)}
+        return {f"llama_{t}": laplace(ways, tau, t, n) for t, tau in zip(types, taus)}
 
     return theta, result.losses, make, info
 

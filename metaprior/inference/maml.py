@@ -300,7 +300,7 @@ def laplace_predict(
     num_steps: int,
     prior_precision: float,
     num_samples: int,
-    pred_type: str = "nn",
+    pred_type: str | tuple[str, ...] = "nn",
     structure: str = "kfac",
     link: Callable = jax.nn.softmax,
 ) -> jax.Array:
@@ -310,6 +310,9 @@ def laplace_predict(
 
     Returns:
         ``[T, num_samples, Q, ...]``; the posterior predictive is the mean over axis 1.
+        With a tuple ``pred_type`` (``("nn", "glm")``): ``[V, T, num_samples, Q, ...]``,
+        every type from the same adapted ``phi_hat``, curvature and draws (one Laplace
+        fit per task instead of one per type).
 
     References:
         Grant et al. (2018), section 4 and eq. (6).
@@ -335,7 +338,8 @@ def laplace_predict(
         return link(f)
 
     keys = jax.random.split(rng_key, support_x.shape[0])
-    return jax.vmap(one)(keys, phis, support_x, support_y, query_x)
+    out = jax.vmap(one)(keys, phis, support_x, support_y, query_x)
+    return out if isinstance(pred_type, str) else jnp.moveaxis(out, 1, 0)
 
 
 def kfac_llama(
@@ -395,6 +399,8 @@ def laplace_sampler(theta: PyTree, **kwargs: Any) -> Callable:
 
 
 def laplace_predictive(theta: PyTree, **kwargs: Any) -> Callable:
-    """LLAMA's few-shot predictive: the mean over Laplace draws (:func:`laplace_sampler`) of ``link(f)``."""
+    """LLAMA's few-shot predictive: the mean over Laplace draws (:func:`laplace_sampler`) of ``link(f)``
+    (``[V, T, Q, ...]`` for a tuple ``pred_type``)."""
     sampler = laplace_sampler(theta, **kwargs)
-    return lambda rng_key, sx, sy, qx: sampler(rng_key, sx, sy, qx).mean(1)
+    axis = 1 if isinstance(kwargs.get("pred_type", "nn"), str) else 2
+    return lambda rng_key, sx, sy, qx: sampler(rng_key, sx, sy, qx).mean(axis)

@@ -200,7 +200,7 @@ def predictive(
     *,
     apply_fn: Callable[[PyTree, jax.Array], jax.Array],
     num_samples: int,
-    pred_type: str = "nn",
+    pred_type: str | tuple[str, ...] = "nn",
 ) -> jax.Array:
     """Monte Carlo predictive: network outputs ``[S, N, C]`` under sampled weights.
 
@@ -215,19 +215,25 @@ def predictive(
             laplace-torch. The Laplace posterior is the exact posterior of that
             linearised model, so its samples stay centred on the mode's outputs; sampling
             the network itself (``"nn"``) moves the mean and is known to underfit.
+            A tuple (``("nn", "glm")``) returns ``[V, S, N, C]``, one row per type, from
+            the same draws: one posterior, both predictives.
     """
-    if pred_type not in ("nn", "glm"):
-        raise ValueError(f"pred_type must be 'nn' or 'glm', got {pred_type!r}")
+    types = (pred_type,) if isinstance(pred_type, str) else tuple(pred_type)
+    if not types or any(t not in ("nn", "glm") for t in types):
+        raise ValueError(f"pred_type must be 'nn', 'glm' or a tuple of them, got {pred_type!r}")
     params = sample_params(rng_key, posterior, num_samples)
 
     def outputs(p):
         return apply_fn(eqx.combine(p, posterior.rest), x)
 
-    if pred_type == "nn":
-        return jax.vmap(outputs)(params)
-    f_hat, jvp = jax.linearize(outputs, posterior.mean)
-    deltas = jax.tree.map(lambda s, m: s - m[None], params, posterior.mean)
-    return f_hat[None] + jax.vmap(jvp)(deltas)
+    out = {}
+    if "nn" in types:
+        out["nn"] = jax.vmap(outputs)(params)
+    if "glm" in types:
+        f_hat, jvp = jax.linearize(outputs, posterior.mean)
+        deltas = jax.tree.map(lambda s, m: s - m[None], params, posterior.mean)
+        out["glm"] = f_hat[None] + jax.vmap(jvp)(deltas)
+    return out[pred_type] if isinstance(pred_type, str) else jnp.stack([out[t] for t in types])
 
 
 def log_marginal_likelihood(
