@@ -80,7 +80,7 @@ def make_config(size: str) -> FewShotConfig:
     MAML paper's Omniglot budget (60k steps of 32 tasks, 64 filters)."""
     if size == "quick":
         small = dict(filters=4, meta_batch=2, num_steps=4, steps_per_call=2, num_val_episodes=2, num_samples=2)
-        small.update(sib_pretrain_steps=4, sib_pretrain_batch=16, amortized_hidden=8, amortized_noise=4)
+        small.update(sib_pretrain_steps=4, sib_pretrain_batch=16, sib_draws=2, amortized_hidden=8, amortized_noise=4)
         small.update(tau_grid=(1000.0,), num_episodes=4, queries=3, val_queries=3, eval_batch=2, bootstrap=20)
         shapes = dict(id_shapes=((5, 1), (20, 1)), ood_shapes=((5, 1),))  # two episode shapes: two compiles
         return FewShotConfig(**small, **shapes, posterior_draws=3, posterior_episodes=2)
