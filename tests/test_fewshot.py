@@ -184,7 +184,7 @@ def test_every_method_sees_the_same_episodes(shared_data_dir, tmp_path, monkeypa
     from metaprior.experiments import fewshot
 
     seen: dict[tuple[str, str], bytes] = {}
-    real = fewshot.predict_episodes
+    real = fewshot.evaluate_fewshot
 
     def recording(key, predict, episodes, **kw):
         episodes = list(episodes)
@@ -195,7 +195,7 @@ def test_every_method_sees_the_same_episodes(shared_data_dir, tmp_path, monkeypa
         seen[(kw["desc"], "")] = digest.digest()
         return real(key, predict, episodes, **kw)
 
-    monkeypatch.setattr(fewshot, "predict_episodes", recording)
+    monkeypatch.setattr(fewshot, "evaluate_fewshot", recording)
     config = dataclasses.replace(
         fewshot.make_config("quick"),
         methods=("maml_fo", "protonet"),

@@ -37,7 +37,7 @@ from metaprior.experiments._common import atomic_write_bytes, save_datatree, wri
 from metaprior.experiments._plots import reliability_figure, scatter_figure, training_figure
 from metaprior.experiments._registry import Experiment
 from metaprior.inference.diagnostics import to_datatree
-from metaprior.inference.evaluation import FewShotEvaluation, predict_episodes
+from metaprior.inference.evaluation import evaluate_fewshot
 from metaprior.inference.fewshot import BAYESIAN, METHODS, VARIANTS, FewShotSettings, fewshot_table, train_method
 
 __all__ = ["FewShotConfig", "make_config", "run"]
@@ -168,13 +168,10 @@ def run(rng_key: jax.Array, config: FewShotConfig, out_dir: Path) -> dict[str, f
                     continue
                 start = time.perf_counter()
                 desc = f"{'+'.join(variants)} {bed.name}"
-                episodes = list(bed.batches(config.eval_batch))
-                labels = np.concatenate([np.asarray(e.query_y) for e in episodes])
                 key = jax.random.fold_in(k_eval, j)
-                probs = predict_episodes(key, predict, episodes, episode_axis=1, desc=desc)  # [V, E, Q, W]
+                evs = evaluate_fewshot(key, predict, bed.batches(config.eval_batch), desc=desc, grouped=True)
                 seconds = (time.perf_counter() - start) / len(variants)  # a group's time, shared
-                for variant, p in zip(variants, probs):
-                    ev = FewShotEvaluation(p, labels)
+                for variant, ev in zip(variants, evs):
                     prefix = f"{variant}_{bed.name}_"
                     metrics[f"{prefix}eval_time_s"] = seconds
                     metrics.update(ev.metrics(prefix=prefix))

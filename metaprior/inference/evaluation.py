@@ -301,21 +301,30 @@ def evaluate_fewshot(
     chunk: int = 50,
     desc: str | None = None,
     progress: bool | None = None,
-) -> FewShotEvaluation:
+    grouped: bool = False,
+) -> FewShotEvaluation | list[FewShotEvaluation]:
     """Score a predictive on fixed episodes: :func:`predict_episodes`, with the labels kept.
 
+    Args:
+        grouped: ``predict`` returns ``[V, E, Q, W]`` (several variants from one posterior);
+            one evaluation per variant is returned.
+
     Returns:
-        A :class:`FewShotEvaluation` (``.metrics()``, ``.reliability()``).
+        A :class:`FewShotEvaluation` (``.metrics()``, ``.reliability()``), or a list of
+        them with ``grouped``.
     """
     if isinstance(episodes, Iterable) and not hasattr(episodes, "query_x"):
         episodes = list(episodes)
         labels = np.concatenate([np.asarray(e.query_y) for e in episodes])
     else:
         labels = np.asarray(episodes.query_y)
-    probs = predict_episodes(rng_key, predict, episodes, chunk=chunk, desc=desc, progress=progress)
-    if probs.shape[:2] != labels.shape:
+    axis = 1 if grouped else 0
+    probs = predict_episodes(rng_key, predict, episodes, chunk=chunk, episode_axis=axis, desc=desc, progress=progress)
+    rows = probs if grouped else probs[None]
+    if rows.shape[1:3] != labels.shape:
         raise ValueError(f"predict returned {probs.shape}; expected [episodes, queries, ways] with {labels.shape[:2]}")
-    return FewShotEvaluation(probs, labels)
+    evaluations = [FewShotEvaluation(p, labels) for p in rows]
+    return evaluations if grouped else evaluations[0]
 
 
 def regression_metrics(samples, y, noise_scale, *, level: float = 0.95) -> dict[str, float]:

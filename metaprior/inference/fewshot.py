@@ -51,7 +51,7 @@ import optax
 from metaprior.data.episodes import Episodes, episode_batches, sample_episodes
 from metaprior.inference import maml
 from metaprior.inference.amortized_classifier import amortized_predictive, conv4_inference, init_conv4_guide
-from metaprior.inference.evaluation import FewShotEvaluation, FewShotPredictive, predict_episodes
+from metaprior.inference.evaluation import FewShotPredictive, evaluate_fewshot
 from metaprior.inference.guides.amortized import amortized_meta_loss
 from metaprior.inference.meta import fit, meta_learner
 from metaprior.inference.protonet import protonet_loss, protonet_predictive
@@ -269,13 +269,11 @@ def _train_maml(rng_key, s, images, val_images, checkpoint, *, method):
     types = ("nn", "glm")
     shape = (s.num_val_episodes, s.ways, s.train_shots, s.val_queries)
     episodes = list(episode_batches(k_val, val_images, *shape, batch_size=s.eval_batch))
-    labels = np.concatenate([np.asarray(e.query_y) for e in episodes])
     scores = np.empty((len(s.tau_grid), len(types)))
     for j, tau in enumerate(s.tau_grid):
         predict = laplace(s.ways, tau, types, s.num_samples)
-        desc = f"validation tau={tau:g}"
-        probs = predict_episodes(jax.random.fold_in(k_val, 1), predict, episodes, episode_axis=1, desc=desc)
-        scores[j] = [FewShotEvaluation(p, labels).metrics()["nll"] for p in probs]
+        evs = evaluate_fewshot(jax.random.fold_in(k_val, 1), predict, episodes, desc=f"tau={tau:g}", grouped=True)
+        scores[j] = [ev.metrics()["nll"] for ev in evs]
     info = {f"tau_pred_{t}": float(s.tau_grid[int(np.nanargmin(scores[:, i]))]) for i, t in enumerate(types)}
     for j, tau in enumerate(s.tau_grid):
         info.update({f"val_nll_{t}_tau{tau:g}": float(scores[j, i]) for i, t in enumerate(types)})
