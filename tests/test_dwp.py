@@ -24,7 +24,7 @@ from numpyro import handlers
 from numpyro.infer import Trace_ELBO
 
 from metaprior.experiments.dwp_mnist import make_config
-from metaprior.inference.dwp import bnn_loss, build_guide, paired_win_rate
+from metaprior.inference.dwp import DWPSettings, bnn_loss, bnn_optimizer, build_guide, paired_win_rate
 from metaprior.inference.guides import AuxiliaryGuide, AuxiliarySite, latent_elbo, local_reparam_conv2d
 from metaprior.inference.meta import fit, meta_learner
 from metaprior.models.dwp import (
@@ -473,6 +473,40 @@ def test_prior_save_load_roundtrip(tmp_path):
 
 
 # --------------------------------------------------------------------------- the training loss
+
+
+def test_bnn_optimizer_freezes_the_encoder_and_decays_linearly(small):
+    """freeze_encoder: r(z | w)'s parameters keep their exact initial values while q moves;
+    lr_schedule="linear": the step size reaches 0 at num_steps, so a step past it changes nothing."""
+    net, x, y = small["net"], small["x"], small["y"]
+    prior = DeepWeightPrior([KernelVAE(K, 2, (8,), key=jax.random.key(i)) for i in range(2)])
+    guide = build_guide(net, prior.priors(), prior=prior)
+    params = {**guide.init_params(jax.random.key(1)), **dwp_model_params(net)}
+    loss = bnn_loss("dwp", net, prior.priors(), guide, batch_size=4)
+    data = (x, y, jnp.int32(6))
+    enc = [k for k in params if k.endswith("_encoder$params")]
+    assert enc
+    for freeze in (False, True):
+        settings = DWPSettings(num_steps=2, learning_rate=1e-2, lr_schedule="linear", freeze_encoder=freeze)
+        learner = meta_learner(loss, bnn_optimizer(settings))
+        state = learner.init(params)
+        history = [state.params]
+        for i in range(3):
+            state, _ = jax.jit(learner.step)(jax.random.key(i), state, data)
+            history.append(state.params)
+        moved = [
+            not all(
+                bool(jnp.array_equal(a, b))
+                for a, b in zip(jax.tree.leaves(history[0][k]), jax.tree.leaves(history[1][k]))
+            )
+            for k in enc
+        ]
+        assert all(moved) != freeze
+        loc = [k for k in params if k.endswith("_loc")][0]
+        assert not jnp.array_equal(history[0][loc], history[1][loc])
+        assert jnp.array_equal(history[2][loc], history[3][loc])  # step 3, past num_steps = 2: lr = 0
+    with pytest.raises(ValueError, match="lr_schedule"):
+        bnn_optimizer(DWPSettings(lr_schedule="cosine"))
 
 
 def test_bnn_loss_traces_once_and_is_finite(small):

@@ -111,6 +111,8 @@ def _check(config: DWPConfig) -> None:
     n = len(config.kernel_sizes)
     if config.source not in ("nets", "released"):
         raise ValueError(f"config.source must be 'nets' or 'released', got {config.source!r}")
+    if config.lr_schedule not in ("constant", "linear"):
+        raise ValueError(f"config.lr_schedule must be 'constant' or 'linear', got {config.lr_schedule!r}")
     for name in ("source_filters", "filters", "latent_dims"):
         if len(getattr(config, name)) != n:
             raise ValueError(f"config.{name} has {len(getattr(config, name))} entries, config.kernel_sizes has {n}")

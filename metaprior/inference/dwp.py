@@ -70,6 +70,7 @@ __all__ = [
     "make_priors",
     "build_guide",
     "bnn_loss",
+    "bnn_optimizer",
     "fit_bnns",
     "kernel_moments",
     "predictive_accuracy",
@@ -245,6 +246,29 @@ def predictive_accuracy(
     return accuracy(mean, y)
 
 
+def bnn_optimizer(settings: DWPSettings) -> optax.GradientTransformation:
+    """Adam for the Bayesian nets: ``settings.lr_schedule`` (constant, or linear decay to 0
+    over ``num_steps``) and, with ``settings.freeze_encoder``, a zero update for every
+    ``"*_encoder$params"`` site (``r(z | w)`` stays the prior VAE's encoder)."""
+    if settings.lr_schedule == "constant":
+        lr = settings.learning_rate
+    elif settings.lr_schedule == "linear":
+        lr = optax.linear_schedule(settings.learning_rate, 0.0, max(settings.num_steps, 1))
+    else:
+        raise ValueError(f"settings.lr_schedule must be 'constant' or 'linear', got {settings.lr_schedule!r}")
+    adam = optax.adam(lr)
+    if not settings.freeze_encoder:
+        return adam
+
+    def labels(params):
+        return {
+            k: jax.tree.map(lambda _: "frozen" if k.endswith("_encoder$params") else "train", v)
+            for k, v in params.items()
+        }
+
+    return optax.multi_transform({"train": adam, "frozen": optax.set_to_zero()}, labels)
+
+
 def fit_bnns(
     rng_key: jax.Array,
     kind: str,
@@ -279,7 +303,7 @@ def fit_bnns(
         keys = jax.random.split(key, num)
         return jnp.sum(jax.vmap(single)(params, keys, data))
 
-    learner = meta_learner(loss, optax.adam(settings.learning_rate))
+    learner = meta_learner(loss, bnn_optimizer(settings))
     result = fit(
         k_fit,
         learner,

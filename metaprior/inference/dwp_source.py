@@ -68,6 +68,10 @@ class DWPSettings:
         latent_dims, vae_hidden, vae_steps, vae_batch, vae_lr: the kernel VAEs.
         filters, num_steps, batch_size, learning_rate, local_reparam, init_log_scale,
             init_logit_alpha: the Bayesian nets and their variational inference.
+        lr_schedule: the Bayesian nets' Adam step size over ``num_steps``: ``"constant"``, or
+            ``"linear"`` (decayed linearly to 0, as the authors' ``train-bnn.py`` does).
+        freeze_encoder: keep ``r(z | w)`` at the prior VAE's encoder (the authors' code)
+            instead of training it with ``q`` (the paper's Algorithm 1).
         num_eval_samples: weight draws of the posterior predictive.
         posterior_samples: draws in the ArviZ file.
         init_train_size, init_splits, init_eval_steps, init_batch, init_lr: the
@@ -99,6 +103,8 @@ class DWPSettings:
     local_reparam: bool = True
     init_log_scale: float = -5.0
     init_logit_alpha: float = -2.0
+    lr_schedule: str = "constant"
+    freeze_encoder: bool = False
     num_eval_samples: int = 10
     posterior_samples: int = 50
     init_train_size: int = 5000
