@@ -234,8 +234,8 @@ num_source_kernels_l{L}, num_dropped_kernels_l{L}: source kernels of conv layer 
 vae_l{L}_elbo_init, vae_l{L}_elbo_final: held-out per-kernel ELBO (nats) of layer L's VAE before / after training
 vae_l{L}_gain_over_gaussian: held-out ELBO minus the log-likelihood of independent per-weight Gaussians (nats)
 kernel_corr_l{L}: correlation of adjacent weights in layer L's source kernels (position means removed)
-prior_snr_l{L}: median over z ~ p(z) of |decoder mean| / |decoder sd| (kernel norms) of layer L's prior; below 1 its
-    draws are mostly noise
+prior_snr_l{L}: median over z ~ p(z) of |decoder mean| / |decoder sd| (kernel norms) of layer L's prior (the
+    authors' priors: about 1.5 for 7x7, 0.92 for 5x5)
 time_source_s, time_vae_s, time_bnn_s, time_init_s: wall time of each step
 """
 
