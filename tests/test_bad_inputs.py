@@ -185,6 +185,23 @@ def _dwp_not_a_prior(tmp):
     DeepWeightPrior.load(path)
 
 
+def _posterior_file(tmp, kind: str):
+    import arviz as az
+
+    from metaprior.inference.diagnostics import load_posterior, save_posterior
+
+    tree = az.from_dict({"posterior": {"w": np.zeros((1, 4, 2))}})
+    path = tmp / "posterior.nc"
+    if kind == "foreign":  # ArviZ's own writer: a valid file, not ours
+        tree.to_netcdf(path, engine="h5netcdf")
+    elif kind == "truncated":
+        save_posterior(tree, path)
+        path.write_bytes(path.read_bytes()[:300])
+    else:  # a checkpoint renamed .nc
+        path = _checkpoint(tmp).rename(path)
+    load_posterior(path)
+
+
 def _gz(tmp, content: bytes, *, corrupt: bool = False) -> Path:
     import gzip
 
@@ -406,6 +423,30 @@ CASES = [
         _dwp_not_a_prior,
         ValueError,
         ("meta.ckpt", "not a metaprior-deep-weight-prior-v1 file"),
+    ),
+    Case(
+        "posterior-foreign",
+        "files",
+        "an ArviZ file that is not ours (no metaprior_format tag)",
+        lambda t: _posterior_file(t, "foreign"),
+        ValueError,
+        ("posterior.nc", "not a metaprior posterior", "metaprior_format=None"),
+    ),
+    Case(
+        "posterior-truncated",
+        "files",
+        "a truncated posterior file",
+        lambda t: _posterior_file(t, "truncated"),
+        ValueError,
+        ("posterior.nc", "unreadable or not netCDF", "truncated"),
+    ),
+    Case(
+        "posterior-not-netcdf",
+        "files",
+        "a checkpoint opened as a posterior file",
+        lambda t: _posterior_file(t, "checkpoint"),
+        ValueError,
+        ("posterior.nc", "unreadable or not netCDF"),
     ),
     # task batches and models
     Case(

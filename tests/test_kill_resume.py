@@ -7,7 +7,10 @@ rerun with the same command: its final checkpoints must equal the uninterrupted 
 bitwise (the CPU computation is deterministic: same XLA program, same inputs, one
 device) and its ``metrics.json`` must equal it in every key but wall times.
 
-The same kill-and-rerun is run for ``sib-omniglot --quick`` (on ../shared/data).
+The same kill-and-rerun is run for every other experiment that checkpoints (on
+../shared/data): sinusoid-maml / -llama, omniglot-maml / -llama, omniglot-amortized,
+sib-omniglot and dwp-mnist, each at its ``--quick`` size with training stretched over
+several checkpoints; the test checks that the kill landed before training ended.
 
 A third run is killed in the middle of a checkpoint write: the test hook
 ``METAPRIOR_TEST_SLOW_WRITE_S`` sleeps between writing the temporary file and renaming
@@ -125,14 +128,45 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(uninterrupted,
     _same_result(uninterrupted, out)
 
 
-def test_sib_sigkill_after_its_first_checkpoint_then_rerun_equals_uninterrupted(tmp_path, shared_data_dir):
-    """SIB keeps one checkpoint per training run (pretraining, then each shots x T); killed
-    after the first appears and rerun, it ends where an uninterrupted run does."""
+# The other experiments that meta-train, each with its --quick size stretched just enough that
+# training spans several checkpoints (``checkpoint_every`` steps apart), and with
+# METAPRIOR_TEST_SLOW_WRITE_S making every checkpoint write take that long, so that a kill
+# at a seeded random delay (below the slow write) after the first checkpoint lands while
+# training is still going: the test checks that the run really was cut short.
+_SET = lambda **kw: [a for k, v in kw.items() for a in ("--set", f"{k}={v}")]  # noqa: E731
+KILL_CASES = {
+    "sinusoid-maml": _SET(num_steps=200, steps_per_call=10, checkpoint_every=20),
+    "sinusoid-llama": _SET(num_steps=200, laplace_steps=100, steps_per_call=10, checkpoint_every=20),
+    "omniglot-maml": _SET(num_steps=12, checkpoint_every=2),
+    "omniglot-llama": _SET(num_steps=12, checkpoint_every=2, eval_shots=1, tau_grid=1000.0),
+    "omniglot-amortized": _SET(num_steps=6, checkpoint_every=1),
+    "sib-omniglot": [],  # one checkpoint per training run (pretraining, then each shots x T)
+    "dwp-mnist": _SET(checkpoint_every=5),  # source nets, each VAE, each prior's nets, each init segment
+}
+SLOW_WRITE_S = 0.3
+
+
+def _steps_done(out: Path) -> dict[str, int]:
+    return {p.name: _arrays(p)["__losses__"].size for p in out.glob("*.ckpt")}
+
+
+@pytest.mark.parametrize("name", sorted(KILL_CASES))
+def test_sigkill_after_the_first_checkpoint_then_rerun_equals_uninterrupted(name, tmp_path, shared_data_dir):
+    """Killed after its first checkpoint appears and rerun with the same command, every
+    experiment that checkpoints ends where an uninterrupted run does."""
+    args = ["run", name, "--quick", "--no-progress", *KILL_CASES[name]]
+    # the three runs share one persistent compilation cache: the second and third load the
+    # first's executables (the same programs, so the same results) instead of compiling again
+    cache = dict(JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax-cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    env = dict(METAPRIOR_DATA=str(shared_data_dir), **cache)
     straight, out = tmp_path / "straight", tmp_path / "killed"
-    _run(straight, SIB_ARGS, METAPRIOR_DATA=str(shared_data_dir))
-    proc = _start(out, SIB_ARGS, METAPRIOR_DATA=str(shared_data_dir))
+    _run(straight, args, **env)
+    proc = _start(out, args, METAPRIOR_TEST_SLOW_WRITE_S=str(SLOW_WRITE_S), **env)
     _wait_for(lambda: any(out.glob("*.ckpt")), proc, "the first checkpoint")
-    time.sleep(random.Random(1).uniform(0.0, 1.5))
+    time.sleep(random.Random(name).uniform(0.0, SLOW_WRITE_S))  # seeded "random point" after it
     _kill(proc)
-    _run(out, SIB_ARGS, METAPRIOR_DATA=str(shared_data_dir))
+    assert not (out / "metrics.json").exists()
+    done, total = _steps_done(out), _steps_done(straight)
+    assert done.keys() < total.keys() or any(done[k] < total[k] for k in done), (done, total)
+    _run(out, args, **env)
     _same_result(straight, out)

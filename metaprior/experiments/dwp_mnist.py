@@ -170,7 +170,7 @@ def run(rng_key, config: DWPConfig, out_dir: Path) -> dict[str, float]:
     k_prior, k_bnn, k_init, k_plot, k_post = jax.random.split(rng_key, 5)
     released = config.source == "released"
     source = load_released_kernels(data_dir, config.kernel_sizes) if released else source_data(data_dir)
-    prior, kernels, info = learn_prior(k_prior, config, source)
+    prior, kernels, info = learn_prior(k_prior, config, source, checkpoint_dir=out_dir)
     prior.save(
         out_dir / "dwp_prior.npz",
         metadata={
@@ -185,7 +185,7 @@ def run(rng_key, config: DWPConfig, out_dir: Path) -> dict[str, float]:
 
     pool_x, pool_y, test_x, test_y, orders = mnist_splits(config, data_dir)
     start = time.perf_counter()
-    accs, fits = bayesian_nets(k_bnn, config, prior, pool_x, pool_y, test_x, test_y, orders)
+    accs, fits = bayesian_nets(k_bnn, config, prior, pool_x, pool_y, test_x, test_y, orders, checkpoint_dir=out_dir)
     metrics["time_bnn_s"] = time.perf_counter() - start
     for (kind, n), acc in accs.items():
         metrics[f"acc_{kind}_n{n}"], metrics[f"acc_{kind}_n{n}_std"] = mean_std(acc)
@@ -194,7 +194,7 @@ def run(rng_key, config: DWPConfig, out_dir: Path) -> dict[str, float]:
             metrics[f"dwp_minus_{base}_n{n}"] = metrics[f"acc_dwp_n{n}"] - metrics[f"acc_{base}_n{n}"]
 
     start = time.perf_counter()
-    curves = init_curves(k_init, config, prior, pool_x, pool_y, test_x, test_y, orders)
+    curves = init_curves(k_init, config, prior, pool_x, pool_y, test_x, test_y, orders, checkpoint_dir=out_dir)
     metrics["time_init_s"] = time.perf_counter() - start
     for name, acc in curves.items():
         for step, row in zip(config.init_eval_steps, acc):

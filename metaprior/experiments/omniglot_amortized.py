@@ -66,6 +66,7 @@ class OmniglotAmortizedConfig:
     learning_rate: float = 1e-3
     task_batch_size: int = 0
     steps_per_call: int = 10
+    checkpoint_every: int = 500  # meta-training steps between checkpoints in --out (atomic; a killed run resumes there)
     test_episodes: int = 600
     test_queries: int = 15
     num_samples: int = 10
@@ -112,6 +113,7 @@ def _fit(rng_key, config: OmniglotAmortizedConfig, loss, params, images, ways: i
     optimizer = optax.chain(optax.clip_by_global_norm(10.0), optax.adam(config.learning_rate))
     sampler = lambda k, d: sample_episodes(k, d, config.task_batch, ways, shots, config.queries)
     kw = dict(data=images, sample_batch=sampler, steps_per_call=config.steps_per_call, checkpoint=checkpoint)
+    kw["checkpoint_every"] = config.checkpoint_every
     return fit(rng_key, meta_learner(loss, optimizer, has_aux=True), params, config.num_steps, desc=desc, **kw)
 
 
@@ -182,12 +184,12 @@ def run(rng_key, config: OmniglotAmortizedConfig, out_dir: Path) -> dict[str, fl
             params, net, result = meta_train(key, config, train, ways, shots, checkpoint=ckpt)
             seconds = time.perf_counter() - t0
             train_time += seconds
-            metrics[f"train_time_s_{name}"] = seconds
+            metrics[f"train_time_{name}_s"] = seconds
             metrics[f"final_loss_{name}"] = float(np.mean(result.losses[-config.steps_per_call :]))
             curves[name] = result.losses
             t0 = time.perf_counter()
             all_probs = predict_episodes(k_pred, predictive(config, params, net), episodes, episode_axis=1)
-            metrics[f"eval_time_s_{name}"] = time.perf_counter() - t0
+            metrics[f"eval_time_{name}_s"] = time.perf_counter() - t0
             for steps, probs in zip(sorted(config.eval_inner_steps), all_probs):
                 ev = FewShotEvaluation(probs, np.asarray(episodes.query_y))
                 metrics.update(ev.metrics(suffix=f"_{name}_steps{steps}"))
@@ -228,7 +230,7 @@ acc_{W}w{S}s_steps{K}, *_ci95: test accuracy over test_episodes episodes (95% CI
     W-way S-shot, K inner steps at test time (models trained with train_inner_steps)
 ece_{W}w{S}s_steps{K}, nll_{W}w{S}s_steps{K}: expected calibration error (15 bins) and NLL per query
 acc_maml_5w1s (+ _ci95), ece_maml_5w1s, nll_maml_5w1s: first-order MAML, same net, budget and episodes
-train_time_s, train_time_s_{W}w{S}s, maml_train_time_s, eval_time_s_{W}w{S}s: seconds
+train_time_s, train_time_{W}w{S}s_s, maml_train_time_s, eval_time_{W}w{S}s_s: seconds
     (eval: all eval_inner_steps in one pass over the test episodes)
 num_steps, train_inner_steps, filters, beta: the budget and settings used
 final_loss_{W}w{S}s: mean meta-loss over the last steps_per_call steps

@@ -78,6 +78,7 @@ class OmniglotMAMLConfig:
     # at 1,000 steps both gave the same validation NLL (0.7867 vs 0.7872), so "nn" only (the paper's)
     pred_types: tuple[str, ...] = ("nn",)
     steps_per_call: int = 10
+    checkpoint_every: int = 500  # meta-training steps between checkpoints in --out (atomic; a killed run resumes there)
     # meta-training checkpoint ("" = meta.ckpt in --out); omniglot-llama pointed at a copy of
     # omniglot-maml's with a larger --steps fine-tunes MAML's theta with ML-LAPLACE
     checkpoint: str = ""
@@ -157,7 +158,8 @@ def run(rng_key: jax.Array, config: OmniglotMAMLConfig, out_dir: Path) -> dict[s
     shape = (config.meta_batch, config.ways, config.train_shots, config.train_queries)
     sampler = lambda k, images: sample_episodes(k, images, *shape)
     start = time.perf_counter()
-    kw = dict(steps_per_call=config.steps_per_call, checkpoint=config.checkpoint or out_dir / "meta.ckpt")
+    kw = dict(steps_per_call=config.steps_per_call, checkpoint_every=config.checkpoint_every)
+    kw["checkpoint"] = config.checkpoint or out_dir / "meta.ckpt"
     result = fit(
         k_train,
         learner,

@@ -64,6 +64,7 @@ class SinusoidMAMLConfig:
     # log-det's curvature dominates a step's cost); laplace_steps = num_steps: throughout
     laplace_steps: int = 500
     steps_per_call: int = 200
+    checkpoint_every: int = 500  # meta-training steps between checkpoints in --out (atomic; a killed run resumes there)
     num_eval_tasks: int = 600
     num_val_tasks: int = 200
     num_eval_points: int = 100
@@ -135,7 +136,8 @@ def run(rng_key: jax.Array, config: SinusoidMAMLConfig, out_dir: Path) -> dict[s
         for i, (method, steps) in enumerate(phases):
             learner = meta_learner(objective(config, method), optax.adam(config.meta_lr), has_aux=True)
             sampler = lambda key, _: sinusoid_meta_batch(key, config.meta_batch, k)
-            kw = dict(steps_per_call=min(config.steps_per_call, steps), checkpoint=out_dir / f"meta_k{k}_{method}.ckpt")
+            kw = dict(steps_per_call=min(config.steps_per_call, steps), checkpoint_every=config.checkpoint_every)
+            kw["checkpoint"] = out_dir / f"meta_k{k}_{method}.ckpt"
             key = jax.random.fold_in(jax.random.fold_in(k_train, k), i)
             desc = f"sinusoid-{config.method} K={k} ({method})"
             result = fit(key, learner, params, steps, sample_batch=sampler, desc=desc, **kw)

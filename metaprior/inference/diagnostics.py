@@ -35,8 +35,11 @@ __all__ = [
     "from_guide",
     "from_mcmc",
     "save_posterior",
+    "load_posterior",
     "predictive_scores",
 ]
+
+POSTERIOR_FORMAT = "metaprior-posterior-v1"  # the root attribute ``metaprior_format`` of every file we write
 
 
 # --------------------------------------------------------------------------------------
@@ -420,13 +423,47 @@ def from_mcmc(mcmc, *model_args, rng_key=None, attrs: Mapping[str, Any] | None =
 
 def save_posterior(tree, path: str | os.PathLike) -> Path:
     """Write an ArviZ/xarray DataTree to netCDF (HDF5 groups) atomically (the file every
-    experiment saves)."""
+    experiment saves), tagged with the root attribute ``metaprior_format`` that
+    :func:`load_posterior` checks. ``tree`` itself is not modified."""
     from metaprior._io import atomic_path
 
     path = Path(path)
+    tree = tree.copy()
+    tree.attrs = {**tree.attrs, "metaprior_format": POSTERIOR_FORMAT}
     with atomic_path(path) as tmp:
         tree.to_netcdf(tmp, engine="h5netcdf")
     return path
+
+
+def load_posterior(path: str | os.PathLike):
+    """Read a posterior file written by :func:`save_posterior` (every experiment's
+    ``posterior.nc``) into memory, as an ArviZ/xarray DataTree.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: the file is not netCDF / HDF5, is truncated, lacks our
+            ``metaprior_format`` tag (an ArviZ file from elsewhere: open it with
+            ``arviz.from_netcdf`` instead), or has no ``posterior`` group.
+    """
+    import xarray as xr
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"posterior file {path} does not exist")
+    try:
+        with xr.open_datatree(path, engine="h5netcdf") as opened:
+            tree = opened.load()
+    except Exception as err:  # OSError from h5py, ValueError from xarray ...
+        raise ValueError(f"posterior file {path} is unreadable or not netCDF ({type(err).__name__}: {err})") from err
+    tag = tree.attrs.get("metaprior_format")
+    if tag != POSTERIOR_FORMAT:
+        raise ValueError(
+            f"posterior file {path} is not a metaprior posterior (metaprior_format={tag!r}, expected "
+            f"{POSTERIOR_FORMAT!r}); an ArviZ file from elsewhere opens with arviz.from_netcdf"
+        )
+    if "posterior" not in tree.children:
+        raise ValueError(f"posterior file {path} has no 'posterior' group (groups: {sorted(tree.children)})")
+    return tree
 
 
 def predictive_scores(

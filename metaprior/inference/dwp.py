@@ -15,6 +15,7 @@ Steps 1 and 2 (source nets, kernel VAEs) and :class:`DWPSettings` are in
 
 from __future__ import annotations
 
+import os
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -28,9 +29,11 @@ import optax
 from numpy.typing import ArrayLike
 from numpyro.infer import Predictive
 
+from metaprior._io import atomic_write_bytes
 from metaprior.inference.dwp_source import (
     DWPSettings,
     accuracy,
+    checkpoint_kw,
     cross_entropy,
     forward,
     learn_prior,
@@ -277,6 +280,7 @@ def fit_bnns(
     xs: jax.Array,
     ys: jax.Array,
     ns: jax.Array,
+    checkpoint_dir: str | os.PathLike | None = None,
 ) -> tuple[ConvNet, AuxiliaryGuide, dict, FitResult]:
     """Variational inference for one prior on ``M`` stacked data sets at once.
 
@@ -284,6 +288,8 @@ def fit_bnns(
         xs, ys: ``[M, N_max, ...]``, ``[M, N_max]``; data set ``m`` is the first
             ``ns[m]`` examples.
         ns: ``[M]`` int sizes.
+        checkpoint_dir: if given, training checkpoints to ``bnn_{kind}.ckpt`` there and
+            resumes from it.
 
     Returns:
         ``(net, guide, params [M, ...], FitResult)``.
@@ -312,6 +318,7 @@ def fit_bnns(
         data=(xs, ys, ns),
         steps_per_call=settings.steps_per_call,
         desc=f"BNN, {kind} prior ({num} data sets)",
+        **checkpoint_kw(settings, checkpoint_dir, f"bnn_{kind}"),
     )
     return net, guide, result.state.params, result
 
@@ -325,8 +332,11 @@ def bayesian_nets(
     test_x: np.ndarray,
     test_y: np.ndarray,
     orders: np.ndarray,
+    *,
+    checkpoint_dir: str | os.PathLike | None = None,
 ) -> tuple[dict, dict]:
-    """Step 3: every prior, every size and split (one :func:`fit` per prior).
+    """Step 3: every prior, every size and split (one :func:`fit` per prior; with
+    ``checkpoint_dir``, each checkpoints there and resumes, :func:`fit_bnns`).
 
     Returns:
         ``(accs, fits)``: ``accs[(kind, N)]`` the ``[num_splits]`` test accuracies;
@@ -350,7 +360,7 @@ def bayesian_nets(
     accs, fits = {}, {}
     for i, kind in enumerate(PRIORS):
         key = jax.random.fold_in(rng_key, i)
-        net, guide, params, _ = fit_bnns(key, kind, settings, prior, xs, ys, ns)
+        net, guide, params, _ = fit_bnns(key, kind, settings, prior, xs, ys, ns, checkpoint_dir)
         k_eval = jax.random.split(jax.random.fold_in(key, 7), xs.shape[0])
         moments = jax.vmap(lambda p: kernel_moments(guide, net, p))(params)
         acc = np.asarray(score(k_eval, params["net$params"], moments)).reshape(len(sizes), splits)
@@ -372,6 +382,8 @@ def init_curves(
     test_x: np.ndarray,
     test_y: np.ndarray,
     orders: np.ndarray,
+    *,
+    checkpoint_dir: str | os.PathLike | None = None,
 ) -> dict[str, np.ndarray]:
     """Ordinary training from Xavier and from prior-sampled kernels.
 
@@ -379,7 +391,10 @@ def init_curves(
     the split) the two runs share the dense layer and biases, the training set and the
     minibatch sequence; only the kernels differ. Both initialisations are trained
     together (stacked), with the training cut at every ``init_eval_steps`` to score the
-    test set (resuming from a checkpoint, so the optimizer state carries over).
+    test set (resuming from a checkpoint, so the optimizer state carries over). The
+    segment that ends at step ``S`` starts from a copy of the previous one's checkpoint
+    and checkpoints to ``init_to{S}.ckpt`` in ``checkpoint_dir`` (default: a temporary
+    folder), so a killed and rerun call resumes and ends with the same curves.
 
     Returns:
         ``{"dwp" | "xavier": [len(init_eval_steps), init_splits]}`` test accuracies.
@@ -408,10 +423,13 @@ def init_curves(
     evaluate = eqx.filter_jit(lambda ns: jax.lax.map(lambda n: accuracy(forward(n, test_x), test_y), ns))
     accs = []
     with tempfile.TemporaryDirectory(prefix="dwp-init-") as tmp:
-        ckpt = Path(tmp) / "init.ckpt"
-        current = nets
+        folder, previous, current = Path(checkpoint_dir or tmp), None, nets
         for step in settings.init_eval_steps:
             if step > 0:
+                ckpt = folder / f"init_to{step}.ckpt"
+                if previous is not None and not ckpt.exists():
+                    atomic_write_bytes(ckpt, previous.read_bytes())  # this segment resumes where the last ended
+                previous = ckpt
                 res = fit(
                     k_fit,
                     learner,
@@ -421,7 +439,7 @@ def init_curves(
                     sample_batch=sample,
                     steps_per_call=settings.steps_per_call,
                     checkpoint=ckpt,
-                    checkpoint_every=10**9,
+                    checkpoint_every=settings.checkpoint_every,
                     desc=f"init dwp vs xavier (to step {step})",
                 )
                 current = res.state.params

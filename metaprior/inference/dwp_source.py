@@ -19,8 +19,10 @@ trained together with ``vmap``, the loss being the sum of theirs, which with Ada
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import equinox as eqx
@@ -44,6 +46,7 @@ from metaprior.models.dwp import (
 
 __all__ = [
     "DWPSettings",
+    "checkpoint_kw",
     "train_source_nets",
     "train_kernel_vae",
     "learn_prior",
@@ -77,6 +80,8 @@ class DWPSettings:
         init_train_size, init_splits, init_eval_steps, init_batch, init_lr: the
             initialisation experiment.
         steps_per_call: optimizer steps per compiled call.
+        checkpoint_every: steps between the checkpoints of every training run, when the
+            steps are given a ``checkpoint_dir`` (a killed run resumes from them).
         source: where the prior's kernels come from: ``"nets"`` (source nets trained here)
             or ``"released"`` (the authors' released kernels, ``dwp-kernels/``).
     """
@@ -113,6 +118,7 @@ class DWPSettings:
     init_batch: int = 64
     init_lr: float = 1e-3
     steps_per_call: int = 25
+    checkpoint_every: int = 500
     source: str = "nets"
 
 
@@ -181,10 +187,23 @@ def source_net_loss(l2: float) -> Callable[[ConvNet, jax.Array, tuple], jax.Arra
     return loss
 
 
+def checkpoint_kw(settings: DWPSettings, checkpoint_dir: str | os.PathLike | None, name: str) -> dict[str, Any]:
+    """:func:`fit`'s checkpoint arguments for the training run ``name`` (``{name}.ckpt`` in
+    ``checkpoint_dir``; none without one)."""
+    if checkpoint_dir is None:
+        return {}
+    return dict(checkpoint=Path(checkpoint_dir) / f"{name}.ckpt", checkpoint_every=settings.checkpoint_every)
+
+
 def train_source_nets(
-    rng_key: jax.Array, settings: DWPSettings, x: jax.Array, y: jax.Array
+    rng_key: jax.Array,
+    settings: DWPSettings,
+    x: jax.Array,
+    y: jax.Array,
+    checkpoint_dir: str | os.PathLike | None = None,
 ) -> tuple[ConvNet, FitResult]:
-    """Train ``num_source_nets`` nets on notMNIST (stacked); returns ``(nets, FitResult)``."""
+    """Train ``num_source_nets`` nets on notMNIST (stacked); returns ``(nets, FitResult)``.
+    With ``checkpoint_dir``, training checkpoints to ``source_nets.ckpt`` there and resumes from it."""
     k_init, k_fit = jax.random.split(rng_key)
     m = settings.num_source_nets
     nets = make_nets(k_init, m, filters=settings.source_filters, kernel_sizes=settings.kernel_sizes)
@@ -198,6 +217,7 @@ def train_source_nets(
         sample_batch=shared_minibatch(settings.source_batch, m),
         steps_per_call=settings.steps_per_call,
         desc="source nets (notMNIST)",
+        **checkpoint_kw(settings, checkpoint_dir, "source_nets"),
     )
     return result.state.params, result
 
@@ -217,10 +237,16 @@ def heldout_elbo(rng_key: jax.Array, vae: KernelVAE, kernels: jax.Array, num_sam
 
 
 def train_kernel_vae(
-    rng_key: jax.Array, settings: DWPSettings, kernels: np.ndarray, layer: int, heldout: np.ndarray | None = None
+    rng_key: jax.Array,
+    settings: DWPSettings,
+    kernels: np.ndarray,
+    layer: int,
+    heldout: np.ndarray | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
 ) -> tuple[KernelVAE, dict[str, Any]]:
     """Train the VAE of one layer on 90% of its kernels and score the rest, or, with
-    ``heldout``, train on all of ``kernels`` and score ``heldout``.
+    ``heldout``, train on all of ``kernels`` and score ``heldout``. With ``checkpoint_dir``,
+    training checkpoints to ``vae_l{layer}.ckpt`` there and resumes from it.
 
     Returns:
         ``(vae, info)`` with ``info = dict(num_kernels, elbo_init, elbo_final, losses)``:
@@ -248,6 +274,7 @@ def train_kernel_vae(
         sample_batch=sample,
         steps_per_call=settings.steps_per_call,
         desc=f"kernel VAE, layer {layer}",
+        **checkpoint_kw(settings, checkpoint_dir, f"vae_l{layer}"),
     )
     vae = result.state.params
     after = heldout_elbo(k_eval, vae, held)
@@ -276,9 +303,12 @@ def neighbour_correlation(kernels: np.ndarray) -> float:
 
 
 def learn_prior(
-    rng_key: jax.Array, settings: DWPSettings, source: Sequence
+    rng_key: jax.Array, settings: DWPSettings, source: Sequence, *, checkpoint_dir: str | os.PathLike | None = None
 ) -> tuple[DeepWeightPrior, list[np.ndarray], dict[str, Any]]:
     """Steps 1 and 2: source kernels, one VAE per layer.
+
+    With ``checkpoint_dir``, each training run (source nets, each VAE) checkpoints there
+    and resumes from it: a killed and rerun call ends with the same prior.
 
     Args:
         source: with ``settings.source == "nets"``, ``(train_x, train_y, val_x, val_y)``: the
@@ -298,7 +328,7 @@ def learn_prior(
     if settings.source == "nets":
         sx, sy, vx, vy = source
         start = time.perf_counter()
-        nets, src_fit = train_source_nets(k_src, settings, jnp.asarray(sx), jnp.asarray(sy))
+        nets, src_fit = train_source_nets(k_src, settings, jnp.asarray(sx), jnp.asarray(sy), checkpoint_dir)
         vx, vy = jnp.asarray(vx), jnp.asarray(vy)
         acc = eqx.filter_jit(lambda ns: jax.lax.map(lambda n: accuracy(forward(n, vx), vy), ns))(nets)
         info["time_source_s"] = time.perf_counter() - start
@@ -319,7 +349,7 @@ def learn_prior(
                 f"layer {layer}: only {kept.shape[0]} source kernels have norm >= "
                 f"{settings.min_kernel_norm}; lower min_kernel_norm"
             )
-        vae, vinfo = train_kernel_vae(jax.random.fold_in(k_vae, layer), settings, kept, layer, heldout)
+        vae, vinfo = train_kernel_vae(jax.random.fold_in(k_vae, layer), settings, kept, layer, heldout, checkpoint_dir)
         vaes.append(vae)
         kernels.append(kept)
         info[f"num_source_kernels_l{layer}"] = vinfo["num_kernels"]
