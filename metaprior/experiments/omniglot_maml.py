@@ -160,16 +160,8 @@ def run(rng_key: jax.Array, config: OmniglotMAMLConfig, out_dir: Path) -> dict[s
     start = time.perf_counter()
     kw = dict(steps_per_call=config.steps_per_call, checkpoint_every=config.checkpoint_every)
     kw["checkpoint"] = config.checkpoint or out_dir / "meta.ckpt"
-    result = fit(
-        k_train,
-        learner,
-        net,
-        config.num_steps,
-        data=train,
-        sample_batch=sampler,
-        desc=f"omniglot-{config.method}",
-        **kw,
-    )
+    kw.update(data=train, sample_batch=sampler, desc=f"omniglot-{config.method}")
+    result = fit(k_train, learner, net, config.num_steps, **kw)
     theta = result.state.params
     metrics: dict[str, float] = dict(train_steps=config.num_steps, train_time_s=time.perf_counter() - start)
     metrics.update(meta_batch=config.meta_batch, filters=config.filters, train_shots=config.train_shots)

@@ -23,11 +23,12 @@ import numpy as np
 import numpyro.distributions as dist
 import optax
 from numpyro import handlers
-from numpyro.infer import SVI, Predictive, Trace_ELBO, TraceEnum_ELBO
+from numpyro.infer import SVI, Predictive, TraceEnum_ELBO
 from numpyro.infer.autoguide import AutoDelta, AutoIAFNormal, AutoMultivariateNormal, AutoNormal
 
 from metaprior.inference.diagnostics import from_mcmc, from_samples, predictive_scores
 from metaprior.inference.mcmc import NutsHealth, nuts_health, run_nuts
+from metaprior.inference.svi import OrderedTrace_ELBO
 
 __all__ = [
     "GUIDES",
@@ -123,7 +124,7 @@ def latent_sites(case: Case) -> tuple[list[str], list[str]]:
 
 def _svi_draws(rng_key, case: Case, guide, settings: ValidationSettings, discrete: list[str]) -> dict:
     k_fit, k_draw = jax.random.split(rng_key)
-    elbo = TraceEnum_ELBO() if discrete else Trace_ELBO()
+    elbo = TraceEnum_ELBO() if discrete else OrderedTrace_ELBO()
     optimizer = optax.chain(optax.clip_by_global_norm(100.0), optax.adam(settings.learning_rate))
     svi = SVI(case.model, guide, optimizer, elbo)
     fit = svi.run(k_fit, settings.num_steps, case.train, progress_bar=False, **case.kwargs)
@@ -189,7 +190,7 @@ def _laplace_draws(
 
     if "map" not in cache:  # one MAP shared by the three curvature structures
         guide = AutoDelta(case.model)
-        fit = SVI(case.model, guide, optax.adam(settings.learning_rate), Trace_ELBO()).run(
+        fit = SVI(case.model, guide, optax.adam(settings.learning_rate), OrderedTrace_ELBO()).run(
             jax.random.fold_in(rng_key, 1), settings.num_steps, case.train, progress_bar=False, **case.kwargs
         )
         cache["map"] = guide.median(fit.params)

@@ -28,11 +28,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from numpyro import handlers
-from numpyro.infer import SVI, Predictive, Trace_ELBO
+from numpyro.infer import SVI, Predictive
 from numpyro.infer.autoguide import AutoNormal
 
 from metaprior.data.tasks import TaskBatch, harmonic_tasks, sinusoid_tasks, split_support_query
 from metaprior.inference.mcmc import grid_posterior, per_task_log_joint, restart_init
+from metaprior.inference.svi import OrderedTrace_ELBO
 from metaprior.inference.validation import GUIDES, LAPLACE, RESTART_GUIDES, Case
 from metaprior.models.cases.bnn import hierarchical_bnn_model
 from metaprior.models.cases.linear import (
@@ -146,7 +147,7 @@ def latent_case(
         raise ValueError(f"latent_family must be 'harmonic' or 'sinusoid', got {family!r}")
     # alpha: fitted once by SVI on other tasks, then held fixed (the paper's new-task setting).
     pre = tasks(k_pre, num_pretrain_tasks, 16)
-    svi = SVI(task_latent_model, AutoNormal(task_latent_model), optax.adam(3e-3), Trace_ELBO())
+    svi = SVI(task_latent_model, AutoNormal(task_latent_model), optax.adam(3e-3), OrderedTrace_ELBO())
     fit = svi.run(k_fit, num_pretrain_steps, pre, progress_bar=False, **kwargs)
     model = fixed_params(task_latent_model, {k: v for k, v in fit.params.items() if k.startswith("net")})
     batch = tasks(k_data, num_tasks, num_examples + num_heldout)

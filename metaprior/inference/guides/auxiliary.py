@@ -72,7 +72,8 @@ import numpyro
 import numpyro.distributions as dist
 from numpyro import handlers
 from numpyro.contrib.module import eqx_module
-from numpyro.infer import Trace_ELBO
+
+from metaprior.inference.svi import OrderedTrace_ELBO
 
 __all__ = [
     "AuxiliarySite",
@@ -283,4 +284,4 @@ def latent_elbo(
         A scalar estimate (higher is better).
     """
     hidden = handlers.block(model, hide=list(obs_sites))
-    return -Trace_ELBO(num_particles=num_particles).loss(rng_key, params, hidden, guide, *args, **kwargs)
+    return -OrderedTrace_ELBO(num_particles=num_particles).loss(rng_key, params, hidden, guide, *args, **kwargs)
