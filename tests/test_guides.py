@@ -191,3 +191,72 @@ def test_restart_mixture_covers_both_modes_and_weights_are_softmax_elbo():
         sample_restart_mixture(jax.random.key(3), fit, y, 0)
     with pytest.raises(ValueError, match="restart_params"):
         sample_restart_mixture(jax.random.key(3), fit._replace(restart_params=None), y, 4)
+
+
+def _perturbed_iaf(data, encoder=None):
+    guide = TaskIAFGuide.build(jax.random.key(0), linear_gaussian_model, data, num_flows=3, hidden_dim=8)
+    params = guide.init_params(jax.random.key(1))
+    keys = iter(jax.random.split(jax.random.key(2), len(params)))
+    return guide, {k: v + 0.5 * jax.random.normal(next(keys), v.shape) for k, v in params.items()}
+
+
+def test_iaf_log_prob_inverts_the_flow_and_sites_round_trip(data):
+    """``log_prob`` inverts the flows entry by entry: at the guide's own draws it gives the
+    ``log q`` the forward pass computed (float32 round-off of 3 flows: 1e-4), including at
+    draws of a far-away broad Normal where a gate nearly saturates (finite or -inf, never NaN)."""
+    guide, params = _perturbed_iaf(data)
+    u, log_q = guide.sample(jax.random.key(3), params, 50, data)
+    assert u.shape == (50, 3, 2) and log_q.shape == (50, 3)
+    np.testing.assert_allclose(guide.log_prob(params, u, data), log_q, rtol=1e-4, atol=1e-4)
+    far = guide.log_prob(params, 30.0 * jax.random.normal(jax.random.key(4), (50, 3, 2)), data)
+    assert not np.any(np.isnan(np.asarray(far)))
+    values = guide.split_sites(u)
+    assert values["z"].shape == (50, 3, 2)
+    np.testing.assert_array_equal(guide.join_sites(values), u)
+    with pytest.raises(ValueError, match="u must be"):
+        guide.log_prob(params, u[:, :2], data)
+
+
+def test_importance_resample_recovers_the_exact_posterior_and_evidence(data):
+    """Resampled draws match the exact Gaussian posterior (mean within 0.05, sd within 10%:
+    4,000 draws from 8,192 proposals with ESS in the thousands give Monte Carlo errors about
+    a tenth of that) and the log evidence matches the closed form within 0.05 nats, although
+    the fitted restarts are diagonal Normals that miss the posterior's correlation of -0.9."""
+    from metaprior.inference.local import importance_resample
+
+    x, y = data
+    guide = TaskNormalGuide.build(jax.random.key(0), linear_gaussian_model, data)
+    fit = fit_local(jax.random.key(1), linear_gaussian_model, guide, data, num_steps=300, num_restarts=3)
+    draws = importance_resample(jax.random.key(2), linear_gaussian_model, fit, data, 4000, num_proposals=8192)
+    mean, cov = exact_posterior(x, y)
+    z = np.asarray(draws.values["z"])
+    assert z.shape == (4000, 3, 2)
+    np.testing.assert_allclose(z.mean(0), mean, atol=0.05)
+    np.testing.assert_allclose(z.std(0), np.sqrt(np.diagonal(cov, axis1=1, axis2=2)), rtol=0.1)
+    marginal = jax.vmap(
+        lambda xt, yt: jax.scipy.stats.multivariate_normal.logpdf(yt, jnp.zeros(4), xt @ xt.T + SIGMA**2 * jnp.eye(4))
+    )(x, y)
+    np.testing.assert_allclose(draws.log_evidence, marginal, atol=0.05)
+    assert np.all(np.asarray(draws.ess) > 1000)
+    with pytest.raises(ValueError, match="defensive_weight"):
+        importance_resample(jax.random.key(2), linear_gaussian_model, fit, data, 10, defensive_weight=0.0)
+    with pytest.raises(ValueError, match="restart_params"):
+        importance_resample(jax.random.key(2), linear_gaussian_model, fit._replace(restart_params=None), data, 10)
+
+
+def test_importance_resample_weighs_modes_by_mass_not_by_restart_count():
+    """Every restart starts on the positive side, so the restart mixture knows one mode; the
+    defensive component finds the other and the importance weights give each mode its
+    posterior mass, one half (within 0.1 of 1,000 draws: the binomial sd is 0.016, the rest is
+    the weights' Monte Carlo error at ESS in the hundreds)."""
+    from metaprior.inference.local import importance_resample, sample_restart_mixture
+
+    y = jnp.ones(4)
+    guide = TaskNormalGuide.build(jax.random.key(0), _two_mode_model, y, init_scale=0.1)
+    fit = fit_local(jax.random.key(2), _two_mode_model, guide, y, num_steps=300, num_restarts=3, num_particles=4)
+    fit = fit._replace(restart_params={**fit.restart_params, "q_loc": jnp.abs(fit.restart_params["q_loc"])})
+    assert np.all(np.asarray(sample_restart_mixture(jax.random.key(3), fit, y, 200)) > 0)
+    draws = importance_resample(jax.random.key(3), _two_mode_model, fit, y, 1000, num_proposals=4096)
+    z = np.asarray(draws.values["z"])
+    np.testing.assert_allclose(np.mean(z > 0, axis=0), 0.5, atol=0.1)
+    assert np.all(np.abs(np.abs(z) - 1) < 0.5)

@@ -9,7 +9,7 @@ device) and its ``metrics.json`` must equal it in every key but wall times.
 
 The same kill-and-rerun is run for every other experiment that checkpoints (on
 ../shared/data): sinusoid-maml / -llama, omniglot-maml / -llama, omniglot-amortized,
-sib-omniglot and dwp-mnist, each at its ``--quick`` size with training stretched over
+sib-omniglot, dwp-mnist and fewshot (one method), each at its ``--quick`` size with training stretched over
 several checkpoints; the test checks that the kill landed before training ended.
 
 A third run is killed in the middle of a checkpoint write: the test hook
@@ -142,6 +142,8 @@ KILL_CASES = {
     "omniglot-amortized": _SET(num_steps=6, checkpoint_every=1),
     "sib-omniglot": [],  # one checkpoint per training run (pretraining, then each shots x T)
     "dwp-mnist": _SET(checkpoint_every=5),  # source nets, each VAE, each prior's nets, each init segment
+    # one method and one test bed: the resume path is the same fit for every method
+    "fewshot": _SET(methods="protonet", beds="id", num_steps=12, steps_per_call=2, checkpoint_every=2),
 }
 SLOW_WRITE_S = 0.3
 

@@ -30,6 +30,7 @@ from metaprior.inference.local import guide_for_num_tasks, task_batch_learner
 from metaprior.inference.meta import fit
 from metaprior.inference.svi import init_params
 from metaprior.inference.task_latent import (
+    PREDICTIVES,
     build_task_guide,
     gaussian_scores,
     infer_support_sizes,
@@ -76,7 +77,10 @@ class HarmonicConfig:
     adapt_lr: float = 0.05
     adapt_particles: int = 1
     predictive_samples: int = 100
-    predictive: str = "mixture"  # "mixture": ELBO-weighted mixture of the restarts' q; "best": best restart only
+    # "importance": resampled from a defensive mixture (prior scale + restarts' q) by exact-posterior
+    # importance weights; "mixture": ELBO-weighted mixture of the restarts' q; "best": best restart only
+    predictive: str = "importance"
+    num_proposals: int = 1024  # importance proposals per task and support size
     posterior_support: int = 8
 
 
@@ -84,7 +88,13 @@ def make_config(size: str) -> HarmonicConfig:
     if size == "quick":
         small = dict(num_tasks=200, latent_dim=4, width=32, num_steps=40, eval_tasks=4, support_sizes=(1, 8))
         return HarmonicConfig(
-            num_query=20, adapt_steps=20, adapt_restarts=2, adapt_candidates=8, **small, predictive_samples=16
+            num_query=20,
+            adapt_steps=20,
+            adapt_restarts=2,
+            adapt_candidates=8,
+            **small,
+            predictive_samples=16,
+            num_proposals=64,
         )
     if size == "default":
         return HarmonicConfig(eval_tasks=50)
@@ -98,7 +108,7 @@ def make_config(size: str) -> HarmonicConfig:
 
 def _check(config: HarmonicConfig) -> None:
     choices = dict(net=ARCHS, schedule=("warmup-cosine", "constant"), guide=("iaf", "normal"))
-    choices.update(eval_guide=("iaf", "normal"), predictive=("mixture", "best"))
+    choices.update(eval_guide=("iaf", "normal"), predictive=PREDICTIVES)
     for field, allowed in choices.items():
         if getattr(config, field) not in allowed:
             raise ValueError(f"config.{field} must be one of {allowed}, got {getattr(config, field)!r}")
@@ -151,6 +161,7 @@ def evaluate(rng_key, config: HarmonicConfig, net, tasks: TaskBatch, *, kl_weigh
     kw = dict(num_steps=config.adapt_steps, learning_rate=config.adapt_lr, num_restarts=config.adapt_restarts)
     kw.update(num_candidates=config.adapt_candidates, num_particles=config.adapt_particles, kl_weight=kl_weight)
     kw.update(num_samples=config.predictive_samples, predictive=config.predictive, pad_to=config.pad_support)
+    kw.update(num_proposals=config.num_proposals)
     kw.update(guide_kind=config.eval_guide, num_flows=config.num_flows, init_loc_scale=config.init_loc_scale)
     out = infer_support_sizes(rng_key, model, tasks, config.support_sizes, encoder=encoder, desc=desc, **kw)
     n_max = max(config.support_sizes)
@@ -212,6 +223,8 @@ def run(rng_key, config: HarmonicConfig, out_dir: Path) -> dict[str, float]:
             metrics[f"mse_{tag}_n{n}"], metrics[f"mse_{tag}_n{n}_ci95"] = mean_ci95(r["mse"])
             metrics[f"nll_{tag}_n{n}"], metrics[f"nll_{tag}_n{n}_ci95"] = mean_ci95(r["nll"])
             metrics[f"restart_ess_{tag}_n{n}"] = float(np.mean(r["restart_ess"]))
+            if "is_ess" in r:
+                metrics[f"is_ess_{tag}_n{n}"] = float(np.mean(r["is_ess"]))
     metrics["train_time_s"] = metrics["train_time_kl_s"] + metrics["train_time_nokl_s"]
     metrics["kl_beats_nokl_mse_all_n"] = float(
         all(metrics[f"mse_kl_n{n}"] < metrics[f"mse_nokl_n{n}"] for n in config.support_sizes)
@@ -235,6 +248,8 @@ restart_ess_{kl,nokl}_n{N}: mean over tasks of the effective number of restarts 
 train_time_{kl,nokl}_s, train_time_s: meta-training wall time of this invocation (a resumed run counts only the
     steps it ran); eval_time_{kl,nokl}_s: new-task inference time
 final_loss_{kl,nokl}: mean negative ELBO (or NLL) over the last 5% of steps
+is_ess_{kl,nokl}_n{N}: mean over tasks of the importance sampler's effective sample size (out of num_proposals;
+    predictive="importance")
 kl_beats_nokl_mse_all_n: 1.0 if the KL model's MSE is below the baseline's at every N
 """
 

@@ -115,6 +115,7 @@ class FewShotSettings:
             draws of SIB's classifier weights (cheap: they act on fixed features; its
             accuracy rises from 0.67 at 1 draw to 0.86 at 32, ``benchmarks/README.md``).
         steps_per_call: optimizer steps per compiled call.
+        checkpoint_every: steps between a training run's checkpoints (and at its end).
     """
 
     filters: int = 32
@@ -146,6 +147,7 @@ class FewShotSettings:
     sib_pretrain_batch: int = 64
     sib_draws: int = 32
     steps_per_call: int = 10
+    checkpoint_every: int = 500
 
 
 class TrainedMethod(NamedTuple):
@@ -232,6 +234,7 @@ def _fit(rng_key, s: FewShotSettings, loss, params, images, desc, checkpoint, *,
         optimizer = optax.chain(optax.clip_by_global_norm(10.0), optimizer)
     sampler = lambda k, d: sample_episodes(k, d, s.meta_batch, s.ways, s.train_shots, s.train_queries)
     kw = dict(data=images, sample_batch=sampler, steps_per_call=s.steps_per_call, checkpoint=checkpoint, desc=desc)
+    kw.update(checkpoint_every=s.checkpoint_every)
     return fit(rng_key, meta_learner(loss, optimizer, has_aux=has_aux), params, s.num_steps, **kw)
 
 
@@ -325,6 +328,7 @@ def _train_sib(rng_key, s, images, val_images, checkpoint):
     loss = lambda p, key, batch: pretrain_loss(eqx.combine(p, static), key, batch)
     sampler = lambda k, d: sample_classification_batch(k, d, s.sib_pretrain_batch)
     kw = dict(data=images, sample_batch=sampler, steps_per_call=s.steps_per_call, checkpoint=ckpt("pretrain"))
+    kw.update(checkpoint_every=s.checkpoint_every)
     pre = fit(k_pre, meta_learner(loss, optax.adam(s.meta_lr)), params, s.sib_pretrain_steps, desc="SIB pretrain", **kw)
     feature_net = eqx.combine(pre.state.params, static)
     num_features = jax.eval_shape(feature_net.features, images[0, :1]).shape[-1]

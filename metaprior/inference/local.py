@@ -25,7 +25,9 @@ __all__ = [
     "LocalFit",
     "TaskBatchState",
     "fit_local",
+    "ImportanceDraws",
     "guide_for_num_tasks",
+    "importance_resample",
     "restart_weights",
     "sample_restart_mixture",
     "subsample_indices",
@@ -228,6 +230,114 @@ def sample_restart_mixture(
     num_tasks = fit.restart_elbo.shape[0]
     pick = jax.random.categorical(k_pick, jnp.log(restart_weights(fit)), shape=(num_samples, num_tasks))  # [S, T]
     return jnp.take_along_axis(draws, pick.reshape((1, *pick.shape) + (1,) * (draws.ndim - 3)), axis=0)[0]
+
+
+class ImportanceDraws(NamedTuple):
+    """Result of :func:`importance_resample`.
+
+    Attributes:
+        values: ``{site: [S, *site shape]}`` posterior draws (resampled proposals).
+        ess: ``[T]`` effective sample size of the self-normalised weights (out of the
+            proposals drawn; small values mean the proposal missed the posterior).
+        log_evidence: ``[T]`` importance-sampling estimate of ``log p(support)``.
+    """
+
+    values: dict[str, jax.Array]
+    ess: jax.Array
+    log_evidence: jax.Array
+
+
+def _first(values: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    return {k: v[0] for k, v in values.items()}
+
+
+def importance_resample(
+    rng_key: jax.Array,
+    model: Callable,
+    fit: LocalFit,
+    batch: Any,
+    num_samples: int,
+    *,
+    num_proposals: int = 1024,
+    defensive_weight: float = 0.5,
+    defensive_scale: float = 1.0,
+    chunk_size: int = 64,
+    **model_kwargs: Any,
+) -> ImportanceDraws:
+    """Posterior draws of every task's local latents by self-normalised importance sampling.
+
+    The proposal is a defensive mixture (Hesterberg 1995): with weight
+    ``defensive_weight`` a broad ``N(0, defensive_scale^2 I)``, the rest split over the
+    fitted restarts' guides by :func:`restart_weights`. Every component's density is
+    evaluated at every draw (the IAF is inverted), so the weights
+    ``p(y, z) / q_mix(z)`` are those of the deterministic mixture, and the draws cover both
+    what the mode-seeking fits found and the broad posterior of a small support set that
+    they miss. ``num_samples`` draws are then resampled in proportion to the weights.
+
+    Args:
+        model: the model with its shared parameters bound (as for :func:`fit_local`).
+        fit: a :class:`LocalFit` that kept every restart (``restart_params``).
+        batch: the support set ``fit`` was fitted to (leading ``[T]`` axis).
+        num_proposals: proposal draws per task.
+        defensive_weight: the broad component's share of the proposal, in ``(0, 1]``.
+        chunk_size: proposals whose log joint is evaluated at once (memory).
+        **model_kwargs: passed to the model.
+
+    Returns:
+        :class:`ImportanceDraws`.
+
+    References:
+        Owen and Zhou (2000), "Safe and effective importance sampling" (mixture weights).
+    """
+    from metaprior.inference.mcmc import per_task_log_joint
+
+    if fit.restart_params is None:
+        raise ValueError("fit.restart_params is None: this LocalFit did not keep every restart's parameters")
+    if num_samples < 1 or num_proposals < 1:
+        raise ValueError(f"num_samples and num_proposals must be >= 1, got {num_samples}, {num_proposals}")
+    if not 0.0 < defensive_weight <= 1.0:
+        raise ValueError(f"defensive_weight must be in (0, 1], got {defensive_weight}")
+    guide = fit.guide
+    num_tasks, num_restarts = fit.restart_elbo.shape
+    d = guide.latent_dim
+    restarts = [jax.tree.map(lambda p, r=r: p[:, r], fit.restart_params) for r in range(num_restarts)]
+    log_pi = jnp.concatenate(
+        [
+            jnp.full((num_tasks, 1), jnp.log(defensive_weight)),
+            jnp.log1p(-defensive_weight) + jnp.log(restart_weights(fit)),
+        ],
+        axis=-1,
+    )  # [T, 1 + R]
+    if defensive_weight == 1.0:
+        log_pi = log_pi.at[:, 1:].set(-jnp.inf)
+    k_pick, k_broad, k_rest, k_resample = jax.random.split(rng_key, 4)
+    # draw M proposals from every component, then keep, per draw, the one its pick names
+    broad = defensive_scale * jax.random.normal(k_broad, (num_proposals, num_tasks, d))
+    draws = [broad] + [
+        guide.sample(jax.random.fold_in(k_rest, r), p, num_proposals, batch)[0] for r, p in enumerate(restarts)
+    ]
+    pick = jax.random.categorical(k_pick, log_pi, shape=(num_proposals, num_tasks))  # [M, T]
+    u = jnp.take_along_axis(jnp.stack(draws), pick[None, :, :, None], axis=0)[0]  # [M, T, D]
+    log_q = [jnp.sum(jax.scipy.stats.norm.logpdf(u, 0.0, defensive_scale), axis=-1)]
+    log_q += [guide.log_prob(p, u, batch) for p in restarts]
+    log_q_mix = jax.scipy.special.logsumexp(jnp.stack(log_q, axis=-1) + log_pi[None], axis=-1)  # [M, T]
+
+    def log_joint(u_chunk):
+        return jax.vmap(
+            lambda v: per_task_log_joint(model, batch, values=_first(guide.split_sites(v[None])), **model_kwargs)
+        )(u_chunk)
+
+    num_chunks = -(-num_proposals // chunk_size)
+    padded = jnp.concatenate([u, jnp.zeros((num_chunks * chunk_size - num_proposals, num_tasks, d))])
+    log_p = jax.lax.map(log_joint, padded.reshape(num_chunks, chunk_size, num_tasks, d))
+    log_p = log_p.reshape(-1, num_tasks)[:num_proposals]
+    log_w = jnp.where(jnp.isfinite(log_p), log_p - log_q_mix, -jnp.inf)  # [M, T]
+    log_norm = jax.scipy.special.logsumexp(log_w, axis=0)
+    w = jnp.exp(log_w - log_norm)
+    ess = 1.0 / jnp.sum(w**2, axis=0)
+    idx = jax.random.categorical(k_resample, log_w.T, shape=(num_samples, num_tasks))  # [S, T]
+    z = jnp.take_along_axis(u, idx[:, :, None], axis=0)
+    return ImportanceDraws(guide.split_sites(z), ess, log_norm - jnp.log(num_proposals))
 
 
 # --------------------------------------------------------------------------- meta-training

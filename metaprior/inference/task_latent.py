@@ -29,6 +29,7 @@ from metaprior.inference.local import (
     LocalFit,
     fit_local,
     guide_for_num_tasks,
+    importance_resample,
     restart_weights,
     sample_restart_mixture,
 )
@@ -94,6 +95,9 @@ def with_params(module: eqx.Module, params) -> eqx.Module:
     return eqx.combine(params, static)
 
 
+PREDICTIVES = ("importance", "mixture", "best")
+
+
 def _buckets(sizes: Sequence[int], pad_to: int) -> list[tuple[int, tuple[int, ...]]]:
     """Group support sizes into padded shapes: sizes up to ``pad_to`` share one shape
     (``pad_to`` slots, or the largest size if smaller), larger sizes get their own."""
@@ -121,6 +125,7 @@ def infer_support_sizes(
     num_flows: int = 2,
     init_loc_scale: float = 0.0,
     encoder: eqx.Module | None = None,
+    num_proposals: int = 1024,
     desc: str = "new-task inference",
 ) -> dict[int, dict[str, Any]]:
     """Fit ``q(z | first N points)`` of every task in ``tasks`` for each ``N`` in ``sizes``.
@@ -132,15 +137,18 @@ def infer_support_sizes(
 
     Args:
         tasks: ``[tasks, examples, D]``; the first ``N`` examples of each are its support.
-        predictive: ``"mixture"`` draws ``z`` from the ELBO-weighted mixture of the
-            restarts' guides, ``"best"`` from the best restart's only.
+        predictive: ``"importance"`` resamples ``z`` from ``num_proposals`` draws of a
+            defensive mixture (the prior's scale and the restarts' guides) by importance
+            weights against the exact posterior (:func:`importance_resample`);
+            ``"mixture"`` draws ``z`` from the ELBO-weighted mixture of the restarts'
+            guides, ``"best"`` from the best restart's only.
 
     Returns:
         ``{N: dict(fit=LocalFit, support=TaskBatch [tasks, N], z [num_samples, tasks, 1, d],
-        restart_ess [tasks])}``.
+        restart_ess [tasks], is_ess [tasks] (importance only))}``.
     """
-    if predictive not in ("mixture", "best"):
-        raise ValueError(f"predictive must be 'mixture' or 'best', got {predictive!r}")
+    if predictive not in PREDICTIVES:
+        raise ValueError(f"predictive must be one of {PREDICTIVES}, got {predictive!r}")
     num_tasks = tasks.x.shape[0]
     out = {}
     bar = tqdm(total=len(sizes), desc=desc, unit="size", disable=not progress_enabled(None), leave=False)
@@ -172,7 +180,11 @@ def infer_support_sizes(
             kl_weight=kl_weight,
             num_candidates=num_candidates,
         )
-        if predictive == "mixture":
+        is_ess = None
+        if predictive == "importance":
+            draws = importance_resample(k_pred, model, local, padded, num_samples, num_proposals=num_proposals)
+            z_all, is_ess = draws.values["z"], np.asarray(draws.ess)
+        elif predictive == "mixture":
             z_all = sample_restart_mixture(k_pred, local, padded, num_samples, site="z")
         else:
             z_all = Predictive(local.guide, params=local.params, num_samples=num_samples)(k_pred, padded)["z"]
@@ -188,6 +200,8 @@ def infer_support_sizes(
                 z=np.asarray(z_all[:, rows]),
                 restart_ess=1.0 / np.sum(weights**2, axis=-1),
             )
+            if is_ess is not None:
+                out[n]["is_ess"] = is_ess[rows]
         bar.update(len(group))
     bar.close()
     return out

@@ -118,6 +118,10 @@ class _TaskGuideBase(abc.ABC):
     def _flow(self, flow_params: dict[str, jax.Array], u: jax.Array) -> tuple[jax.Array, jax.Array]:
         """One task: ``u [D] -> (u' [D], log|det du'/du|)``."""
 
+    @abc.abstractmethod
+    def _inverse_flow(self, flow_params: dict[str, jax.Array], u: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """One task: ``u' [D] -> (u [D], log|det du'/du|)``, the inverse of :meth:`_flow`."""
+
     def _base_init(self, rng_key):
         d = self.latent_dim
         return {
@@ -146,6 +150,67 @@ class _TaskGuideBase(abc.ABC):
         log_q = jnp.sum(dist.Normal(0.0, 1.0).log_prob(eps)) - jnp.sum(task_params["log_scale"])
         u, log_det = self._flow(task_params, u)
         return u, log_q - log_det
+
+    def log_prob_task(self, task_params: dict[str, jax.Array], u: jax.Array) -> jax.Array:
+        """One task: ``log q(u)`` of a given ``u [D]`` (the flow inverted; see :meth:`sample_task`).
+
+        Far out in the tails a saturated gate sends the inverse past float range; ``q``'s
+        density there is below what the dtype holds, and ``-inf`` is returned, never NaN.
+        """
+        u0, log_det = self._inverse_flow(task_params, u)
+        eps = (u0 - task_params["loc"]) * jnp.exp(-task_params["log_scale"])
+        log_q = jnp.sum(dist.Normal(0.0, 1.0).log_prob(eps)) - jnp.sum(task_params["log_scale"]) - log_det
+        return jnp.where(jnp.isnan(log_q) | (log_q == jnp.inf), -jnp.inf, log_q)
+
+    def task_params(self, params: dict[str, jax.Array], *args: Any) -> dict[str, jax.Array]:
+        """Every task's parameters as the guide program uses them: ``params`` (keyed by
+        site name, leading ``[num_tasks]`` axis) with the encoder's offsets added when the
+        guide has one (``args`` are then the model's arguments, the batch first)."""
+
+        def program():
+            task_params = self._params()
+            if self.encoder is not None:
+                task_params = self._encode(task_params, jnp.arange(self.num_tasks), args)
+            return task_params
+
+        return handlers.substitute(handlers.seed(program, jax.random.key(0)), data=params)()
+
+    def sample(self, rng_key: jax.Array, params: dict[str, jax.Array], num_samples: int, *args: Any):
+        """``num_samples`` draws of every task's flat latents: ``(u [S, T, D], log q(u) [S, T])``."""
+        task_params = self.task_params(params, *args)
+        eps = jax.random.normal(rng_key, (num_samples, self.num_tasks, self.latent_dim))
+        return jax.vmap(lambda e: jax.vmap(self.sample_task)(task_params, e))(eps)
+
+    def log_prob(self, params: dict[str, jax.Array], u: jax.Array, *args: Any) -> jax.Array:
+        """``log q(u)`` of flat latents ``u [S, T, D]`` (e.g. another guide's draws): ``[S, T]``.
+
+        Args:
+            params: this guide's parameters for its ``T`` tasks (keyed by site name).
+            u: ``[S, T, D]`` points, laid out as :meth:`join_sites` lays out site values.
+            *args: the model's arguments (needed only with an encoder).
+        """
+        if u.ndim != 3 or u.shape[1:] != (self.num_tasks, self.latent_dim):
+            raise ValueError(f"u must be [samples, {self.num_tasks}, {self.latent_dim}], got {u.shape}")
+        task_params = self.task_params(params, *args)
+        return jax.vmap(lambda v: jax.vmap(self.log_prob_task)(task_params, v))(u)
+
+    def split_sites(self, u: jax.Array) -> dict[str, jax.Array]:
+        """Flat latents ``u [S, T, D]`` -> ``{site: [S, *site shape]}`` (the model's layout)."""
+        values, offset = {}, 0
+        for site in self.sites:
+            part = u[..., offset : offset + site.size]
+            offset += site.size
+            value = part.reshape(u.shape[:2] + site.per_task_shape())
+            values[site.name] = jnp.moveaxis(value, 1, 1 + site.task_axis)
+        return values
+
+    def join_sites(self, values: dict[str, jax.Array]) -> jax.Array:
+        """Inverse of :meth:`split_sites`: ``{site: [S, *site shape]}`` -> ``[S, T, D]``."""
+        parts = []
+        for site in self.sites:
+            value = jnp.moveaxis(values[site.name], 1 + site.task_axis, 1)
+            parts.append(value.reshape(value.shape[:2] + (site.size,)))
+        return jnp.concatenate(parts, axis=-1)
 
     def __call__(self, *args: Any, **kwargs: Any) -> dict[str, jax.Array]:
         """The guide program: same arguments as the model."""
@@ -281,6 +346,9 @@ class TaskNormalGuide(_TaskGuideBase):
     def _flow(self, flow_params, u):
         return u, jnp.zeros(())
 
+    def _inverse_flow(self, flow_params, u):
+        return u, jnp.zeros(())
+
 
 @dataclasses.dataclass(frozen=True)
 class TaskIAFGuide(_TaskGuideBase):
@@ -354,22 +422,42 @@ class TaskIAFGuide(_TaskGuideBase):
             "iaf_b2": jnp.concatenate([jnp.zeros((t, k, d)), jnp.full((t, k, d), 2.0)], axis=-1),
         }
 
-    def _flow(self, p, u):
+    def _made(self, p, k: int, u):
+        """Flow ``k``'s MADE: ``(mu [D], gate [D])``; output ``i`` depends on ``u[:i]`` only."""
         d = self.latent_dim
-        if self.num_flows == 0:
-            return u, jnp.zeros(())
         m_in, m_out = _made_masks(d, self.hidden_dim)
         m_out2 = np.concatenate([m_out, m_out], axis=0)
+        h = jax.nn.elu((p["iaf_w1"][k] * m_in) @ u + p["iaf_b1"][k])
+        out = (p["iaf_w2"][k] * m_out2) @ h + p["iaf_b2"][k]
+        return out[:d], out[d:]
+
+    def _flow(self, p, u):
         log_det = jnp.zeros(())
         for k in range(self.num_flows):
             if k % 2 == 1:
                 u = u[::-1]
-            h = jax.nn.elu((p["iaf_w1"][k] * m_in) @ u + p["iaf_b1"][k])
-            out = (p["iaf_w2"][k] * m_out2) @ h + p["iaf_b2"][k]
-            mu, gate = out[:d], out[d:]
+            mu, gate = self._made(p, k, u)
             sigma = jax.nn.sigmoid(gate)
             u = sigma * u + (1.0 - sigma) * mu
             log_det = log_det + jnp.sum(jax.nn.log_sigmoid(gate))
             if k % 2 == 1:
                 u = u[::-1]
+        return u, log_det
+
+    def _inverse_flow(self, p, u):
+        """Invert the flows last to first. Within a flow, ``u_i = mu_i + (u'_i - mu_i) /
+        sigma_i`` where ``mu_i, sigma_i`` depend on ``u_{<i}`` only, so the entries are
+        solved in order, one MADE pass each (Kingma et al. 2016, sec. 4). Entries not yet
+        solved are held at zero, so a masked-out infinity never meets a zero weight."""
+        log_det = jnp.zeros(())
+        for k in reversed(range(self.num_flows)):
+            if k % 2 == 1:
+                u = u[::-1]
+            v = jnp.zeros_like(u)
+            for i in range(self.latent_dim):
+                mu, gate = self._made(p, k, v)
+                v = v.at[i].set(mu[i] + (u[i] - mu[i]) * jnp.exp(-jax.nn.log_sigmoid(gate[i])))
+            _, gate = self._made(p, k, v)
+            log_det = log_det + jnp.sum(jax.nn.log_sigmoid(gate))
+            u = v[::-1] if k % 2 == 1 else v
         return u, log_det
