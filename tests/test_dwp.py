@@ -509,6 +509,28 @@ def test_bnn_optimizer_freezes_the_encoder_and_decays_linearly(small):
         bnn_optimizer(DWPSettings(lr_schedule="cosine"))
 
 
+def test_bnn_optimizer_scale_lr_moves_only_the_log_scales_faster(small):
+    """scale_lr: Adam's first step moves every parameter by its step size times
+    ``g / (|g| + eps)``, so the log scales move by scale_lr (up to eps / |g|: 1%) and the
+    locs by learning_rate, ten times less here."""
+    net, x, y = small["net"], small["x"], small["y"]
+    prior = DeepWeightPrior([KernelVAE(K, 2, (8,), key=jax.random.key(i)) for i in range(2)])
+    guide = build_guide(net, prior.priors(), prior=prior)
+    params = {**guide.init_params(jax.random.key(1)), **dwp_model_params(net)}
+    loss = bnn_loss("dwp", net, prior.priors(), guide, batch_size=4)
+    settings = DWPSettings(num_steps=2, learning_rate=1e-3, scale_lr=1e-2)
+    learner = meta_learner(loss, bnn_optimizer(settings))
+    state, _ = jax.jit(learner.step)(jax.random.key(0), learner.init(params), (x, y, jnp.int32(6)))
+    scales = [k for k in params if k.endswith("_log_scale")]
+    locs = [k for k in params if k.endswith("_loc")]
+    assert scales and locs
+    for names, size in ((scales, 1e-2), (locs, 1e-3)):
+        step = np.concatenate([np.abs(np.ravel(state.params[k] - params[k])) for k in names])
+        np.testing.assert_allclose(np.median(step), size, rtol=0.01)
+    with pytest.raises(ValueError, match="scale_lr"):
+        bnn_optimizer(DWPSettings(scale_lr=-1.0))
+
+
 def test_bnn_loss_traces_once_and_is_finite(small):
     """The DWP loss (LRT data term + latent_elbo) compiles once and runs under jit and vmap."""
     net, x, y = small["net"], small["x"], small["y"]

@@ -296,3 +296,21 @@ def test_fit_local_with_encoder_keeps_the_best_candidate(setup):
     locs = np.asarray(amort.restart_params["q_loc"])
     np.testing.assert_array_equal(locs[:, 0], 0.0)
     np.testing.assert_allclose(locs[:, 1], np.asarray(plain.restart_params["q_loc"])[:, 0])
+
+
+def test_support_size_metrics_pairs_the_gap_over_the_same_tasks():
+    """The gap is the mean of per-task differences and its interval is the paired one:
+    narrower than either model's when the two move together task by task."""
+    from metaprior.inference.task_latent import support_size_metrics
+
+    base = np.array([1.0, 3.0, 5.0, 7.0])
+    results = {
+        "a": {1: dict(mse=base + 0.5, nll=base, restart_ess=np.ones(4), is_ess=np.full(4, 8.0))},
+        "b": {1: dict(mse=base + np.array([0.0, 0.1, 0.0, -0.1]), nll=base, restart_ess=np.ones(4))},
+    }
+    m = support_size_metrics(results, baseline="a", model="b")
+    np.testing.assert_allclose(m["mse_gap_n1"], 0.5)
+    np.testing.assert_allclose(m["mse_gap_n1_ci95"], 1.96 * np.std([0.5, 0.4, 0.5, 0.6], ddof=1) / 2)
+    assert m["mse_gap_n1_ci95"] < m["mse_a_n1_ci95"] / 10
+    assert m["is_ess_a_n1"] == 8.0 and "is_ess_b_n1" not in m
+    np.testing.assert_allclose(m["mse_b_n1"], 4.0)

@@ -22,7 +22,7 @@ import numpy as np
 import optax
 
 from metaprior.data.tasks import TaskBatch, harmonic_fn, harmonic_tasks
-from metaprior.experiments._common import mean_ci95, save_datatree
+from metaprior.experiments._common import save_datatree
 from metaprior.experiments._plots import functions_figure, support_size_figure
 from metaprior.experiments._registry import Experiment
 from metaprior.inference.guides import SetEncoder
@@ -35,6 +35,7 @@ from metaprior.inference.task_latent import (
     gaussian_scores,
     infer_support_sizes,
     posterior_datatree,
+    support_size_metrics,
     warmup_cosine_adam,
     with_params,
 )
@@ -77,9 +78,7 @@ class HarmonicConfig:
     adapt_lr: float = 0.05
     adapt_particles: int = 1
     predictive_samples: int = 100
-    # "importance": resampled from a defensive mixture (prior scale + restarts' q) by exact-posterior
-    # importance weights; "mixture": ELBO-weighted mixture of the restarts' q; "best": best restart only
-    predictive: str = "importance"
+    predictive: str = "importance"  # or "mixture" (restarts' q by ELBO) or "best" (see infer_support_sizes)
     num_proposals: int = 1024  # importance proposals per task and support size
     posterior_support: int = 8
 
@@ -87,15 +86,8 @@ class HarmonicConfig:
 def make_config(size: str) -> HarmonicConfig:
     if size == "quick":
         small = dict(num_tasks=200, latent_dim=4, width=32, num_steps=40, eval_tasks=4, support_sizes=(1, 8))
-        return HarmonicConfig(
-            num_query=20,
-            adapt_steps=20,
-            adapt_restarts=2,
-            adapt_candidates=8,
-            **small,
-            predictive_samples=16,
-            num_proposals=64,
-        )
+        small.update(num_query=20, adapt_steps=20, adapt_restarts=2, adapt_candidates=8, num_proposals=64)
+        return HarmonicConfig(**small, predictive_samples=16)
     if size == "default":
         return HarmonicConfig(eval_tasks=50)
     if size == "full":
@@ -180,16 +172,8 @@ def plot_posterior_functions(net, params, task: int, results, out_dir) -> None:
     for n in [n for n in (1, 2, 8, 256) if n in results] or list(results)[:4]:
         mu, _ = task_latent_predict(net, jnp.asarray(results[n]["z"][:20, task : task + 1]), grid[None, :, None])
         s = results[n]["support"]
-        panels.append(
-            dict(
-                title=f"{n} point{'s' if n > 1 else ''}",
-                grid=grid,
-                samples=mu[:, 0],
-                truth=truth,
-                support_x=s.x[task, :, 0],
-                support_y=s.y[task],
-            )
-        )
+        panel = dict(title=f"{n} point{'s' if n > 1 else ''}", grid=grid, samples=mu[:, 0], truth=truth)
+        panels.append(dict(panel, support_x=s.x[task, :, 0], support_y=s.y[task]))
     title = "Posterior predictive functions (KL model): 20 samples of z"
     functions_figure(panels, out_dir, "posterior_functions.png", title=title, label="samples of z")
 
@@ -219,12 +203,7 @@ def run(rng_key, config: HarmonicConfig, out_dir: Path) -> dict[str, float]:
         desc = f"new-task inference ({tag})"
         results[tag] = evaluate(k_ev, config, nets[tag], eval_tasks, kl_weight=weight, encoder=encoder, desc=desc)
         metrics[f"eval_time_{tag}_s"] = time.perf_counter() - start
-        for n, r in results[tag].items():
-            metrics[f"mse_{tag}_n{n}"], metrics[f"mse_{tag}_n{n}_ci95"] = mean_ci95(r["mse"])
-            metrics[f"nll_{tag}_n{n}"], metrics[f"nll_{tag}_n{n}_ci95"] = mean_ci95(r["nll"])
-            metrics[f"restart_ess_{tag}_n{n}"] = float(np.mean(r["restart_ess"]))
-            if "is_ess" in r:
-                metrics[f"is_ess_{tag}_n{n}"] = float(np.mean(r["is_ess"]))
+    metrics.update(support_size_metrics(results, baseline="nokl", model="kl"))
     metrics["train_time_s"] = metrics["train_time_kl_s"] + metrics["train_time_nokl_s"]
     metrics["kl_beats_nokl_mse_all_n"] = float(
         all(metrics[f"mse_kl_n{n}"] < metrics[f"mse_nokl_n{n}"] for n in config.support_sizes)
@@ -248,6 +227,8 @@ restart_ess_{kl,nokl}_n{N}: mean over tasks of the effective number of restarts 
 train_time_{kl,nokl}_s, train_time_s: meta-training wall time of this invocation (a resumed run counts only the
     steps it ran); eval_time_{kl,nokl}_s: new-task inference time
 final_loss_{kl,nokl}: mean negative ELBO (or NLL) over the last 5% of steps
+mse_gap_n{N}: mean over eval tasks of (no-KL MSE - KL MSE) on the same task, plus _ci95 (the paired interval;
+    positive: the KL model is better)
 is_ess_{kl,nokl}_n{N}: mean over tasks of the importance sampler's effective sample size (out of num_proposals;
     predictive="importance")
 kl_beats_nokl_mse_all_n: 1.0 if the KL model's MSE is below the baseline's at every N

@@ -251,8 +251,9 @@ def predictive_accuracy(
 
 def bnn_optimizer(settings: DWPSettings) -> optax.GradientTransformation:
     """Adam for the Bayesian nets: ``settings.lr_schedule`` (constant, or linear decay to 0
-    over ``num_steps``) and, with ``settings.freeze_encoder``, a zero update for every
-    ``"*_encoder$params"`` site (``r(z | w)`` stays the prior VAE's encoder)."""
+    over ``num_steps``); with ``settings.scale_lr``, q's ``*_log_scale`` parameters take
+    that step size (same schedule); with ``settings.freeze_encoder``, a zero update for
+    every ``"*_encoder$params"`` site (``r(z | w)`` stays the prior VAE's encoder)."""
     if settings.lr_schedule == "constant":
         lr = settings.learning_rate
     elif settings.lr_schedule == "linear":
@@ -260,16 +261,26 @@ def bnn_optimizer(settings: DWPSettings) -> optax.GradientTransformation:
     else:
         raise ValueError(f"settings.lr_schedule must be 'constant' or 'linear', got {settings.lr_schedule!r}")
     adam = optax.adam(lr)
-    if not settings.freeze_encoder:
+    if not settings.freeze_encoder and not settings.scale_lr:
         return adam
+    if settings.scale_lr < 0:
+        raise ValueError(f"settings.scale_lr must be >= 0, got {settings.scale_lr}")
+    scale_adam = adam
+    if settings.scale_lr:
+        scale_lr = settings.scale_lr
+        if settings.lr_schedule == "linear":
+            scale_lr = optax.linear_schedule(settings.scale_lr, 0.0, max(settings.num_steps, 1))
+        scale_adam = optax.adam(scale_lr)
+
+    def label(name: str) -> str:
+        if settings.freeze_encoder and name.endswith("_encoder$params"):
+            return "frozen"
+        return "scale" if name.endswith("_log_scale") else "train"
 
     def labels(params):
-        return {
-            k: jax.tree.map(lambda _: "frozen" if k.endswith("_encoder$params") else "train", v)
-            for k, v in params.items()
-        }
+        return {k: jax.tree.map(lambda _, k=k: label(k), v) for k, v in params.items()}
 
-    return optax.multi_transform({"train": adam, "frozen": optax.set_to_zero()}, labels)
+    return optax.multi_transform({"train": adam, "scale": scale_adam, "frozen": optax.set_to_zero()}, labels)
 
 
 def fit_bnns(

@@ -73,6 +73,11 @@ class DWPSettings:
             init_logit_alpha: the Bayesian nets and their variational inference.
         lr_schedule: the Bayesian nets' Adam step size over ``num_steps``: ``"constant"``, or
             ``"linear"`` (decayed linearly to 0, as the authors' ``train-bnn.py`` does).
+        scale_lr: Adam step size of q's ``*_log_scale`` parameters (0: ``learning_rate``).
+            Adam moves a parameter by about its step size per step, so from the
+            initial log scale of -5 at 1e-3 the scales can reach the prior's (about
+            e^-3) only after thousands of steps; a larger step for them alone lets
+            a short run get there.
         freeze_encoder: keep ``r(z | w)`` at the prior VAE's encoder (the authors' code)
             instead of training it with ``q`` (the paper's Algorithm 1).
         num_eval_samples: weight draws of the posterior predictive.
@@ -110,6 +115,7 @@ class DWPSettings:
     init_logit_alpha: float = -2.0
     lr_schedule: str = "constant"
     freeze_encoder: bool = False
+    scale_lr: float = 0.0
     num_eval_samples: int = 10
     posterior_samples: int = 50
     init_train_size: int = 5000

@@ -42,6 +42,7 @@ __all__ = [
     "infer_support_sizes",
     "gaussian_scores",
     "posterior_datatree",
+    "support_size_metrics",
 ]
 
 
@@ -223,6 +224,35 @@ def gaussian_scores(mu: jax.Array, sigma: jax.Array, y: jax.Array) -> tuple[np.n
     log_p = jax.scipy.stats.norm.logpdf(y[None], mu, sigma)
     nll = -jnp.mean(jax.scipy.special.logsumexp(log_p, axis=0) - jnp.log(log_p.shape[0]), axis=-1)
     return np.asarray(mse), np.asarray(nll)
+
+
+def support_size_metrics(results: dict[str, dict[int, dict]], *, baseline: str, model: str) -> dict[str, float]:
+    """Flat metrics of :func:`infer_support_sizes` results scored by :func:`gaussian_scores`.
+
+    Args:
+        results: ``{tag: {N: dict(mse [T], nll [T], restart_ess [T], is_ess [T] (optional))}}``,
+            every tag scored on the same ``T`` tasks.
+        baseline, model: two tags; ``mse_gap_n{N}`` is ``baseline``'s MSE minus ``model``'s
+            on the same task, averaged (the paired comparison; positive: ``model`` is better).
+
+    Returns:
+        ``{mse,nll}_{tag}_n{N}`` and their ``_ci95`` (normal 95% half-width over tasks),
+        ``restart_ess_{tag}_n{N}``, ``is_ess_{tag}_n{N}``, ``mse_gap_n{N}`` and ``_ci95``.
+    """
+    from metaprior.inference.evaluation import mean_ci95
+
+    out: dict[str, float] = {}
+    for tag, by_size in results.items():
+        for n, r in by_size.items():
+            for key in ("mse", "nll"):
+                out[f"{key}_{tag}_n{n}"], out[f"{key}_{tag}_n{n}_ci95"] = mean_ci95(r[key])
+            for key in ("restart_ess", "is_ess"):
+                if key in r:
+                    out[f"{key}_{tag}_n{n}"] = float(np.mean(r[key]))
+    for n in results[model]:
+        gap = np.asarray(results[baseline][n]["mse"]) - np.asarray(results[model][n]["mse"])
+        out[f"mse_gap_n{n}"], out[f"mse_gap_n{n}_ci95"] = mean_ci95(gap)
+    return out
 
 
 def posterior_datatree(rng_key: jax.Array, predict: Callable, z, support: TaskBatch):
