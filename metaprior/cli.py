@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import time
 from pathlib import Path
@@ -44,8 +45,6 @@ def _coerce(field_type, current, raw: str):
 def _check_out(out: Path) -> str | None:
     """Why ``out`` cannot be the output folder, or ``None``: it (or its nearest existing
     ancestor) must be a writable folder."""
-    import os
-
     if out.exists() and not out.is_dir():
         return "exists and is not a folder"
     probe = out
@@ -68,7 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     p_run.add_argument("--out", type=Path, default=None, help="output folder (default runs/NAME)")
     p_run.add_argument("--seed", type=int, default=0, help="PRNG seed (default 0)")
     size = p_run.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="tiny run (CI, smoke test)")
+    size.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny run (CI, smoke test); compiled with XLA's backend optimisations off, which halves its "
+        "compile-dominated time (set JAX_DISABLE_MOST_OPTIMIZATIONS=0 to keep them)",
+    )
     size.add_argument("--full", action="store_true", help="paper-size run (long)")
     p_run.add_argument("--steps", type=int, default=None, help="override the number of training steps")
     p_run.add_argument(
@@ -134,11 +138,14 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
         config = dataclasses.replace(config, **changes)
     if args.no_progress:
-        import os
-
         os.environ["METAPRIOR_PROGRESS"] = "0"
 
     import jax
+
+    if size == "quick" and "JAX_DISABLE_MOST_OPTIMIZATIONS" not in os.environ:
+        # a tiny run is mostly compilation: XLA's backend optimisations cost more than they
+        # save there (benchmarks/README.md, "--quick run times: optimisations off")
+        jax.config.update("jax_disable_most_optimizations", True)
 
     from metaprior.experiments._common import write_metrics
 

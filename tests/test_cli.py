@@ -45,3 +45,33 @@ def test_override_coerces_to_the_field_type():
     assert _coerce(None, ("a", "b"), "maml,llama") == ("maml", "llama")
     assert _coerce(None, (1.0,), "10,100.5") == (10.0, 100.5)
     assert _coerce(None, True, "off") is False
+
+
+_QUICK_FLAG = """
+import sys, jax
+from metaprior.cli import main
+assert main(["run", "sinusoid-maml", "--quick", "--no-progress", "--out", sys.argv[1]]) == 0
+print(jax.config.read("jax_disable_most_optimizations"))
+"""
+
+
+def test_quick_runs_compile_without_backend_optimisations_unless_asked(tmp_path):
+    """``--quick`` turns XLA's backend optimisations off for its compile-bound tiny run; an
+    explicit JAX_DISABLE_MOST_OPTIMIZATIONS (here 0) is left as the user set it."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "JAX_DISABLE_MOST_OPTIMIZATIONS"}
+    seen = {}
+    for label, extra in (("unset", {}), ("zero", {"JAX_DISABLE_MOST_OPTIMIZATIONS": "0"})):
+        proc = subprocess.run(
+            [sys.executable, "-c", _QUICK_FLAG, str(tmp_path / label)],
+            env={**env, **extra},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        seen[label] = proc.stdout.strip().splitlines()[-1]
+    assert seen == {"unset": "True", "zero": "False"}
