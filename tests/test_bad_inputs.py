@@ -169,6 +169,15 @@ def _truncated_checkpoint(tmp):
     _load_checkpoint(_checkpoint(tmp, data[: len(data) // 2]))
 
 
+def _validate_case_checkpoint(tmp):
+    import jax
+
+    from metaprior.experiments.validate import finished_case, make_config
+
+    (tmp / "case_linear.json").write_text('{"metrics": {"w1_linear_exact": 0.1')
+    finished_case(tmp, "linear", jax.random.key(0), make_config("quick"))
+
+
 def _dwp_other_kernel_size(tmp):
     import jax
 
@@ -359,6 +368,14 @@ CASES = [
         lambda t: __import__("metaprior.data.omniglot", fromlist=["x"]).load_oneshot_runs(t / "nope.zip"),
         FileNotFoundError,
         ("nope.zip", "brendenlake/omniglot"),
+    ),
+    Case(
+        "validate-case-ckpt-corrupt",
+        "files",
+        "validate's per-case checkpoint cut in half",
+        _validate_case_checkpoint,
+        ValueError,
+        ("case_linear.json", "not a readable case checkpoint", "delete it"),
     ),
     Case(
         "ckpt-missing",

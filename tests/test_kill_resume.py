@@ -172,3 +172,29 @@ def test_sigkill_after_the_first_checkpoint_then_rerun_equals_uninterrupted(name
     assert done.keys() < total.keys() or any(done[k] < total[k] for k in done), (done, total)
     _run(out, args, **env)
     _same_result(straight, out)
+
+
+def test_validate_sigkill_after_a_finished_case_then_rerun_equals_uninterrupted(tmp_path):
+    """validate checkpoints per case (``case_{name}.json``, written after the case's files):
+    killed once the first case is done and rerun, it skips that case and ends with the
+    uninterrupted run's metrics and case records (every key but wall times; the report's
+    time column differs too)."""
+    args = ["run", "validate", "--quick", "--no-progress", "--set", "cases=linear,mixture"]
+    cache = dict(JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax-cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    straight, out = tmp_path / "straight", tmp_path / "killed"
+    _run(straight, args, **cache)
+    proc = _start(out, args, **cache)
+    _wait_for(lambda: (out / "case_linear.json").exists(), proc, "the first case's checkpoint")
+    _kill(proc)
+    assert not (out / "case_mixture.json").exists(), "the kill should land before the second case ends"
+    assert not (out / "metrics.json").exists()
+    first = (out / "case_linear.json").read_bytes()
+    _run(out, args, **cache)
+    assert (out / "case_linear.json").read_bytes() == first  # not rerun
+    untimed = lambda m: {k: v for k, v in m.items() if not k.endswith("_s")}  # noqa: E731
+    for name in ("case_linear.json", "case_mixture.json"):
+        a, b = (json.loads((d / name).read_text()) for d in (straight, out))
+        assert untimed(a["metrics"]) == untimed(b["metrics"]) and a["healthy"] == b["healthy"], name
+    ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (straight, out))
+    assert untimed(ma) == untimed(mb)
+    assert (out / "validation.md").exists()

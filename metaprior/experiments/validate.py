@@ -8,23 +8,33 @@ the cluster index enumerated). On each, NUTS's health is checked and reported, t
 approximation that applies is fitted to the same NumPyro program and compared with NUTS
 (:func:`metaprior.inference.validation.validate_case`). Outputs: ``validation.md``,
 ``marginals_{case}.png`` and one ArviZ file per case and method
-(``posterior_{case}_{method}.nc``).
+(``posterior_{case}_{method}.nc``). Each finished case leaves ``case_{case}.json`` (its
+metrics and report section, with the key and settings it ran with): a killed run, rerun
+with the same command, skips the cases it finished.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 from functools import partial
 from pathlib import Path
 
 import jax
+import numpy as np
 
 from metaprior._io import atomic_write_bytes
 from metaprior.experiments._plots import marginals_figure
 from metaprior.experiments._registry import Experiment
 from metaprior.inference.diagnostics import save_posterior
-from metaprior.inference.validation import METHODS, ValidationSettings, validate_case, validation_report
+from metaprior.inference.validation import (
+    METHODS,
+    ValidationSettings,
+    case_table,
+    validate_case,
+    validation_report,
+)
 from metaprior.inference.validation_cases import bnn_case, latent_case, linear_case, mixture_case
 
 CASES = ("linear", "bnn", "latent", "mixture")
@@ -150,26 +160,49 @@ def run(rng_key, config: ValidateConfig, out_dir: Path) -> dict[str, float]:
     if unknown:
         raise ValueError(f"unknown method(s) {sorted(unknown)}; known: {', '.join(METHODS)}")
     metrics: dict[str, float] = {}
-    results = []
+    tables, healthy = [], []
     for i, name in enumerate(config.cases):
-        result = validate_case(
-            jax.random.fold_in(rng_key, i),
-            _builder(name, config),
-            config,
-            methods=config.methods,
-            check_health=config.check_health,
-            log=_log,
-        )
-        metrics.update(result.metrics)
-        for method, tree in result.posteriors.items():
-            save_posterior(tree, out_dir / f"posterior_{name}_{method}.nc")
-        results.append(result)
-        title = f"{name}: {result.case.note}"
-        marginals_figure(result.draws, result.sites, result.names, out_dir, f"marginals_{name}.png", title=title)
+        key = jax.random.fold_in(rng_key, i)
+        done = finished_case(out_dir, name, key, config)
+        if done is None:
+            result = validate_case(
+                key, _builder(name, config), config, methods=config.methods, check_health=config.check_health, log=_log
+            )
+            for method, tree in result.posteriors.items():
+                save_posterior(tree, out_dir / f"posterior_{name}_{method}.nc")
+            title = f"{name}: {result.case.note}"
+            marginals_figure(result.draws, result.sites, result.names, out_dir, f"marginals_{name}.png", title=title)
+            done = dict(metrics=result.metrics, healthy=bool(result.healthy), table=case_table(result, config))
+            # the case's checkpoint, written last: a rerun after a kill skips the cases it lists
+            fingerprint = dict(key=_key_list(key), config=repr(config))
+            atomic_write_bytes(out_dir / f"case_{name}.json", json.dumps(dict(done, **fingerprint)).encode())
+        else:
+            _log(f"case {name}: finished in an earlier run (case_{name}.json), not rerun")
+        metrics.update(done["metrics"])
+        tables.append(done["table"])
+        healthy.append(done["healthy"])
         # Written after every case, so a long run shows its finished cases.
-        atomic_write_bytes(out_dir / "validation.md", validation_report(results, config).encode())
-    metrics["nuts_healthy"] = int(all(r.healthy for r in results))
+        atomic_write_bytes(out_dir / "validation.md", validation_report(tables, config).encode())
+    metrics["nuts_healthy"] = int(all(healthy))
     return metrics
+
+
+def _key_list(key) -> list[int]:
+    return [int(v) for v in np.asarray(jax.random.key_data(key)).ravel()]
+
+
+def finished_case(out_dir: Path, name: str, key, config: ValidateConfig) -> dict | None:
+    """The checkpoint of a case finished by an earlier run with the same key and settings."""
+    path = out_dir / f"case_{name}.json"
+    if not path.exists():
+        return None
+    try:
+        done = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: not a readable case checkpoint ({err}); delete it to rerun the case") from err
+    if done.get("key") != _key_list(key) or done.get("config") != repr(config):
+        return None  # another seed or other settings: the case runs again and overwrites it
+    return done
 
 
 METRICS_DOC = """\

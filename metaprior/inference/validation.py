@@ -45,6 +45,7 @@ __all__ = [
     "geomean",
     "validate_case",
     "validation_report",
+    "case_table",
 ]
 
 GUIDES = ("autonormal", "automvn", "autoiaf", "task_normal", "task_iaf")
@@ -456,7 +457,8 @@ def _fmt(value, spec=".3f") -> str:
     return format(value, spec)
 
 
-def _case_table(r: CaseResult, settings: ValidationSettings) -> list[str]:
+def case_table(r: CaseResult, settings: ValidationSettings) -> list[str]:
+    """One case's section of :func:`validation_report`: Markdown lines."""
     case, h = r.case, r.health
     verdict = "healthy" if r.healthy else "**NOT healthy**"
     lines = [
@@ -496,9 +498,10 @@ def _case_table(r: CaseResult, settings: ValidationSettings) -> list[str]:
     return lines
 
 
-def validation_report(results: Sequence[CaseResult], settings: ValidationSettings) -> str:
+def validation_report(results: Sequence[CaseResult | Sequence[str]], settings: ValidationSettings) -> str:
     """The results of :func:`validate_case` as Markdown: one table per case, methods ranked
-    by their distance to NUTS."""
+    by their distance to NUTS. An item may also be a case's table already rendered by
+    :func:`case_table` (a resumed run keeps the tables of its finished cases)."""
     s = settings
     lines = [
         "# Validation: approximate posteriors against NUTS",
@@ -513,5 +516,5 @@ def validation_report(results: Sequence[CaseResult], settings: ValidationSetting
         "",
     ]
     for r in results:
-        lines += _case_table(r, settings)
+        lines += case_table(r, settings) if isinstance(r, CaseResult) else list(r)
     return "\n".join(lines) + "\n"
