@@ -7,7 +7,8 @@
 ``prior``: the kernel VAEs on the released kernels at the paper-size settings (10,000 steps,
 hidden 64, 64), saved to PRIOR.npz (derived from the data: keep it out of the repository).
 ``bnn``: ``bayesian_nets`` at the dwp-mnist default with the ``field=value`` overrides, for
-the priors in ONLY; INIT replaces every prior's kernel initialisation. One JSON line per
+the priors in ONLY; INIT replaces every prior's kernel initialisation; MIX=dwp7 keeps the
+deep weight prior on the 7x7 layer only and puts N(0, 1) on the 5x5 layer. One JSON line per
 run is appended to ``benchmarks/results/dwp_bnn_levers_released.jsonl``.
 """
 
@@ -25,7 +26,7 @@ import numpy as np
 from metaprior.data.dwp_kernels import load_released_kernels
 from metaprior.experiments.dwp_mnist import make_config, mnist_splits
 from metaprior.inference import dwp as D
-from metaprior.models.dwp import ConvNet, DeepWeightPrior, dwp_model_params, kernel_sites
+from metaprior.models.dwp import ConvNet, DeepWeightPrior, NormalKernelPrior, dwp_model_params, kernel_sites
 
 OUT = Path(__file__).parent / "results" / "dwp_bnn_levers_released.jsonl"
 
@@ -66,6 +67,9 @@ def bnn(path: str, tag: str, overrides: list[str]) -> None:
     D.PRIORS = tuple(os.environ.get("ONLY", "dwp,normal,loguniform").split(","))
     if os.environ.get("INIT"):
         D.init_bnn_params = init_override(os.environ["INIT"])
+    if os.environ.get("MIX") == "dwp7":  # the deep weight prior on the 7x7 layer only, N(0, 1) on the 5x5
+        make = D.make_priors
+        D.make_priors = lambda kind, p: (make(kind, p)[0], NormalKernelPrior()) if kind == "dwp" else make(kind, p)
     px, py, tx, ty, orders = mnist_splits(cfg)
     start = time.time()
     accs, _ = D.bayesian_nets(jax.random.key(0), cfg, prior, px, py, tx, ty, orders)
