@@ -7,8 +7,9 @@
 ``prior``: the kernel VAEs on the released kernels at the paper-size settings (10,000 steps,
 hidden 64, 64), saved to PRIOR.npz (derived from the data: keep it out of the repository).
 ``bnn``: ``bayesian_nets`` at the dwp-mnist default with the ``field=value`` overrides, for
-the priors in ONLY; INIT replaces every prior's kernel initialisation; MIX=dwp7 keeps the
-deep weight prior on the 7x7 layer only and puts N(0, 1) on the 5x5 layer. One JSON line per
+the priors in ONLY; INIT replaces every prior's kernel initialisation; MIX=dwp7[:s] keeps
+the deep weight prior on the 7x7 layer only and puts N(0, s^2) (s = 1 by default) on the
+5x5 layer. One JSON line per
 run is appended to ``benchmarks/results/dwp_bnn_levers_released.jsonl``.
 """
 
@@ -67,9 +68,11 @@ def bnn(path: str, tag: str, overrides: list[str]) -> None:
     D.PRIORS = tuple(os.environ.get("ONLY", "dwp,normal,loguniform").split(","))
     if os.environ.get("INIT"):
         D.init_bnn_params = init_override(os.environ["INIT"])
-    if os.environ.get("MIX") == "dwp7":  # the deep weight prior on the 7x7 layer only, N(0, 1) on the 5x5
-        make = D.make_priors
-        D.make_priors = lambda kind, p: (make(kind, p)[0], NormalKernelPrior()) if kind == "dwp" else make(kind, p)
+    if os.environ.get("MIX", "").startswith("dwp7"):  # the DWP on the 7x7 layer only, N(0, s^2) on the 5x5
+        make, scale = D.make_priors, float(os.environ["MIX"].partition(":")[2] or 1.0)
+        D.make_priors = lambda kind, p: (
+            (make(kind, p)[0], NormalKernelPrior(scale=scale)) if kind == "dwp" else make(kind, p)
+        )
     px, py, tx, ty, orders = mnist_splits(cfg)
     start = time.time()
     accs, _ = D.bayesian_nets(jax.random.key(0), cfg, prior, px, py, tx, ty, orders)
