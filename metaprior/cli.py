@@ -142,10 +142,23 @@ def main(argv: list[str] | None = None) -> int:
 
     import jax
 
-    if size == "quick" and "JAX_DISABLE_MOST_OPTIMIZATIONS" not in os.environ:
+    unoptimised = size == "quick" and "JAX_DISABLE_MOST_OPTIMIZATIONS" not in os.environ
+    previous = jax.config.read("jax_disable_most_optimizations")
+    if unoptimised:
         # a tiny run is mostly compilation: XLA's backend optimisations cost more than they
-        # save there (benchmarks/README.md, "--quick run times: optimisations off")
+        # save there (benchmarks/README.md, "--quick run times: optimisations off"); the
+        # setting is restored when the run ends, for in-process callers
         jax.config.update("jax_disable_most_optimizations", True)
+    try:
+        return _run(exp, args, size, config)
+    finally:
+        if unoptimised:
+            jax.config.update("jax_disable_most_optimizations", previous)
+
+
+def _run(exp, args, size: str, config) -> int:
+    """Run one experiment into ``--out`` and write its metrics: the CLI's exit status."""
+    import jax
 
     from metaprior.experiments._common import write_metrics
 

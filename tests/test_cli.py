@@ -49,15 +49,21 @@ def test_override_coerces_to_the_field_type():
 
 _QUICK_FLAG = """
 import sys, jax
-from metaprior.cli import main
-assert main(["run", "sinusoid-maml", "--quick", "--no-progress", "--out", sys.argv[1]]) == 0
-print(jax.config.read("jax_disable_most_optimizations"))
+import metaprior.cli as cli
+seen, run = [], cli._run
+def spy(*args):
+    seen.append(jax.config.read("jax_disable_most_optimizations"))
+    return run(*args)
+cli._run = spy
+assert cli.main(["run", "sinusoid-maml", "--quick", "--no-progress", "--out", sys.argv[1]]) == 0
+print(seen[0], jax.config.read("jax_disable_most_optimizations"))
 """
 
 
 def test_quick_runs_compile_without_backend_optimisations_unless_asked(tmp_path):
-    """``--quick`` turns XLA's backend optimisations off for its compile-bound tiny run; an
-    explicit JAX_DISABLE_MOST_OPTIMIZATIONS (here 0) is left as the user set it."""
+    """``--quick`` turns XLA's backend optimisations off for its compile-bound tiny run and
+    restores the setting afterwards (in-process callers); an explicit
+    JAX_DISABLE_MOST_OPTIMIZATIONS (here 0) is left as the user set it."""
     import os
     import subprocess
     import sys
@@ -74,4 +80,4 @@ def test_quick_runs_compile_without_backend_optimisations_unless_asked(tmp_path)
         )
         assert proc.returncode == 0, proc.stderr[-2000:]
         seen[label] = proc.stdout.strip().splitlines()[-1]
-    assert seen == {"unset": "True", "zero": "False"}
+    assert seen == {"unset": "True False", "zero": "False False"}

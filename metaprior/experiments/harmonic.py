@@ -220,7 +220,8 @@ def run(rng_key, config: HarmonicConfig, out_dir: Path) -> dict[str, float]:
 
 METRICS_DOC = """
 mse_{kl,nokl}_n{N}: mean over eval tasks of the held-out MSE of the posterior predictive mean (N = support size),
-    plus _ci95
+    plus _ci95; predictive="importance" targets each model's posterior under its declared prior z ~ N(0, I), for
+    the no-KL model too (whose training ignored that prior)
 nll_{kl,nokl}_n{N}: mean held-out predictive NLL per point (mixture over posterior samples of z), plus _ci95
 restart_ess_{kl,nokl}_n{N}: mean over tasks of the effective number of restarts in the ELBO-weighted mixture
     predictive (1 = one restart carries all the weight; predictive="mixture")

@@ -174,7 +174,7 @@ def run(rng_key, config: ValidateConfig, out_dir: Path) -> dict[str, float]:
             marginals_figure(result.draws, result.sites, result.names, out_dir, f"marginals_{name}.png", title=title)
             done = dict(metrics=result.metrics, healthy=bool(result.healthy), table=case_table(result, config))
             # the case's checkpoint, written last: a rerun after a kill skips the cases it lists
-            fingerprint = dict(key=_key_list(key), config=repr(config))
+            fingerprint = dict(key=_key_list(key), config=_settings(config))
             atomic_write_bytes(out_dir / f"case_{name}.json", json.dumps(dict(done, **fingerprint)).encode())
         else:
             _log(f"case {name}: finished in an earlier run (case_{name}.json), not rerun")
@@ -185,6 +185,15 @@ def run(rng_key, config: ValidateConfig, out_dir: Path) -> dict[str, float]:
         atomic_write_bytes(out_dir / "validation.md", validation_report(tables, config).encode())
     metrics["nuts_healthy"] = int(all(healthy))
     return metrics
+
+
+def _settings(config: ValidateConfig) -> str:
+    """What a case's numbers depend on besides its key: the settings, the package version
+    and whether XLA optimised the programs."""
+    from importlib.metadata import version
+
+    optimised = not jax.config.read("jax_disable_most_optimizations")
+    return f"{config!r} metaprior={version('metaprior')} xla_optimised={optimised}"
 
 
 def _key_list(key) -> list[int]:
@@ -200,7 +209,7 @@ def finished_case(out_dir: Path, name: str, key, config: ValidateConfig) -> dict
         done = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise ValueError(f"{path}: not a readable case checkpoint ({err}); delete it to rerun the case") from err
-    if done.get("key") != _key_list(key) or done.get("config") != repr(config):
+    if done.get("key") != _key_list(key) or done.get("config") != _settings(config):
         return None  # another seed or other settings: the case runs again and overwrites it
     return done
 

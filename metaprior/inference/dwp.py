@@ -265,22 +265,22 @@ def bnn_optimizer(settings: DWPSettings) -> optax.GradientTransformation:
         return adam
     if settings.scale_lr < 0:
         raise ValueError(f"settings.scale_lr must be >= 0, got {settings.scale_lr}")
-    scale_adam = adam
+    transforms = {"train": adam, "frozen": optax.set_to_zero()}
     if settings.scale_lr:
         scale_lr = settings.scale_lr
         if settings.lr_schedule == "linear":
             scale_lr = optax.linear_schedule(settings.scale_lr, 0.0, max(settings.num_steps, 1))
-        scale_adam = optax.adam(scale_lr)
+        transforms["scale"] = optax.adam(scale_lr)
 
     def label(name: str) -> str:
         if settings.freeze_encoder and name.endswith("_encoder$params"):
             return "frozen"
-        return "scale" if name.endswith("_log_scale") else "train"
+        return "scale" if settings.scale_lr and name.endswith("_log_scale") else "train"
 
     def labels(params):
         return {k: jax.tree.map(lambda _, k=k: label(k), v) for k, v in params.items()}
 
-    return optax.multi_transform({"train": adam, "scale": scale_adam, "frozen": optax.set_to_zero()}, labels)
+    return optax.multi_transform(transforms, labels)
 
 
 def fit_bnns(

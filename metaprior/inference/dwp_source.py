@@ -73,7 +73,9 @@ class DWPSettings:
             init_logit_alpha: the Bayesian nets and their variational inference.
         lr_schedule: the Bayesian nets' Adam step size over ``num_steps``: ``"constant"``, or
             ``"linear"`` (decayed linearly to 0, as the authors' ``train-bnn.py`` does).
-        scale_lr: Adam step size of q's ``*_log_scale`` parameters (0: ``learning_rate``).
+        scale_lr: Adam step size of q's ``*_log_scale`` parameters (0: ``learning_rate``;
+            the normal and deep weight priors' q; the log-uniform prior's ``logit_alpha``
+            keeps ``learning_rate``).
             Adam moves a parameter by about its step size per step, so from the
             initial log scale of -5 at 1e-3 the scales can reach the prior's (about
             e^-3) only after thousands of steps; a larger step for them alone lets

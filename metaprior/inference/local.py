@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from metaprior.inference.guides.task_local import _TaskGuideBase
@@ -301,15 +302,16 @@ def importance_resample(
     num_tasks, num_restarts = fit.restart_elbo.shape
     d = guide.latent_dim
     restarts = [jax.tree.map(lambda p, r=r: p[:, r], fit.restart_params) for r in range(num_restarts)]
-    log_pi = jnp.concatenate(
-        [
-            jnp.full((num_tasks, 1), jnp.log(defensive_weight)),
-            jnp.log1p(-defensive_weight) + jnp.log(restart_weights(fit)),
-        ],
-        axis=-1,
-    )  # [T, 1 + R]
+    # a task whose restarts all diverged (no finite ELBO) draws from the broad component alone
+    diverged = ~jnp.any(jnp.isfinite(fit.restart_elbo), axis=-1, keepdims=True)  # [T, 1]
+    weights = jnp.nan_to_num(restart_weights(fit), nan=0.0)
+    log_rest = jnp.where(
+        weights > 0, jnp.log1p(-defensive_weight) + jnp.log(jnp.where(weights > 0, weights, 1.0)), -jnp.inf
+    )
     if defensive_weight == 1.0:
-        log_pi = log_pi.at[:, 1:].set(-jnp.inf)
+        log_rest = jnp.full_like(log_rest, -jnp.inf)
+    log_broad = jnp.where(diverged, 0.0, jnp.log(defensive_weight))
+    log_pi = jnp.concatenate([log_broad, log_rest], axis=-1)  # [T, 1 + R]
     k_pick, k_broad, k_rest, k_resample = jax.random.split(rng_key, 4)
     # draw M proposals from every component, then keep, per draw, the one its pick names
     broad = defensive_scale * jax.random.normal(k_broad, (num_proposals, num_tasks, d))
@@ -331,7 +333,10 @@ def importance_resample(
     padded = jnp.concatenate([u, jnp.zeros((num_chunks * chunk_size - num_proposals, num_tasks, d))])
     log_p = jax.lax.map(log_joint, padded.reshape(num_chunks, chunk_size, num_tasks, d))
     log_p = log_p.reshape(-1, num_tasks)[:num_proposals]
-    log_w = jnp.where(jnp.isfinite(log_p), log_p - log_q_mix, -jnp.inf)  # [M, T]
+    log_w = jnp.where(jnp.isfinite(log_p) & jnp.isfinite(log_q_mix), log_p - log_q_mix, -jnp.inf)  # [M, T]
+    if not bool(jnp.all(jnp.any(jnp.isfinite(log_w), axis=0))):
+        bad = np.flatnonzero(~np.asarray(jnp.any(jnp.isfinite(log_w), axis=0))).tolist()
+        raise ValueError(f"importance_resample: no proposal has a finite weight for task(s) {bad[:10]}")
     log_norm = jax.scipy.special.logsumexp(log_w, axis=0)
     w = jnp.exp(log_w - log_norm)
     ess = 1.0 / jnp.sum(w**2, axis=0)
