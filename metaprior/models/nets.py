@@ -21,6 +21,7 @@ __all__ = [
     "BatchStatNorm",
     "ShiftConv2d",
     "Im2colConv2d",
+    "cols_matmul",
     "Conv4",
     "CONV_IMPLS",
     "conv4_output_size",
@@ -289,6 +290,37 @@ def max_pool_2x2_nhwc(x: jax.Array) -> jax.Array:
     return jnp.maximum(rows[:, :, :, 0], rows[:, :, :, 1])
 
 
+@jax.custom_vjp
+def cols_matmul(cols: jax.Array, kernel: jax.Array) -> jax.Array:
+    """``cols [M, K] @ kernel [K, O]``, with a reverse-mode rule whose kernel gradient XLA's
+    CPU backend runs without transposing the output cotangent.
+
+    JAX's own transpose of a matrix product computes the kernel gradient as
+    ``dot_general(g, cols)`` with the cotangent ``g [M, O]`` first; XLA's CPU dot then
+    copies ``g`` into ``[O, M]`` (contraction innermost), a strided copy of the largest
+    array of a conv step (a sixth of a MAML meta-step at 28x28, ``benchmarks/maml_step.py``).
+    Here the gradient is ``dot_general(cols, g)``, so the copy is of ``cols`` when its
+    ``K`` is small (the first layer) and of nothing XLA has to stride over otherwise. The
+    numbers are the same product's (float32 round-off aside); the rule is itself made of
+    differentiable products, so reverse-over-reverse (second-order MAML) works. A
+    ``custom_vjp`` has no forward mode: :class:`Im2colConv2d` with ``fast_vjp=False`` uses
+    the plain product (for ``jax.jvp`` / ``jax.linearize`` through the net).
+    """
+    return cols @ kernel
+
+
+def _cols_matmul_fwd(cols, kernel):
+    return cols @ kernel, (cols, kernel)
+
+
+def _cols_matmul_bwd(res, g):
+    cols, kernel = res
+    return g @ kernel.T, jax.lax.dot_general(cols, g, (((0,), (0,)), ((), ())))
+
+
+cols_matmul.defvjp(_cols_matmul_fwd, _cols_matmul_bwd)
+
+
 class Im2colConv2d(ShiftConv2d):
     """A conv layer with a batched channels-last call: ``nhwc(x [N, H, W, C])``.
 
@@ -300,7 +332,17 @@ class Im2colConv2d(ShiftConv2d):
     matrix product. The per-example ``__call__`` (``[C, H, W]``, what Laplace's K-FAC taps
     and generic callers use) is :class:`ShiftConv2d`'s; both compute the same numbers
     (float32 round-off aside). Weights keep Equinox's ``[O, C, kh, kw]`` layout.
+
+    ``fast_vjp`` (default ``True``) multiplies through :func:`cols_matmul`, whose gradient
+    XLA runs faster on CPU but which has no forward-mode derivative; ``False`` uses the
+    plain product (``jax.jvp`` / ``jax.linearize`` work, the gradients are the same).
     """
+
+    fast_vjp: bool = eqx.field(static=True, default=True)
+
+    def __init__(self, *args, fast_vjp: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fast_vjp = fast_vjp
 
     def nhwc(self, x: jax.Array) -> jax.Array:
         if (
@@ -310,15 +352,20 @@ class Im2colConv2d(ShiftConv2d):
             or self.padding_mode != "ZEROS"
         ):
             return jnp.transpose(jax.vmap(super().__call__)(jnp.transpose(x, (0, 3, 1, 2))), (0, 2, 3, 1))
+        # Materialise the input once: without the barrier XLA fuses the previous block's
+        # batch norm, ReLU and pool into each of the kh * kw slices below, recomputing them
+        # from the 4x larger pre-pool activations once per slice.
+        x = jax.lax.optimization_barrier(x)
         (top, bottom), (left, right) = self.padding
         xp = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
         kh, kw = self.kernel_size
-        height, width = xp.shape[1] - kh + 1, xp.shape[2] - kw + 1
+        n, height, width = xp.shape[0], xp.shape[1] - kh + 1, xp.shape[2] - kw + 1
         cols = jnp.concatenate(
             [xp[:, a : a + height, b : b + width] for a in range(kh) for b in range(kw)], axis=-1
         )  # [N, H', W', kh * kw * C], tap-major
         kernel = jnp.transpose(self.weight, (2, 3, 1, 0)).reshape(-1, self.out_channels)  # [kh * kw * C, O]
-        out = jnp.einsum("nhwk,ko->nhwo", cols, kernel)
+        matmul = cols_matmul if self.fast_vjp else jnp.matmul
+        out = matmul(cols.reshape(-1, cols.shape[-1]), kernel).reshape(n, height, width, -1)
         if self.use_bias:
             out = out + self.bias.reshape(-1)
         return out
@@ -340,6 +387,8 @@ class Conv4(eqx.Module):
             :class:`ShiftConv2d` and ``"lax"`` plain ``eqx.nn.Conv2d``, both
             called per example channels-first (NCHW) with a ``reduce_window`` max-pool.
             All three give the same function of the same weights.
+            ``fast_vjp`` (im2col only): see :class:`Im2colConv2d`; ``False`` for
+            ``jax.jvp`` / ``jax.linearize`` through the net (reverse mode works either way).
         norms: :class:`BatchStatNorm` per block (scale, shift).
         head: final :class:`equinox.nn.Linear` or ``None``.
     """
@@ -357,15 +406,18 @@ class Conv4(eqx.Module):
         image_size: int = 28,
         num_blocks: int = 4,
         conv_impl: str = "im2col",
+        fast_vjp: bool = True,
         key: jax.Array,
     ):
         if conv_impl not in CONV_IMPLS:
             raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}")
         conv_cls = {"lax": eqx.nn.Conv2d, "shift": ShiftConv2d, "im2col": Im2colConv2d}[conv_impl]
+        extra = {"fast_vjp": fast_vjp} if conv_impl == "im2col" else {}
         keys = jax.random.split(key, num_blocks + 1)
         chans = (in_channels,) + (filters,) * num_blocks
         self.convs = tuple(
-            conv_cls(a, b, kernel_size=3, padding=1, key=k) for a, b, k in zip(chans[:-1], chans[1:], keys[:-1])
+            conv_cls(a, b, kernel_size=3, padding=1, key=k, **extra)
+            for a, b, k in zip(chans[:-1], chans[1:], keys[:-1])
         )
         self.norms = tuple(BatchStatNorm(filters) for _ in range(num_blocks))
         side = conv4_output_size(image_size, num_blocks)

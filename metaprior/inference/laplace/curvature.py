@@ -217,7 +217,8 @@ class _Full(_Structure):
                 f = _outputs(apply_fn, eqx.combine(unravel(v), rest))(x)
                 return -jnp.sum(likelihood(f).log_prob(y))
 
-            return FullCurvature(jax.hessian(nll)(flat))
+            # reverse over reverse: also through layers without forward mode (nets.cols_matmul)
+            return FullCurvature(jax.jacrev(jax.jacrev(nll))(flat))
         m = _jacobian_terms(rng_key, params, rest, x, y, apply_fn, likelihood, fisher)
         return FullCurvature(jnp.einsum("nsp,nsq->pq", m, m))
 

@@ -210,7 +210,7 @@ def predictive(
     Args:
         pred_type: ``"nn"`` runs the network at each sampled ``phi_s``. ``"glm"`` runs
             its linearisation at the mode instead, ``f(x; phi_hat) + J(x) (phi_s - phi_hat)``
-            (one ``jax.linearize``, then a Jacobian-vector product per sample): the
+            (one VJP at the mode, then its transpose, a Jacobian-vector product, per sample): the
             generalised-linear-model predictive of Immer et al. (2021), the default of
             laplace-torch. The Laplace posterior is the exact posterior of that
             linearised model, so its samples stay centred on the mode's outputs; sampling
@@ -230,9 +230,13 @@ def predictive(
     if "nn" in types:
         out["nn"] = jax.vmap(outputs)(params)
     if "glm" in types:
-        f_hat, jvp = jax.linearize(outputs, posterior.mean)
+        # J delta as the transpose of the VJP: reverse mode only, so it also runs through
+        # layers with a custom_vjp and no forward mode (nets.cols_matmul); same numbers as
+        # jax.linearize's JVP.
+        f_hat, vjp = jax.vjp(outputs, posterior.mean)
+        jvp = jax.linear_transpose(lambda u: vjp(u)[0], f_hat)
         deltas = jax.tree.map(lambda s, m: s - m[None], params, posterior.mean)
-        out["glm"] = f_hat[None] + jax.vmap(jvp)(deltas)
+        out["glm"] = f_hat[None] + jax.vmap(lambda d: jvp(d)[0])(deltas)
     return out[pred_type] if isinstance(pred_type, str) else jnp.stack([out[t] for t in types])
 
 
