@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -189,6 +190,9 @@ def main(argv=None):
         "rows": rows,
         "matmul_peak": peak,
         "jax": jax.__version__,
+        # allocator settings both sides ran under (the peer inherits this environment)
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
+        "thp_mem_alloc_enable": os.environ.get("THP_MEM_ALLOC_ENABLE"),
         "machine": f"{platform.machine()} {platform.processor()}".strip(),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
     }

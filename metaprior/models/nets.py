@@ -329,8 +329,8 @@ class Im2colConv2d(ShiftConv2d):
     matrix ``[kh * kw * C, O]``: one matrix product per layer with a contraction of
     ``9 C`` (instead of nine of ``C``), in the layout XLA's CPU dot wants, and no
     transposes of activations. Under ``vmap`` over per-task kernels it is one batched
-    matrix product. The per-example ``__call__`` (``[C, H, W]``, what Laplace's K-FAC taps
-    and generic callers use) is :class:`ShiftConv2d`'s; both compute the same numbers
+    matrix product. The per-example ``__call__`` (``[C, H, W]``, for generic callers; Laplace's
+    K-FAC taps wrap :meth:`nhwc` as well) is :class:`ShiftConv2d`'s; both compute the same numbers
     (float32 round-off aside). Weights keep Equinox's ``[O, C, kh, kw]`` layout.
 
     ``fast_vjp`` (default ``True``) multiplies through :func:`cols_matmul`, whose gradient
@@ -369,6 +369,12 @@ class Im2colConv2d(ShiftConv2d):
         if self.use_bias:
             out = out + self.bias.reshape(-1)
         return out
+
+
+def _runs_nhwc(conv: eqx.Module) -> bool:
+    """An :class:`Im2colConv2d`, or one wrapped by Laplace's K-FAC taps (which give the
+    wrapper an ``nhwc`` call that taps the batch; ``inference.laplace._layers``)."""
+    return type(conv) is Im2colConv2d or (type(getattr(conv, "layer", None)) is Im2colConv2d and hasattr(conv, "nhwc"))
 
 
 class Conv4(eqx.Module):
@@ -429,13 +435,13 @@ class Conv4(eqx.Module):
         """``x: [N, H, W, C] -> [N, features]`` (the flattened output of the last block)."""
         if x.ndim != 4:
             raise ValueError(f"Conv4 expects images [N, H, W, C], got shape {x.shape}")
-        if all(type(c) is Im2colConv2d for c in self.convs):  # channels-last on the batch
+        if all(_runs_nhwc(c) for c in self.convs):  # channels-last on the batch
             h = x
             for conv, norm in zip(self.convs, self.norms):
                 h = max_pool_2x2_nhwc(jax.nn.relu(norm.nhwc(conv.nhwc(h))))
             # flatten in (C, H, W) order, as the channels-first path does
             return jnp.transpose(h, (0, 3, 1, 2)).reshape(h.shape[0], -1)
-        # per example, channels-first (also the path for layers wrapped by K-FAC's taps)
+        # per example, channels-first (the shift and lax layers)
         h = jnp.transpose(x, (0, 3, 1, 2))
         for conv, norm in zip(self.convs, self.norms):
             h = jax.vmap(conv)(h)

@@ -186,6 +186,58 @@ def _tap_output_bwd(_, ct):
 _tap_output.defvjp(_tap_output_fwd, _tap_output_bwd)
 
 
+def _homogeneous_patches_nhwc(conv: tuple, x: jax.Array) -> jax.Array:
+    """A batch ``x [N, H, W, C]`` as rows ``[N * H' * W', C * kh * kw + 1]`` (columns in the
+    ``(C, kh, kw)`` order of :func:`_homogeneous_patches`, a one appended). Stride and
+    dilation 1 (what :meth:`metaprior.models.nets.Im2colConv2d.nhwc` computes)."""
+    kernel, _, padding, _ = conv
+    (top, bottom), (left, right) = padding
+    xp = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
+    kh, kw = kernel
+    height, width = xp.shape[1] - kh + 1, xp.shape[2] - kw + 1
+    taps = [xp[:, a : a + height, b : b + width] for a in range(kh) for b in range(kw)]
+    cols = jnp.stack(taps, axis=-1).reshape(-1, x.shape[-1] * kh * kw)  # [M, C * kh * kw], channel-major
+    return jnp.concatenate([cols, jnp.ones((cols.shape[0], 1), cols.dtype)], axis=1)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _tap_input_nhwc(conv, x, probe):
+    del conv, probe
+    return x
+
+
+def _tap_input_nhwc_fwd(conv, x, probe):
+    del conv, probe
+    return x, x
+
+
+def _tap_input_nhwc_bwd(conv, x, ct):
+    cols = _homogeneous_patches_nhwc(conv, x)
+    return ct, cols.T @ cols
+
+
+_tap_input_nhwc.defvjp(_tap_input_nhwc_fwd, _tap_input_nhwc_bwd)
+
+
+@jax.custom_vjp
+def _tap_output_nhwc(y, probe):
+    del probe
+    return y
+
+
+def _tap_output_nhwc_fwd(y, probe):
+    del probe
+    return y, None
+
+
+def _tap_output_nhwc_bwd(_, ct):
+    g = ct.reshape(-1, ct.shape[-1])
+    return ct, g.T @ g
+
+
+_tap_output_nhwc.defvjp(_tap_output_nhwc_fwd, _tap_output_nhwc_bwd)
+
+
 class _Tapped(eqx.Module):
     """A layer whose input and output second moments flow into ``probe_a`` / ``probe_g``."""
 
@@ -198,6 +250,17 @@ class _Tapped(eqx.Module):
         x = _tap_input(self.conv, x, self.probe_a)
         y = self.layer(x, key=key)
         return _tap_output(y, self.probe_g)
+
+    def nhwc(self, x):
+        """The batched channels-last call of a wrapped ``Im2colConv2d`` (``x [N, H, W, C]``),
+        tapped on the whole batch at once: the same ``A`` and ``G`` as the per-example
+        channels-first call, without leaving the channels-last path."""
+        _, stride, _, dilation = self.conv
+        if tuple(stride) != (1, 1) or tuple(dilation) != (1, 1) or self.layer.groups != 1:
+            y = jax.vmap(self)(jnp.transpose(x, (0, 3, 1, 2)))  # per example, channels-first
+            return jnp.transpose(y, (0, 2, 3, 1))
+        x = _tap_input_nhwc(self.conv, x, self.probe_a)
+        return _tap_output_nhwc(self.layer.nhwc(x), self.probe_g)
 
 
 def zero_probes(specs: tuple[BlockSpec, ...], dtype=jnp.float32) -> tuple:
