@@ -496,16 +496,22 @@ def _batch_apply(net, x):
     return net(x)
 
 
-def test_kfac_of_conv4_is_the_same_on_the_channels_last_path(rng_key):
+def test_kfac_of_conv4_is_the_same_on_the_channels_last_path(rng_key, monkeypatch):
     """K-FAC's taps on Conv4's batched channels-last (im2col) path give the Kronecker
     factors, log-determinant and dense precision of the per-example channels-first path
     with the same weights: the patch columns are in the same (C, kh, kw) order.
     Tolerance: float32 sums over 5 x 28 x 28 locations in a different order."""
+    from metaprior.inference.laplace import _layers
+
+    calls = []
+    moment = _layers._patch_moment_nhwc
+    monkeypatch.setattr(_layers, "_patch_moment_nhwc", lambda *a: calls.append(1) or moment(*a))
     fast = Conv4(3, filters=4, key=rng_key)
     slow = Conv4(3, filters=4, conv_impl="shift", key=rng_key)
     x = jax.random.uniform(jax.random.key(1), (5, 28, 28, 1))
     y = jnp.array([0, 1, 2, 0, 1])
-    post_fast = posterior(fast, x, y, "kfac", apply_fn=_batch_apply, prior_precision=1e-3)
+    post_fast = L.laplace(None, fast, x, y, apply_fn=_batch_apply, likelihood=categorical, prior_precision=1e-3)
+    assert len(calls) == 4  # every conv layer was tapped on the channels-last path
     post_slow = posterior(slow, x, y, "kfac", apply_fn=_batch_apply, prior_precision=1e-3)
     for bf, bs in zip(post_fast.curvature.blocks, post_slow.curvature.blocks, strict=True):
         for u, v in ((bf.a, bs.a), (bf.g, bs.g), (bf.count, bs.count)):
@@ -515,3 +521,35 @@ def test_kfac_of_conv4_is_the_same_on_the_channels_last_path(rng_key):
     # columns are ordered like the weights on both paths
     dense_fast, dense_slow = L.precision_matrix(post_fast), L.precision_matrix(post_slow)
     np.testing.assert_allclose(dense_fast, dense_slow, rtol=2e-4, atol=2e-5 * float(jnp.max(jnp.abs(dense_slow))))
+
+
+def test_kfac_taps_of_a_strided_im2col_layer_fall_back_per_example(rng_key):
+    """A stride-2 Im2colConv2d called through ``nhwc`` has no channels-last tap; the taps
+    fall back to the per-example channels-first call and give the factors of the same
+    layer as a plain eqx.nn.Conv2d. Tolerance: float32 round-off."""
+    from metaprior.models.nets import Im2colConv2d
+
+    class Net(eqx.Module):
+        conv: eqx.Module
+        head: eqx.nn.Linear
+        nhwc: bool
+
+        def __call__(self, x):  # x [N, H, W, C]
+            if self.nhwc:
+                h = self.conv.nhwc(x)
+            else:
+                h = jnp.transpose(jax.vmap(self.conv)(jnp.transpose(x, (0, 3, 1, 2))), (0, 2, 3, 1))
+            return jax.vmap(self.head)(h.reshape(h.shape[0], -1))
+
+    k1, k2 = jax.random.split(rng_key)
+    fast = Im2colConv2d(2, 3, kernel_size=3, stride=2, padding=1, key=k1)
+    ref = eqx.nn.Conv2d(2, 3, kernel_size=3, stride=2, padding=1, key=k1)
+    head = eqx.nn.Linear(3 * 4 * 4, 4, key=k2)
+    x = jax.random.normal(jax.random.key(1), (5, 8, 8, 2))
+    y = jnp.array([0, 1, 2, 3, 0])
+    kw = dict(apply_fn=_batch_apply, likelihood=categorical, prior_precision=1.0)
+    post_fast = L.laplace(None, Net(fast, head, True), x, y, **kw)
+    post_ref = L.laplace(None, Net(ref, head, False), x, y, **kw)
+    for bf, br in zip(post_fast.curvature.blocks, post_ref.curvature.blocks, strict=True):
+        for u, v in ((bf.a, br.a), (bf.g, br.g), (bf.count, br.count)):
+            np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(v))))

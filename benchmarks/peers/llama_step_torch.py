@@ -128,16 +128,13 @@ def main():
             fast.update({k: fast[k] - a.inner_lr * g[k] for k in fast_names})
         return fast
 
-    def task(p, sx, sy, qx, qy):
-        phi = adapt(p, sx, sy)
-        return nll(phi, qx, qy)
-
-    def task_log_det(p, sx, sy):
-        return kfac_log_det(adapt(p, sx, sy), sx, a.tau)
-
     def meta_loss(p):
-        query = vmap(task, in_dims=(None, 0, 0, 0, 0))(p, sx, sy, qx, qy).mean()
-        ld = vmap(task_log_det, in_dims=(None, 0, 0))(p, sx[:m], sy[:m]).mean()
+        # adapt every task once (as the JAX side does), then the query term on all tasks
+        # and the log-determinant on the first m
+        phis = vmap(adapt, in_dims=(None, 0, 0))(p, sx, sy)
+        query = vmap(nll)(phis, qx, qy).mean()
+        head = {k: v[:m] for k, v in phis.items()}
+        ld = vmap(lambda phi, x: kfac_log_det(phi, x, a.tau))(head, sx[:m]).mean()
         return query + a.eta * 0.5 * ld, ld
 
     def step():

@@ -7,6 +7,7 @@ All are pytrees, so ``jax.grad``, ``jax.vmap`` over tasks, and NumPyro's
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import ClassVar
 
 import equinox as eqx
 import jax
@@ -21,6 +22,7 @@ __all__ = [
     "BatchStatNorm",
     "ShiftConv2d",
     "Im2colConv2d",
+    "Im2colConv2dJVP",
     "cols_matmul",
     "Conv4",
     "CONV_IMPLS",
@@ -303,8 +305,8 @@ def cols_matmul(cols: jax.Array, kernel: jax.Array) -> jax.Array:
     ``K`` is small (the first layer) and of nothing XLA has to stride over otherwise. The
     numbers are the same product's (float32 round-off aside); the rule is itself made of
     differentiable products, so reverse-over-reverse (second-order MAML) works. A
-    ``custom_vjp`` has no forward mode: :class:`Im2colConv2d` with ``fast_vjp=False`` uses
-    the plain product (for ``jax.jvp`` / ``jax.linearize`` through the net).
+    ``custom_vjp`` has no forward mode: :class:`Im2colConv2dJVP` (``Conv4(fast_vjp=False)``)
+    uses the plain product (for ``jax.jvp`` / ``jax.linearize`` through the net).
     """
     return cols @ kernel
 
@@ -315,7 +317,9 @@ def _cols_matmul_fwd(cols, kernel):
 
 def _cols_matmul_bwd(res, g):
     cols, kernel = res
-    return g @ kernel.T, jax.lax.dot_general(cols, g, (((0,), (0,)), ((), ())))
+    d_cols = g @ kernel.T
+    d_kernel = jax.lax.dot_general(cols, g, (((0,), (0,)), ((), ())))
+    return d_cols.astype(cols.dtype), d_kernel.astype(kernel.dtype)
 
 
 cols_matmul.defvjp(_cols_matmul_fwd, _cols_matmul_bwd)
@@ -333,16 +337,14 @@ class Im2colConv2d(ShiftConv2d):
     K-FAC taps wrap :meth:`nhwc` as well) is :class:`ShiftConv2d`'s; both compute the same numbers
     (float32 round-off aside). Weights keep Equinox's ``[O, C, kh, kw]`` layout.
 
-    ``fast_vjp`` (default ``True``) multiplies through :func:`cols_matmul`, whose gradient
-    XLA runs faster on CPU but which has no forward-mode derivative; ``False`` uses the
-    plain product (``jax.jvp`` / ``jax.linearize`` work, the gradients are the same).
+    It multiplies through :func:`cols_matmul`, whose gradient XLA runs faster on CPU but
+    which has no forward-mode derivative; :class:`Im2colConv2dJVP` uses the plain product
+    (``jax.jvp`` / ``jax.linearize`` work, the gradients are the same). The choice is a
+    class attribute, not a field, so the pytree (and every checkpoint's structure) is
+    the same as before it existed.
     """
 
-    fast_vjp: bool = eqx.field(static=True, default=True)
-
-    def __init__(self, *args, fast_vjp: bool = True, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.fast_vjp = fast_vjp
+    fast_vjp: ClassVar[bool] = True
 
     def nhwc(self, x: jax.Array) -> jax.Array:
         if (
@@ -371,10 +373,19 @@ class Im2colConv2d(ShiftConv2d):
         return out
 
 
+class Im2colConv2dJVP(Im2colConv2d):
+    """:class:`Im2colConv2d` multiplying with the plain product: forward-mode
+    differentiation (``jax.jvp``, ``jax.linearize``, ``jax.jacfwd``) works through it;
+    reverse mode gives the same gradients, a little slower on CPU."""
+
+    fast_vjp: ClassVar[bool] = False
+
+
 def _runs_nhwc(conv: eqx.Module) -> bool:
     """An :class:`Im2colConv2d`, or one wrapped by Laplace's K-FAC taps (which give the
     wrapper an ``nhwc`` call that taps the batch; ``inference.laplace._layers``)."""
-    return type(conv) is Im2colConv2d or (type(getattr(conv, "layer", None)) is Im2colConv2d and hasattr(conv, "nhwc"))
+    tapped = isinstance(getattr(conv, "layer", None), Im2colConv2d) and hasattr(conv, "nhwc")
+    return isinstance(conv, Im2colConv2d) or tapped
 
 
 class Conv4(eqx.Module):
@@ -417,13 +428,12 @@ class Conv4(eqx.Module):
     ):
         if conv_impl not in CONV_IMPLS:
             raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}")
-        conv_cls = {"lax": eqx.nn.Conv2d, "shift": ShiftConv2d, "im2col": Im2colConv2d}[conv_impl]
-        extra = {"fast_vjp": fast_vjp} if conv_impl == "im2col" else {}
+        im2col = Im2colConv2d if fast_vjp else Im2colConv2dJVP
+        conv_cls = {"lax": eqx.nn.Conv2d, "shift": ShiftConv2d, "im2col": im2col}[conv_impl]
         keys = jax.random.split(key, num_blocks + 1)
         chans = (in_channels,) + (filters,) * num_blocks
         self.convs = tuple(
-            conv_cls(a, b, kernel_size=3, padding=1, key=k, **extra)
-            for a, b, k in zip(chans[:-1], chans[1:], keys[:-1])
+            conv_cls(a, b, kernel_size=3, padding=1, key=k) for a, b, k in zip(chans[:-1], chans[1:], keys[:-1])
         )
         self.norms = tuple(BatchStatNorm(filters) for _ in range(num_blocks))
         side = conv4_output_size(image_size, num_blocks)

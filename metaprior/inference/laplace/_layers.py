@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 PyTree = Any
 
@@ -186,18 +187,27 @@ def _tap_output_bwd(_, ct):
 _tap_output.defvjp(_tap_output_fwd, _tap_output_bwd)
 
 
-def _homogeneous_patches_nhwc(conv: tuple, x: jax.Array) -> jax.Array:
-    """A batch ``x [N, H, W, C]`` as rows ``[N * H' * W', C * kh * kw + 1]`` (columns in the
-    ``(C, kh, kw)`` order of :func:`_homogeneous_patches`, a one appended). Stride and
-    dilation 1 (what :meth:`metaprior.models.nets.Im2colConv2d.nhwc` computes)."""
+def _patch_moment_nhwc(conv: tuple, x: jax.Array) -> jax.Array:
+    """``A = sum a~ a~^T`` over every location of a batch ``x [N, H, W, C]``: the columns
+    ``a~`` in the ``(C, kh, kw)`` order of :func:`_homogeneous_patches` (the weights'
+    ``[O, C, kh, kw]`` order), a one appended. Stride and dilation 1 (what
+    :meth:`metaprior.models.nets.Im2colConv2d.nhwc` computes). The columns are built
+    tap-major, as the layer builds them (one concatenation), and ``A`` is reordered."""
     kernel, _, padding, _ = conv
     (top, bottom), (left, right) = padding
     xp = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
     kh, kw = kernel
+    channels, taps = x.shape[-1], kh * kw
     height, width = xp.shape[1] - kh + 1, xp.shape[2] - kw + 1
-    taps = [xp[:, a : a + height, b : b + width] for a in range(kh) for b in range(kw)]
-    cols = jnp.stack(taps, axis=-1).reshape(-1, x.shape[-1] * kh * kw)  # [M, C * kh * kw], channel-major
-    return jnp.concatenate([cols, jnp.ones((cols.shape[0], 1), cols.dtype)], axis=1)
+    cols = jnp.concatenate(
+        [xp[:, a : a + height, b : b + width] for a in range(kh) for b in range(kw)]
+        + [jnp.ones(x.shape[:1] + (height, width, 1), x.dtype)],
+        axis=-1,
+    ).reshape(-1, taps * channels + 1)  # tap-major: column t * C + c
+    moment = cols.T @ cols
+    order = [t * channels + c for c in range(channels) for t in range(taps)] + [taps * channels]
+    order = np.asarray(order)
+    return moment[order][:, order]
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -212,8 +222,7 @@ def _tap_input_nhwc_fwd(conv, x, probe):
 
 
 def _tap_input_nhwc_bwd(conv, x, ct):
-    cols = _homogeneous_patches_nhwc(conv, x)
-    return ct, cols.T @ cols
+    return ct, _patch_moment_nhwc(conv, x)
 
 
 _tap_input_nhwc.defvjp(_tap_input_nhwc_fwd, _tap_input_nhwc_bwd)
