@@ -314,3 +314,21 @@ def test_support_size_metrics_pairs_the_gap_over_the_same_tasks():
     assert m["mse_gap_n1_ci95"] < m["mse_a_n1_ci95"] / 10
     assert m["is_ess_a_n1"] == 8.0 and "is_ess_b_n1" not in m
     np.testing.assert_allclose(m["mse_b_n1"], 4.0)
+
+
+def test_large_restarts_apply_to_the_sizes_above_pad_to_only(setup):
+    """Sizes up to pad_to are fitted together with num_restarts each; a size above it is
+    fitted alone with large_restarts: the restart axis of each fit says which it got, and
+    the restart weights of every task sum to one."""
+    from metaprior.inference.local import restart_weights
+    from metaprior.inference.task_latent import infer_support_sizes
+
+    batch, model = setup
+    kw = dict(num_steps=2, learning_rate=0.01, num_samples=3, pad_to=2, guide_kind="normal", predictive="mixture")
+    out = infer_support_sizes(jax.random.key(0), model, batch, (1, 2, 5), num_restarts=2, large_restarts=3, **kw)
+    widths = {n: restart_weights(r["fit"]).shape[-1] for n, r in out.items()}
+    assert widths == {1: 2, 2: 2, 5: 3}
+    for r in out.values():
+        np.testing.assert_allclose(np.asarray(restart_weights(r["fit"])).sum(-1), 1.0, rtol=1e-5)
+    same = infer_support_sizes(jax.random.key(0), model, batch, (1, 2, 5), num_restarts=2, **kw)
+    assert restart_weights(same[5]["fit"]).shape[-1] == 2  # None: every size gets num_restarts

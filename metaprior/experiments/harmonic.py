@@ -74,6 +74,7 @@ class HarmonicConfig:
     pad_support: int = 64  # support sizes up to this are padded to one shape (one compilation)
     adapt_steps: int = 200
     adapt_restarts: int = 6
+    adapt_restarts_large: int = 12  # for sizes above pad_support: sharp posteriors, more local optima
     adapt_candidates: int = 1024  # restarts start at the best of this many prior draws (0: plain draws)
     adapt_lr: float = 0.05
     adapt_particles: int = 1
@@ -86,7 +87,8 @@ class HarmonicConfig:
 def make_config(size: str) -> HarmonicConfig:
     if size == "quick":
         small = dict(num_tasks=200, latent_dim=4, width=32, num_steps=40, eval_tasks=4, support_sizes=(1, 8))
-        small.update(num_query=20, adapt_steps=20, adapt_restarts=2, adapt_candidates=8, num_proposals=64)
+        small.update(num_query=20, adapt_steps=20, adapt_restarts=2, adapt_restarts_large=2, adapt_candidates=8)
+        small.update(num_proposals=64)
         return HarmonicConfig(**small, predictive_samples=16)
     if size == "default":
         return HarmonicConfig(eval_tasks=50)
@@ -151,6 +153,7 @@ def evaluate(rng_key, config: HarmonicConfig, net, tasks: TaskBatch, *, kl_weigh
     """
     model = partial(task_latent_model, net=net, latent_dim=config.latent_dim)
     kw = dict(num_steps=config.adapt_steps, learning_rate=config.adapt_lr, num_restarts=config.adapt_restarts)
+    kw.update(large_restarts=config.adapt_restarts_large)
     kw.update(num_candidates=config.adapt_candidates, num_particles=config.adapt_particles, kl_weight=kl_weight)
     kw.update(num_samples=config.predictive_samples, predictive=config.predictive, pad_to=config.pad_support)
     kw.update(num_proposals=config.num_proposals)

@@ -116,6 +116,7 @@ def infer_support_sizes(
     num_steps: int,
     learning_rate: float,
     num_restarts: int = 1,
+    large_restarts: int | None = None,
     num_candidates: int = 0,
     num_particles: int = 1,
     kl_weight: float = 1.0,
@@ -138,6 +139,11 @@ def infer_support_sizes(
 
     Args:
         tasks: ``[tasks, examples, D]``; the first ``N`` examples of each are its support.
+        num_restarts: independent fits per task (see :func:`fit_local`).
+        large_restarts: restarts for the sizes above ``pad_to`` (each fitted alone), if
+            given. Their posteriors are the sharpest: with hundreds of points the
+            likelihood has many local optima in the frequency, and more restarts are what
+            finds the right one, at a cost of one task set instead of ``len(sizes)``.
         predictive: ``"importance"`` resamples ``z`` from ``num_proposals`` draws of a
             defensive mixture (the prior's scale and the restarts' guides) by importance
             weights against the exact posterior (:func:`importance_resample`);
@@ -175,7 +181,7 @@ def infer_support_sizes(
             guide,
             padded,
             num_steps=num_steps,
-            num_restarts=num_restarts,
+            num_restarts=num_restarts if large_restarts is None or slots <= pad_to else large_restarts,
             optimizer=optax.adam(optax.cosine_decay_schedule(learning_rate, num_steps, alpha=0.01)),
             num_particles=num_particles,
             kl_weight=kl_weight,
