@@ -25,18 +25,6 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-NAMES = (
-    "harmonic",
-    "sinusoid-maml",
-    "sinusoid-llama",
-    "omniglot-maml",
-    "omniglot-llama",
-    "omniglot-amortized",
-    "sib-omniglot",
-    "dwp-mnist",
-    "validate",
-    "fewshot",
-)
 EVENTS = {
     "/jax/core/compile/jaxpr_trace_duration": "trace_s",
     "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower_s",
@@ -84,9 +72,13 @@ def run_one(name: str, disable: int) -> dict:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--names", nargs="+", default=list(NAMES))
+    p.add_argument("--names", nargs="+", default=None, help="experiments (default: every registered one)")
     p.add_argument("--out", type=Path, default=HERE / "results" / "quick_compile_times.json")
     a = p.parse_args(argv)
+    if a.names is None:
+        from metaprior.experiments import discover
+
+        a.names = sorted(discover())
     rows = []
     for name in a.names:
         for disable in (0, 1):
