@@ -149,44 +149,6 @@ def _homogeneous_patches(conv: tuple | None, x: jax.Array) -> jax.Array:
     return jnp.concatenate([cols, jnp.ones((1, cols.shape[1]), cols.dtype)], axis=0)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _tap_input(conv, x, probe):
-    del conv, probe
-    return x
-
-
-def _tap_input_fwd(conv, x, probe):
-    del conv, probe
-    return x, x
-
-
-def _tap_input_bwd(conv, x, ct):
-    cols = _homogeneous_patches(conv, x)
-    return ct, cols @ cols.T
-
-
-_tap_input.defvjp(_tap_input_fwd, _tap_input_bwd)
-
-
-@jax.custom_vjp
-def _tap_output(y, probe):
-    del probe
-    return y
-
-
-def _tap_output_fwd(y, probe):
-    del probe
-    return y, None
-
-
-def _tap_output_bwd(_, ct):
-    g = ct.reshape(ct.shape[0], -1)
-    return ct, g @ g.T
-
-
-_tap_output.defvjp(_tap_output_fwd, _tap_output_bwd)
-
-
 def _patch_moment_nhwc(conv: tuple, x: jax.Array) -> jax.Array:
     """``A = sum a~ a~^T`` over every location of a batch ``x [N, H, W, C]``: the columns
     ``a~`` in the ``(C, kh, kw)`` order of :func:`_homogeneous_patches` (the weights'
@@ -210,41 +172,50 @@ def _patch_moment_nhwc(conv: tuple, x: jax.Array) -> jax.Array:
     return moment[order][:, order]
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _tap_input_nhwc(conv, x, probe):
-    del conv, probe
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _tap_input(conv, channels_last, x, probe):
+    del conv, channels_last, probe
     return x
 
 
-def _tap_input_nhwc_fwd(conv, x, probe):
-    del conv, probe
+def _tap_input_fwd(conv, channels_last, x, probe):
+    del conv, channels_last, probe
     return x, x
 
 
-def _tap_input_nhwc_bwd(conv, x, ct):
-    return ct, _patch_moment_nhwc(conv, x)
+def _tap_input_bwd(conv, channels_last, x, ct):
+    """The input's second moment: a batch ``[N, H, W, C]`` at once (channels-last), or one
+    example (``[C, H, W]`` or ``[D]``; JAX sums the per-example calls)."""
+    if channels_last:
+        return ct, _patch_moment_nhwc(conv, x)
+    cols = _homogeneous_patches(conv, x)
+    return ct, cols @ cols.T
 
 
-_tap_input_nhwc.defvjp(_tap_input_nhwc_fwd, _tap_input_nhwc_bwd)
+_tap_input.defvjp(_tap_input_fwd, _tap_input_bwd)
 
 
-@jax.custom_vjp
-def _tap_output_nhwc(y, probe):
-    del probe
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _tap_output(channels_last, y, probe):
+    del channels_last, probe
     return y
 
 
-def _tap_output_nhwc_fwd(y, probe):
-    del probe
+def _tap_output_fwd(channels_last, y, probe):
+    del channels_last, probe
     return y, None
 
 
-def _tap_output_nhwc_bwd(_, ct):
-    g = ct.reshape(-1, ct.shape[-1])
-    return ct, g.T @ g
+def _tap_output_bwd(channels_last, _, ct):
+    """The output cotangent's second moment over locations (and the batch, channels-last)."""
+    if channels_last:
+        g = ct.reshape(-1, ct.shape[-1])
+        return ct, g.T @ g
+    g = ct.reshape(ct.shape[0], -1)
+    return ct, g @ g.T
 
 
-_tap_output_nhwc.defvjp(_tap_output_nhwc_fwd, _tap_output_nhwc_bwd)
+_tap_output.defvjp(_tap_output_fwd, _tap_output_bwd)
 
 
 class _Tapped(eqx.Module):
@@ -256,9 +227,9 @@ class _Tapped(eqx.Module):
     conv: tuple | None = eqx.field(static=True)
 
     def __call__(self, x, *, key=None):
-        x = _tap_input(self.conv, x, self.probe_a)
+        x = _tap_input(self.conv, False, x, self.probe_a)
         y = self.layer(x, key=key)
-        return _tap_output(y, self.probe_g)
+        return _tap_output(False, y, self.probe_g)
 
     def nhwc(self, x):
         """The batched channels-last call of a wrapped ``Im2colConv2d`` (``x [N, H, W, C]``),
@@ -268,8 +239,8 @@ class _Tapped(eqx.Module):
         if tuple(stride) != (1, 1) or tuple(dilation) != (1, 1) or self.layer.groups != 1:
             y = jax.vmap(self)(jnp.transpose(x, (0, 3, 1, 2)))  # per example, channels-first
             return jnp.transpose(y, (0, 2, 3, 1))
-        x = _tap_input_nhwc(self.conv, x, self.probe_a)
-        return _tap_output_nhwc(self.layer.nhwc(x), self.probe_g)
+        x = _tap_input(self.conv, True, x, self.probe_a)
+        return _tap_output(True, self.layer.nhwc(x), self.probe_g)
 
 
 def zero_probes(specs: tuple[BlockSpec, ...], dtype=jnp.float32) -> tuple:
