@@ -38,6 +38,7 @@ from metaprior.inference.dwp import (
     mean_std,
     paired_win_rate,
     posterior_datatree,
+    posterior_diagnostics,
 )
 
 __all__ = ["PRIORS", "DWPConfig", "make_config", "source_data", "mnist_splits", "run"]
@@ -117,16 +118,11 @@ def _check(config: DWPConfig) -> None:
         if len(getattr(config, name)) != n:
             raise ValueError(f"config.{name} has {len(getattr(config, name))} entries, config.kernel_sizes has {n}")
     if max(config.sizes) > 5000 or config.init_train_size > 5000:
-        raise ValueError(
-            "training sets are drawn from a pool of 5,000 MNIST images; "
-            f"got sizes {config.sizes}, init_train_size {config.init_train_size}"
-        )
+        raise ValueError(f"sizes {config.sizes} / init_train_size {config.init_train_size} exceed the 5,000-image pool")
     if not 1 <= config.test_size <= 5000:
         raise ValueError(f"config.test_size must be in 1..5000, got {config.test_size}")
     if config.batch_size > min(config.sizes):
-        raise ValueError(
-            f"config.batch_size={config.batch_size} exceeds the smallest training set ({min(config.sizes)})"
-        )
+        raise ValueError(f"config.batch_size={config.batch_size} exceeds the smallest training set {min(config.sizes)}")
     if config.num_splits < 1 or config.init_splits < 1 or config.num_source_nets < 1:
         raise ValueError("config.num_splits, init_splits and num_source_nets must be >= 1")
     if sorted(config.init_eval_steps) != list(config.init_eval_steps) or min(config.init_eval_steps) < 0:
@@ -192,6 +188,7 @@ def run(rng_key, config: DWPConfig, out_dir: Path) -> dict[str, float]:
     for n in config.sizes:
         for base in ("normal", "loguniform"):
             metrics[f"dwp_minus_{base}_n{n}"] = metrics[f"acc_dwp_n{n}"] - metrics[f"acc_{base}_n{n}"]
+    metrics.update(posterior_diagnostics(jax.random.fold_in(k_bnn, 1), config, prior, fits))
 
     start = time.perf_counter()
     curves = init_curves(k_init, config, prior, pool_x, pool_y, test_x, test_y, orders, checkpoint_dir=out_dir)
@@ -236,6 +233,9 @@ vae_l{L}_gain_over_gaussian: held-out ELBO minus the log-likelihood of independe
 kernel_corr_l{L}: correlation of adjacent weights in layer L's source kernels (position means removed)
 prior_snr_l{L}: median over z ~ p(z) of |decoder mean| / |decoder sd| (kernel norms) of layer L's prior (the
     authors' priors: about 1.5 for 7x7, 0.92 for 5x5)
+q_mean_kernel_share_{prior}_l{L}: share of layer L's posterior kernel means in their common mean (1: one kernel)
+dwp_bound_gap_l{L}: importance-weighted log p(w) minus the auxiliary bound at the DWP posterior means (nats/kernel)
+prior_vi_share_l{L}: the same share after mean-field VI under layer L's deep weight prior alone, without data
 time_source_s, time_vae_s, time_bnn_s, time_init_s: wall time of each step
 """
 

@@ -63,6 +63,7 @@ from metaprior.models.dwp import (
     kernel_sites,
     without_kernels,
 )
+from metaprior.models.dwp.diagnostics import auxiliary_bound, kernel_log_marginal, mean_kernel_share, prior_only_vi
 
 __all__ = [
     "PRIORS",  # DWPSettings, train_source_nets, train_kernel_vae, learn_prior, mean_std: re-exported
@@ -81,6 +82,7 @@ __all__ = [
     "init_curves",
     "paired_win_rate",
     "posterior_datatree",
+    "posterior_diagnostics",
     "mean_std",
 ]
 
@@ -495,3 +497,44 @@ def posterior_datatree(rng_key: jax.Array, fits: dict, num_samples: int, member:
             posterior[var] = np.asarray(draws[name])[None]
             dims[var] = [f"kernel_l{layer}", f"row_l{layer}", f"col_l{layer}"]
     return az.from_dict({"posterior": posterior}, dims=dims)
+
+
+def posterior_diagnostics(rng_key: jax.Array, settings: DWPSettings, prior: DeepWeightPrior, fits: dict) -> dict:
+    """Whether the deep weight prior's inference is right, and whether its kernels collapsed
+    (:mod:`metaprior.models.dwp.diagnostics`), as flat metrics for conv layer ``L``:
+
+    - ``q_mean_kernel_share_{kind}_l{L}``: :func:`mean_kernel_share` of q's kernel means,
+      averaged over the data sets (1: the layer's kernels are one kernel).
+    - ``dwp_bound_gap_l{L}``: the importance-weighted ``log p(w)`` minus the auxiliary
+      bound, nats per kernel, at the deep-weight-prior posterior's means of data set 0,
+      with the encoder ``r(z | w)`` as trained there (near 0: the bound is tight).
+    - ``prior_vi_share_l{L}``: the share after :func:`prior_only_vi` (the Bayesian nets'
+      step count, step size and initial scale) from 1,024 decoder means: the collapse the
+      prior alone causes, without data.
+    """
+    metrics = {}
+    for kind, (net, _, params) in fits.items():
+        for layer, name in enumerate(kernel_sites(i).w for i in range(len(net.convs))):
+            locs = np.asarray(params[f"{name}_loc"])
+            metrics[f"q_mean_kernel_share_{kind}_l{layer}"] = float(np.mean([mean_kernel_share(m) for m in locs]))
+    if "dwp" in fits:
+        params = fits["dwp"][2]
+        for layer, vae in enumerate(prior.vaes):
+            k_gap, k_vi, k_init = jax.random.split(jax.random.fold_in(rng_key, layer), 3)
+            site = kernel_sites(layer)
+            trained = jax.tree.map(lambda a: a[0], params[f"{site.z}_encoder$params"])
+            encoder = eqx.combine(trained, eqx.partition(vae.encoder, eqx.is_array)[1])
+            w = params[f"{site.w}_loc"][0].reshape((-1,) + vae.decoder(jnp.zeros(vae.latent_dim))[0].shape)
+            gap = kernel_log_marginal(k_gap, encoder, vae.decoder, w) - auxiliary_bound(k_gap, encoder, vae.decoder, w)
+            metrics[f"dwp_bound_gap_l{layer}"] = float(jnp.mean(gap))
+            loc, _ = prior_only_vi(
+                k_vi,
+                vae.encoder,
+                vae.decoder,
+                vae.sample(k_init, 1024, noise=False),
+                num_steps=settings.num_steps,
+                learning_rate=settings.learning_rate,
+                init_log_scale=settings.init_log_scale,
+            )
+            metrics[f"prior_vi_share_l{layer}"] = mean_kernel_share(loc)
+    return metrics

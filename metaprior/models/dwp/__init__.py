@@ -29,6 +29,9 @@ This module holds the model side:
   :class:`DeepKernelPrior` (the DWP of one layer), :class:`NormalKernelPrior` and
   :class:`LogUniformKernelPrior` (the baselines, with their closed-form or approximate
   KL to a factorised Gaussian).
+- :mod:`metaprior.models.dwp.diagnostics`: how tight the auxiliary bound is
+  (importance-weighted ``log p(w)`` against the bound), and whether a layer's kernels
+  collapsed onto one (the share of their mean kernel; mean-field VI under the prior alone).
 - :func:`dwp_model`: the target-task NumPyro model. For every conv layer ``l``, in a
   plate over its kernels, ``z ~ p(z)`` then ``w ~ p_l(w | z)``; then the labels given
   the images. Biases and the dense layer are ``param`` sites: point estimates, with no
