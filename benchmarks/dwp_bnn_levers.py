@@ -9,12 +9,13 @@ hidden 64, 64), saved to PRIOR.npz (derived from the data: keep it out of the re
 ``bnn``: ``bayesian_nets`` at the dwp-mnist default with the ``field=value`` overrides, for
 the priors in ONLY; INIT replaces every prior's kernel initialisation; MIX=dwp7[:s] keeps
 the deep weight prior on the 7x7 layer only and puts N(0, s^2) (s = 1 by default) on the
-5x5 layer. One JSON line per
+5x5 layer; PRIOR_PARTICLES=n averages the deep weight prior's term over n draws. One JSON line per
 run is appended to ``benchmarks/results/dwp_bnn_levers_released.jsonl``.
 """
 
 import ast
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -73,6 +74,8 @@ def bnn(path: str, tag: str, overrides: list[str]) -> None:
         D.make_priors = lambda kind, p: (
             (make(kind, p)[0], NormalKernelPrior(scale=scale)) if kind == "dwp" else make(kind, p)
         )
+    if os.environ.get("PRIOR_PARTICLES"):  # draws of (w, z) per step in the deep weight prior's term
+        D.latent_elbo = functools.partial(D.latent_elbo, num_particles=int(os.environ["PRIOR_PARTICLES"]))
     px, py, tx, ty, orders = mnist_splits(cfg)
     start = time.time()
     accs, _ = D.bayesian_nets(jax.random.key(0), cfg, prior, px, py, tx, ty, orders)
