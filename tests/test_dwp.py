@@ -606,3 +606,26 @@ def test_configs_are_consistent():
     full = make_config("full")
     assert full.filters == (32, 128) and full.kernel_sizes == (7, 5)  # the paper's net
     assert make_config("default").num_splits >= 5
+
+
+def test_bnn_loss_kl_weight_scales_the_prior_term_only(small):
+    """kl_weight = 0 leaves the likelihood alone: the deep weight prior's and the normal
+    prior's losses are then equal for the same q and key; the loss is affine in kl_weight
+    (same key: the same draws), with slope minus the prior term."""
+    net, x, y = small["net"], small["x"], small["y"]
+    prior = DeepWeightPrior([KernelVAE(K, 2, (8,), key=jax.random.key(i)) for i in range(2)])
+    guide = build_guide(net, prior.priors(), prior=prior)
+    params = {**guide.init_params(jax.random.key(1)), **dwp_model_params(net)}
+    data, key = (x, y, jnp.int32(6)), jax.random.key(3)
+
+    def value(kind, weight):
+        priors = prior.priors() if kind == "dwp" else (NormalKernelPrior(),) * 2
+        return float(bnn_loss(kind, net, priors, guide, batch_size=4, kl_weight=weight)(params, key, data))
+
+    np.testing.assert_allclose(value("dwp", 0.0), value("normal", 0.0), rtol=1e-6)
+    assert abs(value("dwp", 1.0) - value("normal", 1.0)) > 1.0
+    for kind in ("dwp", "normal"):
+        v0, v1, vh = value(kind, 0.0), value(kind, 1.0), value(kind, 0.5)
+        np.testing.assert_allclose(vh, (v0 + v1) / 2, rtol=1e-5)
+    with pytest.raises(ValueError, match="kl_weight"):
+        bnn_loss("dwp", net, prior.priors(), guide, batch_size=4, kl_weight=-1.0)

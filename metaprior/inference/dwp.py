@@ -154,6 +154,7 @@ def bnn_loss(
     *,
     batch_size: int,
     local_reparam: bool = True,
+    kl_weight: float = 1.0,
 ) -> Callable[[dict, jax.Array, tuple], jax.Array]:
     """``loss_fn(params, rng_key, data)``: minus ``L_aux`` (or the ELBO) of one data set.
 
@@ -164,8 +165,10 @@ def bnn_loss(
     is, for the deep weight prior, the pair's ELBO without the observations
     (:func:`~metaprior.inference.guides.auxiliary.latent_elbo`: minus the auxiliary
     upper bound on ``KL(q(W) || p(W))``), and for the baselines the closed-form (normal)
-    or approximate (log-uniform) ``-KL(q || p)``.
+    or approximate (log-uniform) ``-KL(q || p)``, times ``kl_weight`` (1: the ELBO).
     """
+    if kl_weight < 0:
+        raise ValueError(f"kl_weight must be >= 0, got {kl_weight}")
     _, body_static = eqx.partition(without_kernels(net), eqx.is_inexact_array)
     shapes = net.kernel_shapes
     sites = [kernel_sites(i).w for i in range(len(shapes))]
@@ -199,7 +202,7 @@ def bnn_loss(
             )
         else:
             prior_term = -sum(jnp.sum(p.kl(*moments[s])) for p, s in zip(priors, sites))
-        return -(log_lik + prior_term)
+        return -(log_lik + kl_weight * prior_term)
 
     return loss
 
@@ -316,7 +319,15 @@ def fit_bnns(
     )
     init = eqx.filter_jit(jax.vmap(lambda k: init_bnn_params(k, kind, settings, guide, prior)))
     params = init(jax.random.split(k_init, num))
-    single = bnn_loss(kind, net, priors, guide, batch_size=settings.batch_size, local_reparam=settings.local_reparam)
+    single = bnn_loss(
+        kind,
+        net,
+        priors,
+        guide,
+        batch_size=settings.batch_size,
+        local_reparam=settings.local_reparam,
+        kl_weight=settings.kl_weight,
+    )
 
     def loss(params, key, data):
         keys = jax.random.split(key, num)

@@ -80,6 +80,11 @@ class DWPSettings:
             initial log scale of -5 at 1e-3 the scales can reach the prior's (about
             e^-3) only after thousands of steps; a larger step for them alone lets
             a short run get there.
+        kl_weight: the weight of the prior term (``-KL``, or the auxiliary bound's prior part)
+            in the Bayesian nets' objective; 1 is the ELBO, the paper's objective. Below 1 it
+            is a tempered posterior, a lever to measure (the authors' results notebook
+            groups its runs by a ``kl_weight`` column that the released code lacks), not a
+            Bayesian default.
         freeze_encoder: keep ``r(z | w)`` at the prior VAE's encoder (the authors' code)
             instead of training it with ``q`` (the paper's Algorithm 1).
         num_eval_samples: weight draws of the posterior predictive.
@@ -117,6 +122,7 @@ class DWPSettings:
     init_logit_alpha: float = -2.0
     lr_schedule: str = "constant"
     freeze_encoder: bool = False
+    kl_weight: float = 1.0
     scale_lr: float = 0.0
     num_eval_samples: int = 10
     posterior_samples: int = 50
