@@ -5,15 +5,14 @@ kernels from nets trained on notMNIST (or the authors' released kernels, ``sourc
 one kernel VAE per layer (``dwp_prior.npz``), Bayesian nets on little MNIST data under the
 deep weight, normal and log-uniform priors (Figure 2), prior-sampled init vs Xavier (Figure 4).
 
-Data. Only the 10,000-image test sets of MNIST and notMNIST are available. notMNIST:
-a fixed permutation gives 9,000 images to train the source nets and 1,000 to check
-them. MNIST: a fixed permutation (key ``split_seed``, independent of ``--seed``) gives
-a pool of the first 5,000 images and a held-out test part of the last 5,000 (the first
-``test_size`` of which are scored). Training sets are drawn from the pool only: for
-data split ``s`` a permutation of the pool (key ``fold_in(split_seed, 1 + s)``), whose
-first N images form the training set of size N (``stratify``: reordered so that each has
-N / 10 images per class, as the authors' code stratifies). So every training set is
-disjoint from the test part, and for one split the sizes are nested.
+Data. Only the 10,000-image test sets of MNIST and notMNIST are available. notMNIST: a fixed
+permutation gives 9,000 images to train the source nets and 1,000 to check them. MNIST: a fixed
+permutation (key ``split_seed``, independent of ``--seed``) gives a pool of the first 5,000 images
+and a held-out test part of the last 5,000 (the first ``test_size`` of which are scored). Training
+sets come from the pool only: for data split ``s`` a permutation of the pool (key ``fold_in(split_seed,
+1 + s)``), whose first N images form the training set of size N (``stratify``: reordered so that each
+has N / 10 images per class, as the authors' code stratifies). So every training set is disjoint from
+the test part, and for one split the sizes are nested. Every prior's term is weighted by ``kl_weight``.
 """
 
 from __future__ import annotations
@@ -49,6 +48,7 @@ class DWPConfig(DWPSettings):
     """The pipeline's sizes (:class:`~metaprior.inference.dwp_source.DWPSettings`; ``num_steps``,
     what ``--steps`` sets, is per Bayesian net) and the data protocol."""
 
+    kl_weight: float = 0.01  # every prior's; at the ELBO's 1 the DWP collapses the 5x5 kernels (benchmarks/README.md)
     data_dir: str = ""  # "" -> $METAPRIOR_DATA
     split_seed: int = 0
     test_size: int = 5000
