@@ -65,7 +65,7 @@ def bnn(path: str, tag: str, overrides: list[str]) -> None:
         except (ValueError, SyntaxError):
             pass
         kw[k] = v
-    cfg = dataclasses.replace(make_config("default"), **kw)
+    cfg = dataclasses.replace(make_config("default"), **{"kl_weight": 1.0, **kw})  # the ELBO unless overridden
     D.PRIORS = tuple(os.environ.get("ONLY", "dwp,normal,loguniform").split(","))
     if os.environ.get("INIT"):
         D.init_bnn_params = init_override(os.environ["INIT"])
@@ -80,7 +80,8 @@ def bnn(path: str, tag: str, overrides: list[str]) -> None:
     start = time.time()
     accs, _ = D.bayesian_nets(jax.random.key(0), cfg, prior, px, py, tx, ty, orders)
     res = {f"{k}_n{n}": [round(float(a), 4) for a in v] for (k, n), v in accs.items()}
-    line = {"tag": tag, "kw": {k: str(v) for k, v in kw.items()}, "time_s": round(time.time() - start, 1), **res}
+    line = {"tag": tag, "kw": {k: str(v) for k, v in kw.items()}, "kl_weight": cfg.kl_weight, **res}
+    line["time_s"] = round(time.time() - start, 1)
     line.update({k + "_mean": round(float(np.mean(v)), 4) for k, v in res.items()})
     print(json.dumps(line))
     with OUT.open("a") as f:

@@ -188,7 +188,7 @@ def run(rng_key, config: DWPConfig, out_dir: Path) -> dict[str, float]:
     for n in config.sizes:
         for base in ("normal", "loguniform"):
             metrics[f"dwp_minus_{base}_n{n}"] = metrics[f"acc_dwp_n{n}"] - metrics[f"acc_{base}_n{n}"]
-    metrics.update(posterior_diagnostics(jax.random.fold_in(k_bnn, 1), config, prior, fits))
+    metrics.update(posterior_diagnostics(jax.random.fold_in(k_bnn, 9), config, prior, fits), kl_weight=config.kl_weight)
 
     start = time.perf_counter()
     curves = init_curves(k_init, config, prior, pool_x, pool_y, test_x, test_y, orders, checkpoint_dir=out_dir)
@@ -233,10 +233,10 @@ vae_l{L}_gain_over_gaussian: held-out ELBO minus the log-likelihood of independe
 kernel_corr_l{L}: correlation of adjacent weights in layer L's source kernels (position means removed)
 prior_snr_l{L}: median over z ~ p(z) of |decoder mean| / |decoder sd| (kernel norms) of layer L's prior (the
     authors' priors: about 1.5 for 7x7, 0.92 for 5x5)
-q_mean_kernel_share_{prior}_l{L}: share of layer L's posterior kernel means in their common mean (1: one kernel)
-dwp_bound_gap_l{L}: importance-weighted log p(w) minus the auxiliary bound at the DWP posterior means (nats/kernel)
+q_mean_kernel_share_{prior}_l{L}: share of layer L's posterior kernel means in their mean (1: one kernel), all N
+dwp_bound_gap_l{L}: importance-weighted log p(w) minus the auxiliary bound at DWP posterior means, smallest N (nats)
 prior_vi_share_l{L}: the same share after mean-field VI under layer L's deep weight prior alone, without data
-time_source_s, time_vae_s, time_bnn_s, time_init_s: wall time of each step
+time_source_s, time_vae_s, time_bnn_s, time_init_s: wall time of each step; kl_weight: of every prior's term (1: ELBO)
 """
 
 EXPERIMENTS = [

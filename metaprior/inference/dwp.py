@@ -304,8 +304,8 @@ def fit_bnns(
         xs, ys: ``[M, N_max, ...]``, ``[M, N_max]``; data set ``m`` is the first
             ``ns[m]`` examples.
         ns: ``[M]`` int sizes.
-        checkpoint_dir: if given, training checkpoints to ``bnn_{kind}.ckpt`` there and
-            resumes from it.
+        checkpoint_dir: if given, training checkpoints to ``bnn_{kind}.ckpt`` there
+            (``bnn_{kind}_klw{w}.ckpt`` at ``kl_weight`` w other than 1) and resumes from it.
 
     Returns:
         ``(net, guide, params [M, ...], FitResult)``.
@@ -342,7 +342,10 @@ def fit_bnns(
         data=(xs, ys, ns),
         steps_per_call=settings.steps_per_call,
         desc=f"BNN, {kind} prior ({num} data sets)",
-        **checkpoint_kw(settings, checkpoint_dir, f"bnn_{kind}"),
+        # the weight in the name: a folder trained at another kl_weight is not resumed from
+        **checkpoint_kw(
+            settings, checkpoint_dir, f"bnn_{kind}" + ("" if settings.kl_weight == 1 else f"_klw{settings.kl_weight:g}")
+        ),
     )
     return net, guide, result.state.params, result
 
@@ -515,13 +518,16 @@ def posterior_diagnostics(rng_key: jax.Array, settings: DWPSettings, prior: Deep
     (:mod:`metaprior.models.dwp.diagnostics`), as flat metrics for conv layer ``L``:
 
     - ``q_mean_kernel_share_{kind}_l{L}``: :func:`mean_kernel_share` of q's kernel means,
-      averaged over the data sets (1: the layer's kernels are one kernel).
-    - ``dwp_bound_gap_l{L}``: the importance-weighted ``log p(w)`` minus the auxiliary
-      bound, nats per kernel, at the deep-weight-prior posterior's means of data set 0,
-      with the encoder ``r(z | w)`` as trained there (near 0: the bound is tight).
-    - ``prior_vi_share_l{L}``: the share after :func:`prior_only_vi` (the Bayesian nets'
-      step count, step size and initial scale) from 1,024 decoder means: the collapse the
-      prior alone causes, without data.
+      averaged over the data sets (every size and split; 1: the layer's kernels are one
+      kernel).
+    - ``dwp_bound_gap_l{L}``: the importance-weighted ``log p(w)`` (256 draws) minus the
+      auxiliary bound, nats per kernel, at the deep-weight-prior posterior's means of data
+      set 0 (the smallest size, split 0), with the encoder ``r(z | w)`` as trained there
+      (near 0: the bound is tight).
+    - ``prior_vi_share_l{L}``: the share after :func:`prior_only_vi` from 1,024 decoder
+      means, with the Bayesian nets' step count, initial scale and (constant) step size
+      and the prior's own encoder: the collapse the prior alone causes, without data, at
+      the full prior term (``kl_weight`` 1).
     """
     metrics = {}
     for kind, (net, _, params) in fits.items():
@@ -534,10 +540,16 @@ def posterior_diagnostics(rng_key: jax.Array, settings: DWPSettings, prior: Deep
             k_gap, k_vi, k_init = jax.random.split(jax.random.fold_in(rng_key, layer), 3)
             site = kernel_sites(layer)
             trained = jax.tree.map(lambda a: a[0], params[f"{site.z}_encoder$params"])
-            encoder = eqx.combine(trained, eqx.partition(vae.encoder, eqx.is_array)[1])
-            w = params[f"{site.w}_loc"][0].reshape((-1,) + vae.decoder(jnp.zeros(vae.latent_dim))[0].shape)
-            gap = kernel_log_marginal(k_gap, encoder, vae.decoder, w) - auxiliary_bound(k_gap, encoder, vae.decoder, w)
-            metrics[f"dwp_bound_gap_l{layer}"] = float(jnp.mean(gap))
+            encoder = eqx.combine(trained, eqx.partition(vae.encoder, eqx.is_inexact_array)[1])
+            k = vae.kernel_size
+            w = params[f"{site.w}_loc"][0].reshape(-1, k, k)
+            gap = eqx.filter_jit(  # in chunks of 256 kernels: bounded memory at the paper's widths
+                lambda e, c: (
+                    kernel_log_marginal(k_gap, e, vae.decoder, c, 256) - auxiliary_bound(k_gap, e, vae.decoder, c)
+                )
+            )
+            gaps = [gap(encoder, w[i : i + 256]) for i in range(0, w.shape[0], 256)]
+            metrics[f"dwp_bound_gap_l{layer}"] = float(jnp.mean(jnp.concatenate(gaps)))
             loc, _ = prior_only_vi(
                 k_vi,
                 vae.encoder,

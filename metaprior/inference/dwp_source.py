@@ -135,6 +135,10 @@ class DWPSettings:
     checkpoint_every: int = 500
     source: str = "nets"
 
+    def __post_init__(self):
+        if not self.kl_weight >= 0:  # also rejects NaN
+            raise ValueError(f"kl_weight must be >= 0, got {self.kl_weight}")
+
 
 def mean_std(values: ArrayLike) -> tuple[float, float]:
     """Mean and sample standard deviation (``ddof=1``; 0 for a single value)."""

@@ -95,13 +95,13 @@ def kernel_log_marginal(
     """Importance-weighted estimate of ``log p(w) = log int p(w | z) p(z) dz`` per kernel.
 
     The proposal is a defensive mixture, half ``N(m(w), (widen * s(w))^2)`` from the
-    encoder and half ``p(z)``, so a poor encoder costs variance, never a heavy-tailed
-    estimate. With ``num_samples`` draws it is a lower bound in expectation that tightens
-    as they grow (Burda et al. 2016). Returns ``[num_kernels]``.
+    encoder and half ``p(z)`` (``num_samples`` even: half the draws from each), so a poor
+    encoder costs variance, never a heavy-tailed estimate. With ``num_samples`` draws it is
+    a lower bound in expectation that tightens as they grow (Burda et al. 2016). Returns ``[num_kernels]``.
     """
     _check_kernels(kernels)
-    if num_samples < 2 or widen <= 0:
-        raise ValueError(f"num_samples must be >= 2 and widen > 0, got {num_samples} and {widen}")
+    if num_samples < 2 or num_samples % 2 or widen <= 0:
+        raise ValueError(f"num_samples must be even and >= 2 and widen > 0, got {num_samples} and {widen}")
     loc, scale = encoder(kernels)
     wide = widen * scale
     half = num_samples // 2
