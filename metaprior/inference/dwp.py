@@ -167,7 +167,7 @@ def bnn_loss(
     upper bound on ``KL(q(W) || p(W))``), and for the baselines the closed-form (normal)
     or approximate (log-uniform) ``-KL(q || p)``, times ``kl_weight`` (1: the ELBO).
     """
-    if kl_weight < 0:
+    if not kl_weight >= 0:  # also rejects NaN
         raise ValueError(f"kl_weight must be >= 0, got {kl_weight}")
     _, body_static = eqx.partition(without_kernels(net), eqx.is_inexact_array)
     shapes = net.kernel_shapes

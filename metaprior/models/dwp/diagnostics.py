@@ -32,15 +32,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.scipy.special import logsumexp
+from jax.scipy.stats.norm import logpdf as _log_normal
 from numpy.typing import ArrayLike
 
 __all__ = ["mean_kernel_share", "auxiliary_bound", "kernel_log_marginal", "prior_only_vi"]
 
 Coder = Callable[[jax.Array], tuple[jax.Array, jax.Array]]
-
-
-def _log_normal(x, loc, scale):
-    return -0.5 * ((x - loc) / scale) ** 2 - jnp.log(scale) - 0.5 * jnp.log(2 * jnp.pi)
 
 
 def _check_kernels(kernels: jax.Array, name: str = "kernels") -> None:
