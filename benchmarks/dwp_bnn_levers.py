@@ -1,11 +1,13 @@
 """Issue 20: Bayesian-net levers under a fixed deep weight prior, side by side.
 
     METAPRIOR_DATA=../shared/data .venv/bin/python benchmarks/dwp_bnn_levers.py prior PRIOR.npz SEED
+    .venv/bin/python benchmarks/dwp_bnn_levers.py swap OUT.npz A.npz B.npz
     METAPRIOR_DATA=../shared/data [ONLY=dwp] [INIT=xavier|prior] .venv/bin/python benchmarks/dwp_bnn_levers.py \\
         bnn PRIOR.npz TAG field=value ...
 
 ``prior``: the kernel VAEs on the released kernels at the paper-size settings (10,000 steps,
 hidden 64, 64), saved to PRIOR.npz (derived from the data: keep it out of the repository).
+``swap``: a prior with the 7x7 layer's VAE of A and the 5x5 layer's of B.
 ``bnn``: ``bayesian_nets`` at the dwp-mnist default with the ``field=value`` overrides, for
 the priors in ONLY; INIT replaces every prior's kernel initialisation; MIX=dwp7[:s] keeps
 the deep weight prior on the 7x7 layer only and puts N(0, s^2) (s = 1 by default) on the
@@ -91,5 +93,8 @@ def bnn(path: str, tag: str, overrides: list[str]) -> None:
 if __name__ == "__main__":
     if sys.argv[1] == "prior":
         train_prior(sys.argv[2], int(sys.argv[3]))
+    elif sys.argv[1] == "swap":  # swap OUT.npz A.npz B.npz: the 7x7 layer's VAE from A, the 5x5 layer's from B
+        first, second = (DeepWeightPrior.load(p) for p in sys.argv[3:5])
+        DeepWeightPrior([first.vaes[0], second.vaes[1]]).save(sys.argv[2])
     else:
         bnn(sys.argv[2], sys.argv[3], sys.argv[4:])

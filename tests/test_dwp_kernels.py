@@ -111,3 +111,31 @@ def test_balanced_order_gives_stratified_nested_prefixes():
         np.testing.assert_array_equal(out[labels[out] == c], order[labels[order] == c])
     with pytest.raises(ValueError, match="order must be 1-D indices"):
         balanced_order(np.array([0, 600]), labels)
+
+
+def test_dihedral_augmentation_is_the_group_orbit_and_leaves_the_baseline_alone():
+    from metaprior.inference.dwp_source import dihedral, train_kernel_vae
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(3, 4, 4)).astype(np.float32)
+    out = np.asarray(dihedral(w))
+    assert out.shape == (24, 4, 4)
+    np.testing.assert_array_equal(out[:3], w)  # the identity first
+    # eight distinct transforms of a generic kernel, each an isometry of its entries
+    orbit = out.reshape(8, 3, 16)
+    assert len({orbit[g, 0].tobytes() for g in range(8)}) == 8
+    np.testing.assert_allclose(np.sort(orbit, axis=-1), np.sort(np.broadcast_to(w.reshape(1, 3, 16), orbit.shape), -1))
+    # closed under the group: the orbit of a rotated (or reflected) kernel is the same set
+    for g in (1, 4, 7):
+        same = np.asarray(dihedral(out[3 * g : 3 * g + 1])).reshape(8, 16)
+        assert {r.tobytes() for r in same} == {orbit[h, 0].tobytes() for h in range(8)}
+    # train_kernel_vae: the per-position Gaussian baseline is fitted on the unaugmented kernels
+    base = DWPSettings(kernel_sizes=(4,), latent_dims=(2,), vae_hidden=(8,), vae_steps=2, vae_batch=8)
+    kernels = rng.normal(size=(40, 4, 4)).astype(np.float32) + np.arange(16).reshape(4, 4)
+    infos = [
+        train_kernel_vae(jax.random.key(0), dataclasses.replace(base, kernel_augment=a), kernels, 0)[1]
+        for a in ("none", "dihedral")
+    ]
+    assert infos[0]["gaussian_loglik"] == infos[1]["gaussian_loglik"]
+    with pytest.raises(ValueError, match="kernel_augment"):
+        DWPSettings(kernel_augment="rotate")

@@ -96,6 +96,9 @@ class DWPSettings:
             steps are given a ``checkpoint_dir`` (a killed run resumes from them).
         source: where the prior's kernels come from: ``"nets"`` (source nets trained here)
             or ``"released"`` (the authors' released kernels, ``dwp-kernels/``).
+        kernel_augment: ``"dihedral"`` trains each kernel VAE on its training kernels' eight
+            rotations and reflections (the held-out kernels and the per-position Gaussian
+            baseline stay unaugmented); ``"none"`` (default) trains on the kernels as they are.
     """
 
     sizes: tuple[int, ...] = (50, 100, 500, 1000)
@@ -134,10 +137,13 @@ class DWPSettings:
     steps_per_call: int = 25
     checkpoint_every: int = 500
     source: str = "nets"
+    kernel_augment: str = "none"
 
     def __post_init__(self):
         if not self.kl_weight >= 0:  # also rejects NaN
             raise ValueError(f"kl_weight must be >= 0, got {self.kl_weight}")
+        if self.kernel_augment not in ("none", "dihedral"):
+            raise ValueError(f"kernel_augment must be 'none' or 'dihedral', got {self.kernel_augment!r}")
 
 
 def mean_std(values: ArrayLike) -> tuple[float, float]:
@@ -276,6 +282,10 @@ def train_kernel_vae(
     train, held = jnp.asarray(kernels[perm[:cut]]), jnp.asarray(kernels[perm[cut:]])
     if heldout is not None:
         train, held = jnp.asarray(kernels), jnp.asarray(heldout)
+    baseline = gaussian_loglik(np.asarray(train), np.asarray(held))
+    suffix = "" if settings.kernel_augment == "none" else "_" + settings.kernel_augment  # no resume across data
+    if settings.kernel_augment == "dihedral":
+        train = dihedral(train)
     vae = KernelVAE(settings.kernel_sizes[layer], settings.latent_dims[layer], settings.vae_hidden, key=k_init)
     before = heldout_elbo(k_eval, vae, held)
     batch = min(settings.vae_batch, train.shape[0])
@@ -292,13 +302,20 @@ def train_kernel_vae(
         sample_batch=sample,
         steps_per_call=settings.steps_per_call,
         desc=f"kernel VAE, layer {layer}",
-        **checkpoint_kw(settings, checkpoint_dir, f"vae_l{layer}"),
+        **checkpoint_kw(settings, checkpoint_dir, f"vae_l{layer}" + suffix),
     )
     vae = result.state.params
     after = heldout_elbo(k_eval, vae, held)
     info = dict(num_kernels=int(kernels.shape[0]), elbo_init=before, elbo_final=after, losses=result.losses)
-    info["gaussian_loglik"] = gaussian_loglik(np.asarray(train), np.asarray(held))
+    info["gaussian_loglik"] = baseline
     return vae, info
+
+
+def dihedral(kernels: jax.Array) -> jax.Array:
+    """The eight rotations and reflections of each kernel ``[n, k, k]`` -> ``[8 n, k, k]``
+    (the identity first)."""
+    rots = [jnp.rot90(kernels, r, axes=(-2, -1)) for r in range(4)]
+    return jnp.concatenate(rots + [jnp.flip(r, axis=-1) for r in rots])
 
 
 def gaussian_loglik(train: np.ndarray, held: np.ndarray) -> float:
