@@ -68,6 +68,13 @@ def oracle_task(draws: HarmonicParams, xs, ys, xq, noise: float, chunk: int):
     return w @ f_q, 1.0 / jnp.sum(w**2)
 
 
+def write_result(path: str, result: dict) -> None:
+    """``result`` as indented JSON at ``path`` (folders made as needed)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(result, indent=2))
+    print(f"wrote {path}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="1,2,4,8", help="support sizes")
@@ -117,9 +124,7 @@ def main() -> None:
         metrics_file=args.metrics,
         rows=rows,
     )
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.out}")
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import platform
 import sys
@@ -35,7 +34,7 @@ from metaprior.experiments import harmonic as H
 from metaprior.inference.evaluation import mean_ci95
 
 sys.path.insert(0, str(Path(__file__).parent))
-from harmonic_bayes_oracle import oracle_task, prior_draws  # noqa: E402
+from harmonic_bayes_oracle import oracle_task, prior_draws, write_result  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -113,9 +112,7 @@ def main() -> None:
         wall_s=time.perf_counter() - start,
         rows=rows,
     )
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.out}")
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":
