@@ -30,7 +30,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metaprior.data.tasks import harmonic_tasks
 from metaprior.experiments import harmonic as H
 from metaprior.inference.evaluation import mean_ci95
 from metaprior.models.task_latent import task_latent_predict
@@ -55,6 +54,11 @@ def prior_is_mean(net, num: int, d: int, key, xs, ys, xq):
     loglik, f = jax.lax.map(chunk, z)
     w = jax.nn.softmax(loglik.reshape(-1))
     return w @ f.reshape(-1, f.shape[-1])
+
+
+def query_mse(pred, y) -> list[float]:
+    """Per-task MSE of predictions ``pred`` (``[T, Q]``, or a list of ``[Q]``) at ``y [T, Q]``."""
+    return np.asarray(jnp.mean((jnp.stack(pred) - y) ** 2, axis=-1)).tolist()
 
 
 def main() -> None:
@@ -91,42 +95,33 @@ def main() -> None:
         )
         models[tag] = (net, encoder, weight)
     n_max = max(sizes)
-    tasks, _ = harmonic_tasks(
+    tasks, _ = H.harmonic_tasks(
         jax.random.key(2**31 - 7), args.tasks, n_max + config.num_query, noise_std=config.noise_std
     )
     tags = ("kl", "nokl", "oracle", "zero") + (("kl_prior_is", "nokl_prior_is") if args.prior_is else ())
     mse = {tag: {n: [] for n in sizes} for tag in tags}
     prior_is = {
-        tag: jax.jit(partial(prior_is_mean, net, args.prior_is, config.latent_dim))
-        for tag, (net, _, _) in models.items()
+        tag: jax.jit(partial(prior_is_mean, net, args.prior_is, config.latent_dim)) for tag, (net, *_) in models.items()
     }
     draws = prior_draws(jax.random.key(12345), args.draws) if args.draws else None
     oracle = jax.jit(lambda xs, ys, q: oracle_task(draws, xs, ys, q, config.noise_std, min(10_000, args.draws)))
     start = time.perf_counter()
     for c0 in range(0, args.tasks, args.chunk):
         part = jax.tree.map(lambda a: a[c0 : c0 + args.chunk], tasks)
+        x, y = part.x, part.y  # [T, points, 1], [T, points]
         for tag, (net, encoder, weight) in models.items():
-            if args.prior_is:
-                for n in sizes:
-                    keys = jax.random.split(jax.random.fold_in(k_ev, c0 + n), part.x.shape[0])
-                    x, y = part.x, part.y
-                    pred = jnp.stack(
-                        [
-                            prior_is[tag](keys[t], x[t : t + 1, :n], y[t, :n], x[t : t + 1, n_max:])
-                            for t in range(len(x))
-                        ]
-                    )
-                    err = jnp.mean((pred - part.y[:, n_max:]) ** 2, axis=-1)
-                    mse[f"{tag}_prior_is"][n].extend(np.asarray(err).tolist())
+            for n in sizes if args.prior_is else ():
+                keys = jax.random.split(jax.random.fold_in(k_ev, c0 + n), len(x))
+                pred = [prior_is[tag](keys[t], x[t : t + 1, :n], y[t, :n], x[t : t + 1, n_max:]) for t in range(len(x))]
+                mse[f"{tag}_prior_is"][n].extend(query_mse(pred, y[:, n_max:]))
             out = H.evaluate(jax.random.fold_in(k_ev, c0), config, net, part, kl_weight=weight, encoder=encoder)
             for n in sizes:
                 mse[tag][n].extend(np.asarray(out[n]["mse"]).tolist())
-        x, y = part.x[..., 0], part.y
         for n in sizes:
-            mse["zero"][n].extend(np.asarray(jnp.mean(y[:, n_max:] ** 2, axis=-1)).tolist())
+            mse["zero"][n].extend(query_mse(jnp.zeros_like(y[:, n_max:]), y[:, n_max:]))
             if draws is not None:
-                preds = jnp.stack([oracle(x[t, :n], y[t, :n], x[t, n_max:])[0] for t in range(x.shape[0])])
-                mse["oracle"][n].extend(np.asarray(jnp.mean((preds - y[:, n_max:]) ** 2, axis=-1)).tolist())
+                pred = [oracle(x[t, :n, 0], y[t, :n], x[t, n_max:, 0])[0] for t in range(len(x))]
+                mse["oracle"][n].extend(query_mse(pred, y[:, n_max:]))
         done = min(c0 + args.chunk, args.tasks)
         print(f"{done}/{args.tasks} tasks, {time.perf_counter() - start:.0f} s", flush=True)
     rows = {}

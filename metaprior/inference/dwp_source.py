@@ -283,9 +283,9 @@ def train_kernel_vae(
     if heldout is not None:
         train, held = jnp.asarray(kernels), jnp.asarray(heldout)
     baseline = gaussian_loglik(np.asarray(train), np.asarray(held))
-    suffix = "" if settings.kernel_augment == "none" else "_" + settings.kernel_augment  # no resume across data
+    suffix = ""  # the checkpoint's name tells the training data apart: no resume across it
     if settings.kernel_augment == "dihedral":
-        train = dihedral(train)
+        train, suffix = dihedral(train), "_dihedral"
     vae = KernelVAE(settings.kernel_sizes[layer], settings.latent_dims[layer], settings.vae_hidden, key=k_init)
     before = heldout_elbo(k_eval, vae, held)
     batch = min(settings.vae_batch, train.shape[0])
