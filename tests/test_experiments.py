@@ -37,8 +37,9 @@ def test_quick_run_writes_the_contract(name, tmp_path, monkeypatch):
 
 def test_harmonic_quick_metrics_contract(tmp_path, monkeypatch):
     """The harmonic run's metrics: every documented key for every support size, intervals
-    non-negative, and ``kl_beats_nokl_mse_all_n`` exactly the conjunction of the per-N
-    comparisons it summarises."""
+    non-negative, ``kl_beats_nokl_mse_all_n`` and ``kl_gap_above_zero_small_n`` exactly the
+    conjunctions of the per-N comparisons they summarise, and the small sizes scored by prior
+    importance sampling (an ESS, no restarts) while the others are fitted."""
     from metaprior.experiments.harmonic import make_config
 
     monkeypatch.setenv("METAPRIOR_PROGRESS", "0")
@@ -56,4 +57,12 @@ def test_harmonic_quick_metrics_contract(tmp_path, monkeypatch):
             assert key in metrics
     expected = float(all(metrics[f"mse_kl_n{n}"] < metrics[f"mse_nokl_n{n}"] for n in sizes))
     assert metrics["kl_beats_nokl_mse_all_n"] == expected
+    # N = 1 is scored by prior importance sampling (exact_support=1), N = 8 by fitted guides
+    config = make_config("quick")
+    small = [n for n in sizes if n <= config.exact_support]
+    assert small == [1] and all(metrics[f"tasks_n{n}"] == config.eval_tasks for n in sizes)
+    assert 1 <= metrics["is_ess_kl_n1"] <= config.exact_draws and "restart_ess_kl_n1" not in metrics
+    assert "restart_ess_kl_n8" in metrics
+    expected = float(all(metrics[f"mse_gap_n{n}"] > metrics[f"mse_gap_n{n}_ci95"] for n in small))
+    assert metrics["kl_gap_above_zero_small_n"] == expected
     assert (out / "meta_kl.ckpt").exists() and (out / "meta_nokl.ckpt").exists()

@@ -332,3 +332,65 @@ def test_large_restarts_apply_to_the_sizes_above_pad_to_only(setup):
         np.testing.assert_allclose(np.asarray(restart_weights(r["fit"])).sum(-1), 1.0, rtol=1e-5)
     same = infer_support_sizes(jax.random.key(0), model, batch, (1, 2, 5), num_restarts=2, **kw)
     assert restart_weights(same[5]["fit"]).shape[-1] == 2  # None: every size gets num_restarts
+
+
+def test_shared_draws_predict_like_per_task_draws():
+    """``task_latent_predict`` with ``z [S, d]`` (one set of draws for every task) equals the
+    per-task path with those draws repeated over the tasks axis."""
+    from metaprior.models.task_latent import task_latent_predict
+
+    net = make_task_latent_net(jax.random.key(3), D, width=8)
+    x = jax.random.normal(jax.random.key(4), (5, 6, 1))
+    z = jax.random.normal(jax.random.key(5), (4, D))
+    shared = task_latent_predict(net, z, x)
+    repeated = task_latent_predict(net, jnp.repeat(z[:, None], 5, axis=1), x)
+    for a, b in zip(shared, repeated):
+        assert a.shape == (4, 5, 6)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _linear_gaussian_predict(z, x, sigma=0.5):
+    """y = z * x + N(0, sigma^2), z ~ N(0, 1) scalar, draws shared by the tasks: z [S, 1], x [T, N, 1]."""
+    mu = z[:, None, None, 0] * x[None, :, :, 0]
+    return mu, jnp.full_like(mu, sigma)
+
+
+def test_prior_importance_sizes_recovers_a_linear_gaussian_posterior():
+    """With y = z x + N(0, 0.5^2) and z ~ N(0, 1) the posterior of z given the first N points is
+    Gaussian with precision 1 + sum x^2 / 0.25. The resampled draws' mean over 400 draws per
+    task matches its mean: the error is the resampling noise (posterior sd / 20 <= 0.05) plus
+    the weights' (ESS in the hundreds), so 0.12 is about 3 standard errors. Masked points carry
+    no weight, and the ESS is what the prior's overlap with that posterior predicts."""
+    from metaprior.data.tasks import TaskBatch
+    from metaprior.inference.task_latent import prior_importance_sizes
+
+    k_x, k_z, k_e = jax.random.split(jax.random.key(11), 3)
+    t, n = 6, 4
+    x = jax.random.uniform(k_x, (t, n, 1), minval=-1.0, maxval=1.0)
+    z_true = jax.random.normal(k_z, (t,))
+    y = z_true[:, None] * x[..., 0] + 0.5 * jax.random.normal(k_e, (t, n))
+    mask = jnp.ones((t, n), bool).at[0, 1].set(False)  # task 0's second point is padding
+    tasks = TaskBatch(x, y, mask)
+    out = prior_importance_sizes(
+        jax.random.key(0), _linear_gaussian_predict, tasks, (1, 4), latent_dim=1, num_draws=8192, num_samples=400,
+        task_chunk=4, draw_chunk=1024,
+    )  # fmt: skip
+    for size in (1, 4):
+        m = np.asarray(mask[:, :size])
+        xs, ys = np.asarray(x[:, :size, 0]) * m, np.asarray(y[:, :size]) * m
+        precision = 1.0 + np.sum(xs**2, axis=1) / 0.25
+        exact_mean = np.sum(xs * ys, axis=1) / 0.25 / precision
+        r = out[size]
+        assert r["z"].shape == (400, t, 1) and r["support"].x.shape == (t, size, 1)
+        np.testing.assert_allclose(r["z"][..., 0].mean(axis=0), exact_mean, atol=0.12)
+        # the ESS of prior draws for a N(m, s^2) posterior is about num_draws / E_prior[w^2],
+        # E_prior[w^2] = exp(m^2 / (2 - s^2)) / (s sqrt(2 - s^2)); within a factor 2 where it is large
+        s2 = 1.0 / precision
+        expected = 8192 * s2**0.5 * np.sqrt(2 - s2) * np.exp(-(exact_mean**2) / (2 - s2))
+        big = expected > 200
+        assert big.sum() >= 4
+        np.testing.assert_allclose(r["is_ess"][big], expected[big], rtol=0.5)
+    with pytest.raises(ValueError, match="num_draws"):
+        prior_importance_sizes(jax.random.key(0), _linear_gaussian_predict, tasks, (1,), latent_dim=1, num_draws=1000)
+    with pytest.raises(ValueError, match="sizes"):
+        prior_importance_sizes(jax.random.key(0), _linear_gaussian_predict, tasks, (5,), latent_dim=1, num_draws=1024)

@@ -100,6 +100,21 @@ def functions_figure(
     return save_figure(fig, out_dir, name)
 
 
+def latent_functions_figure(
+    predict, results: Mapping[int, Mapping], grid, truth, out_dir: str | os.PathLike, name: str, *, title: str
+) -> Path:
+    """Task 0's predictive functions at support sizes 1, 2, 8 and 256 (those present, else the
+    first four): 20 posterior draws of ``z`` per panel through ``predict(z [S, 1, d], x [1, G, 1])
+    -> (mu, sigma)``, against ``truth [G]`` on ``grid [G]`` (the paper's Figure 1 for task latents)."""
+    panels = []
+    for n in [n for n in (1, 2, 8, 256) if n in results] or list(results)[:4]:
+        mu, _ = predict(np.asarray(results[n]["z"])[:20, :1], np.asarray(grid)[None, :, None])
+        s = results[n]["support"]
+        panel = dict(title=f"{n} point{'s' if n > 1 else ''}", grid=grid, samples=mu[:, 0], truth=truth)
+        panels.append(dict(panel, support_x=s.x[0, :, 0], support_y=s.y[0]))
+    return functions_figure(panels, out_dir, name, title=title, label="samples of z")
+
+
 def support_size_figure(
     results: Mapping[str, Mapping[int, Mapping[str, Sequence[float]]]],
     panels: Sequence[tuple[str, str, str]],

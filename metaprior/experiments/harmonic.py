@@ -23,7 +23,7 @@ import optax
 
 from metaprior.data.tasks import TaskBatch, harmonic_fn, harmonic_tasks
 from metaprior.experiments._common import save_datatree
-from metaprior.experiments._plots import functions_figure, support_size_figure
+from metaprior.experiments._plots import latent_functions_figure, support_size_figure
 from metaprior.experiments._registry import Experiment
 from metaprior.inference.guides import SetEncoder
 from metaprior.inference.local import guide_for_num_tasks, task_batch_learner
@@ -32,9 +32,10 @@ from metaprior.inference.svi import init_params
 from metaprior.inference.task_latent import (
     PREDICTIVES,
     build_task_guide,
-    gaussian_scores,
     infer_support_sizes,
     posterior_datatree,
+    prior_importance_sizes,
+    score_support_sizes,
     support_size_metrics,
     warmup_cosine_adam,
     with_params,
@@ -82,20 +83,22 @@ class HarmonicConfig:
     predictive: str = "importance"  # or "mixture" (restarts' q by ELBO) or "best" (see infer_support_sizes)
     num_proposals: int = 1024  # importance proposals per task and support size
     posterior_support: int = 8
+    exact_support: int = 4  # sizes up to this: prior importance sampling (no fitted guide), see evaluate
+    exact_draws: int = 16384  # prior draws per task for those sizes
+    exact_tasks: int = 1000  # unseen tasks scored at those sizes, the eval tasks first (at least eval_tasks)
 
 
 def make_config(size: str) -> HarmonicConfig:
     if size == "quick":
         small = dict(num_tasks=200, latent_dim=4, width=32, num_steps=40, eval_tasks=4, support_sizes=(1, 8))
         small.update(num_query=20, adapt_steps=20, adapt_restarts=2, adapt_restarts_large=2, adapt_candidates=8)
-        small.update(num_proposals=64)
+        small.update(num_proposals=64, exact_support=1, exact_draws=1024, exact_tasks=0)
         return HarmonicConfig(**small, predictive_samples=16)
     if size == "default":
         return HarmonicConfig(eval_tasks=50)
     if size == "full":
-        # the paper's data (5,000 tasks, 100 eval tasks) with the FiLM net; `--set net=paper`
-        # gives the paper's 12x128 residual MLP (MSE 0.31 after 20,000 steps even with the
-        # true task parameters, benchmarks/harmonic_oracle.py)
+        # the paper's data (5,000 tasks, 100 eval tasks) with the FiLM net; `--set net=paper` gives the paper's
+        # 12x128 residual MLP (MSE 0.31 after 20,000 steps given the true task parameters, harmonic_oracle.py)
         return HarmonicConfig(num_steps=20_000)
     raise ValueError(f"unknown size {size!r}")
 
@@ -115,11 +118,8 @@ def _check(config: HarmonicConfig) -> None:
 def meta_train(
     rng_key, config: HarmonicConfig, train: TaskBatch, *, kl_weight: float, desc: str, checkpoint: Path | None = None
 ):
-    """Meta-train the network, the encoder and the per-task guides: ``(net, encoder or None, FitResult)``.
-
-    Variational EM over task batches: each step refreshes the drawn tasks' guides with
-    ``local_steps`` steps, then moves the network and those guides along the subsampled
-    ELBO's gradient (``kl_weight = 0``: the no-KL baseline).
+    """Meta-train the network, encoder and task guides by variational EM over task batches (``local_steps``
+    guide steps, then one step of the subsampled ELBO; ``kl_weight = 0``: the no-KL baseline): ``(net, encoder, fit)``.
     """
     k_net, k_guide, k_init, k_fit = jax.random.split(rng_key, 4)
     encoder = None
@@ -147,38 +147,28 @@ def meta_train(
 
 
 def evaluate(rng_key, config: HarmonicConfig, net, tasks: TaskBatch, *, kl_weight: float, encoder=None, desc=""):
-    """Fit q(z | first N points) per task for each support size; score on the points after the largest N.
-
-    Returns ``{N: dict(mse [T], nll [T], fit, support, z, restart_ess)}``.
-    """
+    """Posterior draws of z given each task's first N points, scored on the points after the largest N: sizes up to
+    ``exact_support`` by prior importance sampling on all ``tasks``, larger ones by fitted q(z | support) on the first
+    ``eval_tasks``. Returns ``{N: dict(mse [T], nll [T], support, z, is_ess, ...)}``."""
     model = partial(task_latent_model, net=net, latent_dim=config.latent_dim)
     kw = dict(num_steps=config.adapt_steps, learning_rate=config.adapt_lr, num_restarts=config.adapt_restarts)
-    kw.update(large_restarts=config.adapt_restarts_large)
-    kw.update(num_candidates=config.adapt_candidates, num_particles=config.adapt_particles, kl_weight=kl_weight)
+    kw.update(large_restarts=config.adapt_restarts_large, num_candidates=config.adapt_candidates)
+    kw.update(num_particles=config.adapt_particles, kl_weight=kl_weight, num_proposals=config.num_proposals)
     kw.update(num_samples=config.predictive_samples, predictive=config.predictive, pad_to=config.pad_support)
-    kw.update(num_proposals=config.num_proposals)
     kw.update(guide_kind=config.eval_guide, num_flows=config.num_flows, init_loc_scale=config.init_loc_scale)
-    out = infer_support_sizes(rng_key, model, tasks, config.support_sizes, encoder=encoder, desc=desc, **kw)
-    n_max = max(config.support_sizes)
-    for r in out.values():
-        mu, sigma = task_latent_predict(net, jnp.asarray(r["z"]), tasks.x[:, n_max:])  # [S, T, Q]
-        r["mse"], r["nll"] = gaussian_scores(mu, sigma, tasks.y[:, n_max:])
-    return out
-
-
-def plot_posterior_functions(net, params, task: int, results, out_dir) -> None:
-    """The paper's Figure 1: 20 predictive functions of one task at several support sizes."""
-    mu_x = float(params.mu_x[task])
-    grid = jnp.linspace(mu_x - 3.5, mu_x + 3.5, 200)
-    truth = harmonic_fn(jax.tree.map(lambda a: a[task : task + 1], params), grid[None])[0]
-    panels = []
-    for n in [n for n in (1, 2, 8, 256) if n in results] or list(results)[:4]:
-        mu, _ = task_latent_predict(net, jnp.asarray(results[n]["z"][:20, task : task + 1]), grid[None, :, None])
-        s = results[n]["support"]
-        panel = dict(title=f"{n} point{'s' if n > 1 else ''}", grid=grid, samples=mu[:, 0], truth=truth)
-        panels.append(dict(panel, support_x=s.x[task, :, 0], support_y=s.y[task]))
-    title = "Posterior predictive functions (KL model): 20 samples of z"
-    functions_figure(panels, out_dir, "posterior_functions.png", title=title, label="samples of z")
+    exact = [n for n in config.support_sizes if n <= config.exact_support]
+    fitted = [n for n in config.support_sizes if n > config.exact_support]
+    first = jax.tree.map(lambda a: a[: config.eval_tasks], tasks)
+    k_fit, k_exact = jax.random.split(rng_key)
+    out = infer_support_sizes(k_fit, model, first, fitted, encoder=encoder, desc=desc, **kw) if fitted else {}
+    predict, n_max = partial(task_latent_predict, net), max(config.support_sizes)
+    score_support_sizes(predict, out, first.x[:, n_max:], first.y[:, n_max:])
+    if exact:
+        kw = dict(latent_dim=config.latent_dim, num_draws=config.exact_draws, num_samples=config.predictive_samples)
+        exact_out = prior_importance_sizes(k_exact, predict, tasks, exact, desc=f"{desc}, N <= {exact[-1]}", **kw)
+        score_support_sizes(predict, exact_out, tasks.x[:, n_max:], tasks.y[:, n_max:])
+        out.update(exact_out)
+    return dict(sorted(out.items()))
 
 
 def run(rng_key, config: HarmonicConfig, out_dir: Path) -> dict[str, float]:
@@ -186,19 +176,21 @@ def run(rng_key, config: HarmonicConfig, out_dir: Path) -> dict[str, float]:
     _check(config)
     out_dir = Path(out_dir)
     k_data, k_eval_data, k_kl, k_nokl, k_ev, k_post = jax.random.split(rng_key, 6)
-    train, _ = harmonic_tasks(
-        k_data, config.num_tasks, config.max_examples, min_examples=config.min_examples, noise_std=config.noise_std
-    )
+    noise = dict(noise_std=config.noise_std)
+    train, _ = harmonic_tasks(k_data, config.num_tasks, config.max_examples, min_examples=config.min_examples, **noise)
     n_max = max(config.support_sizes)
-    eval_tasks, eval_params = harmonic_tasks(
-        k_eval_data, config.eval_tasks, n_max + config.num_query, noise_std=config.noise_std
-    )
+    eval_tasks, eval_params = harmonic_tasks(k_eval_data, config.eval_tasks, n_max + config.num_query, **noise)
+    extra = (config.exact_tasks if config.exact_support else 0) - config.eval_tasks
+    if extra > 0:  # more unseen tasks for the exact small-N posteriors, after the eval tasks
+        more, _ = harmonic_tasks(jax.random.fold_in(k_eval_data, 1), extra, n_max + config.num_query, **noise)
+        eval_tasks = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), eval_tasks, more)
     metrics: dict[str, float] = {}
     nets, results = {}, {}
     for tag, key, weight in (("kl", k_kl, 1.0), ("nokl", k_nokl, 0.0)):
         start = time.perf_counter()
+        ckpt = out_dir / f"meta_{tag}.ckpt"
         nets[tag], encoder, res = meta_train(
-            key, config, train, kl_weight=weight, desc=f"meta-train ({tag})", checkpoint=out_dir / f"meta_{tag}.ckpt"
+            key, config, train, kl_weight=weight, desc=f"meta-train ({tag})", checkpoint=ckpt
         )
         metrics[f"train_time_{tag}_s"] = time.perf_counter() - start
         metrics[f"final_loss_{tag}"] = float(np.mean(res.losses[-max(1, len(res.losses) // 20) :]))
@@ -208,34 +200,43 @@ def run(rng_key, config: HarmonicConfig, out_dir: Path) -> dict[str, float]:
         metrics[f"eval_time_{tag}_s"] = time.perf_counter() - start
     metrics.update(support_size_metrics(results, baseline="nokl", model="kl"))
     metrics["train_time_s"] = metrics["train_time_kl_s"] + metrics["train_time_nokl_s"]
-    metrics["kl_beats_nokl_mse_all_n"] = float(
-        all(metrics[f"mse_kl_n{n}"] < metrics[f"mse_nokl_n{n}"] for n in config.support_sizes)
+    sizes, small = config.support_sizes, [n for n in config.support_sizes if n <= config.exact_support]
+    metrics["kl_beats_nokl_mse_all_n"] = float(all(metrics[f"mse_kl_n{n}"] < metrics[f"mse_nokl_n{n}"] for n in sizes))
+    metrics["kl_gap_above_zero_small_n"] = float(
+        all(metrics[f"mse_gap_n{n}"] > metrics[f"mse_gap_n{n}_ci95"] for n in small)
     )
-    plot_posterior_functions(nets["kl"], eval_params, 0, results["kl"], out_dir)
+    mu_x, predict_kl = float(eval_params.mu_x[0]), partial(task_latent_predict, nets["kl"])
+    grid = jnp.linspace(mu_x - 3.5, mu_x + 3.5, 200)
+    truth = harmonic_fn(jax.tree.map(lambda a: a[:1], eval_params), grid[None])[0]
+    title = "Posterior predictive functions (KL model): 20 samples of z"
+    latent_functions_figure(predict_kl, results["kl"], grid, truth, out_dir, "posterior_functions.png", title=title)
     panels = [("mse", "MSE on held-out points", "log"), ("nll", "predictive NLL on held-out points", "symlog")]
     support_size_figure({"KL (ELBO)": results["kl"], "no KL": results["nokl"]}, panels, out_dir, "mse_vs_support.png")
     n_post = config.posterior_support if config.posterior_support in results["kl"] else config.support_sizes[0]
     post = results["kl"][n_post]
-    tree = posterior_datatree(k_post, partial(task_latent_predict, nets["kl"]), post["z"], post["support"])
-    save_datatree(tree, out_dir / "posterior.nc")
+    save_datatree(posterior_datatree(k_post, predict_kl, post["z"], post["support"]), out_dir / "posterior.nc")
     return metrics
 
 
 METRICS_DOC = """
-mse_{kl,nokl}_n{N}: mean over eval tasks of the held-out MSE of the posterior predictive mean (N = support size),
-    plus _ci95; predictive="importance" targets each model's posterior under its declared prior z ~ N(0, I), for
-    the no-KL model too (whose training ignored that prior)
+mse_{kl,nokl}_n{N}: mean over tasks of the held-out MSE of the posterior predictive mean (N = support size), plus
+    _ci95. N <= exact_support (default 4): z drawn from each model's exact posterior under its declared prior
+    z ~ N(0, I) by prior importance sampling (exact_draws per task), on exact_tasks unseen tasks (default 1,000);
+    larger N: fitted q(z | support) on eval_tasks (default 50), with predictive="importance" reweighting to the
+    same posterior. The no-KL model is scored under that prior too (its training ignored it)
 nll_{kl,nokl}_n{N}: mean held-out predictive NLL per point (mixture over posterior samples of z), plus _ci95
+tasks_n{N}: how many unseen tasks size N was scored on
 restart_ess_{kl,nokl}_n{N}: mean over tasks of the effective number of restarts in the ELBO-weighted mixture
-    predictive (1 = one restart carries all the weight; predictive="mixture")
+    predictive (1 = one restart carries all the weight; fitted sizes only)
 train_time_{kl,nokl}_s, train_time_s: meta-training wall time of this invocation (a resumed run counts only the
     steps it ran); eval_time_{kl,nokl}_s: new-task inference time
 final_loss_{kl,nokl}: mean negative ELBO (or NLL) over the last 5% of steps
-mse_gap_n{N}: mean over eval tasks of (no-KL MSE - KL MSE) on the same task, plus _ci95 (the paired interval;
+mse_gap_n{N}: mean over tasks of (no-KL MSE - KL MSE) on the same task, plus _ci95 (the paired interval;
     positive: the KL model is better)
-is_ess_{kl,nokl}_n{N}: mean over tasks of the importance sampler's effective sample size (out of num_proposals;
-    predictive="importance")
+is_ess_{kl,nokl}_n{N}: mean over tasks of the importance sampler's effective sample size (out of exact_draws for
+    N <= exact_support, else out of num_proposals with predictive="importance")
 kl_beats_nokl_mse_all_n: 1.0 if the KL model's MSE is below the baseline's at every N
+kl_gap_above_zero_small_n: 1.0 if at every N <= exact_support the paired gap's 95% interval lies above zero
 """
 
 EXPERIMENTS = [

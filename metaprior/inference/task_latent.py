@@ -40,7 +40,9 @@ __all__ = [
     "warmup_cosine_adam",
     "with_params",
     "infer_support_sizes",
+    "prior_importance_sizes",
     "gaussian_scores",
+    "score_support_sizes",
     "posterior_datatree",
     "support_size_metrics",
 ]
@@ -214,6 +216,96 @@ def infer_support_sizes(
     return out
 
 
+def prior_importance_sizes(
+    rng_key: jax.Array,
+    predict: Callable,
+    tasks: TaskBatch,
+    sizes: Sequence[int],
+    *,
+    latent_dim: int,
+    num_draws: int = 16384,
+    num_samples: int = 100,
+    task_chunk: int = 32,
+    draw_chunk: int = 1024,
+    desc: str = "prior importance sampling",
+) -> dict[int, dict[str, Any]]:
+    """Posterior draws of ``z`` given the first ``N`` points of every task, for small ``N``,
+    by self-normalised importance sampling with the prior ``N(0, I)`` as the proposal.
+
+    No guide is fitted: the weights are the Gaussian likelihood of the support points, so
+    the draws target the model's exact posterior as ``num_draws`` grows (check ``is_ess``,
+    the effective sample size per task). It is the right tool when the support is small
+    and the posterior broad, where a fitted guide misses modes; for large ``N`` the prior
+    rarely lands in the posterior (use :func:`infer_support_sizes`). One set of prior
+    draws per task serves every size (the supports are nested prefixes), so the cost is
+    one likelihood pass over ``max(sizes)`` points per draw.
+
+    Args:
+        predict: ``predict(z [S, d], x [T, N, D]) -> (mu, sigma)``, each ``[S, T, N]``, with
+            the ``S`` draws shared by every task (e.g.
+            :func:`metaprior.models.task_latent.task_latent_predict` with the net bound).
+            The prior draws are shared by all tasks, so ``z``-only work runs once per draw.
+        tasks: ``[tasks, examples, D]``; the first ``N`` examples of each are its support.
+        num_draws: prior draws per task (a multiple of ``draw_chunk``).
+        num_samples: draws resampled in proportion to the weights, per task and size.
+        task_chunk, draw_chunk: tasks and draws whose likelihood is evaluated at once (memory).
+
+    Returns:
+        ``{N: dict(support=TaskBatch [tasks, N], z [num_samples, tasks, d], is_ess [tasks])}``.
+    """
+    sizes = tuple(sorted(set(int(n) for n in sizes)))
+    if not sizes or sizes[0] < 1 or sizes[-1] > tasks.x.shape[1]:
+        raise ValueError(f"sizes must be in [1, {tasks.x.shape[1]}] (the examples per task), got {sizes}")
+    if num_draws < draw_chunk or num_draws % draw_chunk:
+        raise ValueError(f"num_draws must be a positive multiple of draw_chunk={draw_chunk}, got {num_draws}")
+    n_max, cols = sizes[-1], jnp.asarray(sizes) - 1
+
+    k_z, k_pick = jax.random.split(rng_key)
+    z = jax.random.normal(k_z, (num_draws // draw_chunk, draw_chunk, latent_dim))
+
+    @jax.jit
+    def chunk(key, x, y, mask):  # [C, n_max, D], [C, n_max], [C, n_max]
+        def loglik(zc):
+            mu, sigma = predict(zc, x)  # [draw_chunk, C, n_max]
+            ll = jnp.where(mask, jax.scipy.stats.norm.logpdf(y, mu, sigma), 0.0)
+            return jnp.cumsum(ll, axis=-1)[..., cols]  # [draw_chunk, C, sizes]
+
+        logw = jax.lax.map(loglik, z).reshape(num_draws, x.shape[0], len(sizes))
+        w = jax.nn.softmax(logw, axis=0)
+        ess = 1.0 / jnp.sum(w**2, axis=0)  # [C, sizes]
+        # multinomial resampling by inverting the weights' CDF (a Gumbel-max draw would
+        # cost num_samples x num_draws random numbers per task and size)
+        cdf = jnp.cumsum(jnp.moveaxis(w, 0, -1), axis=-1)  # [C, sizes, D]
+        u = jax.random.uniform(key, (x.shape[0], len(sizes), num_samples)) * cdf[..., -1:]
+        idx = jax.vmap(jax.vmap(jnp.searchsorted))(cdf, u)  # [C, sizes, S]
+        idx = jnp.moveaxis(jnp.minimum(idx, num_draws - 1), -1, 0)  # [S, C, sizes]
+        return z.reshape(num_draws, latent_dim)[idx], ess  # [S, C, sizes, d]
+
+    num_tasks = tasks.x.shape[0]
+    z_parts, ess_parts = [], []
+    bar = tqdm(total=num_tasks, desc=desc, unit="task", disable=not progress_enabled(None), leave=False)
+    for c0 in range(0, num_tasks, task_chunk):
+        part = slice(c0, min(c0 + task_chunk, num_tasks))
+        args = (tasks.x[part, :n_max], tasks.y[part, :n_max], tasks.mask[part, :n_max])
+        if args[0].shape[0] < task_chunk:  # pad the last chunk to the compiled shape
+            pad = task_chunk - args[0].shape[0]
+            args = tuple(jnp.concatenate([a, jnp.repeat(a[-1:], pad, axis=0)]) for a in args)
+        picked, ess = chunk(jax.random.fold_in(k_pick, c0), *args)
+        z_parts.append(np.asarray(picked)[:, : part.stop - c0])
+        ess_parts.append(np.asarray(ess)[: part.stop - c0])
+        bar.update(part.stop - c0)
+    bar.close()
+    z_all, ess_all = np.concatenate(z_parts, axis=1), np.concatenate(ess_parts)
+    return {
+        n: dict(
+            support=TaskBatch(tasks.x[:, :n], tasks.y[:, :n], tasks.mask[:, :n]),
+            z=z_all[:, :, i],
+            is_ess=ess_all[:, i],
+        )
+        for i, n in enumerate(sizes)
+    }
+
+
 def gaussian_scores(mu: jax.Array, sigma: jax.Array, y: jax.Array) -> tuple[np.ndarray, np.ndarray]:
     """Per-task MSE of the predictive mean and NLL per point of the sample mixture.
 
@@ -226,10 +318,33 @@ def gaussian_scores(mu: jax.Array, sigma: jax.Array, y: jax.Array) -> tuple[np.n
         ``(mse [tasks], nll [tasks])``; the predictive of a point is
         ``(1/S) sum_s N(y; mu_s, sigma_s^2)``.
     """
+    return tuple(np.asarray(a) for a in _gaussian_scores(mu, sigma, y))
+
+
+def _gaussian_scores(mu: jax.Array, sigma: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
     mse = jnp.mean((mu.mean(axis=0) - y) ** 2, axis=-1)
     log_p = jax.scipy.stats.norm.logpdf(y[None], mu, sigma)
     nll = -jnp.mean(jax.scipy.special.logsumexp(log_p, axis=0) - jnp.log(log_p.shape[0]), axis=-1)
-    return np.asarray(mse), np.asarray(nll)
+    return mse, nll
+
+
+def score_support_sizes(
+    predict: Callable, results: dict[int, dict[str, Any]], x_query: jax.Array, y_query: jax.Array, chunk: int = 200
+) -> None:
+    """Add ``mse`` and ``nll`` (:func:`gaussian_scores`, ``[tasks]``) to every size's entry of
+    ``results`` (as :func:`infer_support_sizes` or :func:`prior_importance_sizes` return
+    them), from its draws ``z`` and held-out points ``x_query [T, Q, D]``, ``y_query [T, Q]``
+    of the same ``T`` tasks; ``chunk`` tasks at a time (memory)."""
+    score = jax.jit(lambda z, x, y: _gaussian_scores(*predict(z, x), y))
+    for r in results.values():
+        z = np.asarray(r["z"])
+        if z.shape[1] != x_query.shape[0]:
+            raise ValueError(f"results hold {z.shape[1]} tasks but x_query has {x_query.shape[0]}")
+        scores = [
+            score(jnp.asarray(z[:, c : c + chunk]), x_query[c : c + chunk], y_query[c : c + chunk])
+            for c in range(0, z.shape[1], chunk)
+        ]
+        r["mse"], r["nll"] = (np.concatenate([np.asarray(a) for a in part]) for part in zip(*scores))
 
 
 def support_size_metrics(results: dict[str, dict[int, dict]], *, baseline: str, model: str) -> dict[str, float]:
@@ -243,7 +358,8 @@ def support_size_metrics(results: dict[str, dict[int, dict]], *, baseline: str, 
 
     Returns:
         ``{mse,nll}_{tag}_n{N}`` and their ``_ci95`` (normal 95% half-width over tasks),
-        ``restart_ess_{tag}_n{N}``, ``is_ess_{tag}_n{N}``, ``mse_gap_n{N}`` and ``_ci95``.
+        ``restart_ess_{tag}_n{N}``, ``is_ess_{tag}_n{N}``, ``mse_gap_n{N}`` and ``_ci95``, and
+        ``tasks_n{N}`` (how many tasks size ``N`` was scored on).
     """
     from metaprior.inference.evaluation import mean_ci95
 
@@ -258,6 +374,7 @@ def support_size_metrics(results: dict[str, dict[int, dict]], *, baseline: str, 
     for n in results[model]:
         gap = np.asarray(results[baseline][n]["mse"]) - np.asarray(results[model][n]["mse"])
         out[f"mse_gap_n{n}"], out[f"mse_gap_n{n}_ci95"] = mean_ci95(gap)
+        out[f"tasks_n{n}"] = float(len(gap))
     return out
 
 

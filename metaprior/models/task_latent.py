@@ -148,7 +148,9 @@ def task_latent_predict(net: eqx.Module, z: jax.Array, x: jax.Array) -> tuple[ja
     Args:
         net: the trained network.
         z: ``[samples, tasks, latent_dim]`` (or ``[samples, tasks, 1, latent_dim]`` as the
-            ``z`` site returns it).
+            ``z`` site returns it), or ``[samples, latent_dim]``: one set of draws shared by
+            every task, whose ``z``-only computations (the FiLM mapping) then run once per
+            draw instead of once per draw and task.
         x: ``[tasks, points, D]``.
 
     Returns:
@@ -156,4 +158,7 @@ def task_latent_predict(net: eqx.Module, z: jax.Array, x: jax.Array) -> tuple[ja
     """
     if z.ndim == 4:
         z = z[:, :, 0, :]
+    if z.ndim == 2:
+        shared = jax.vmap(lambda zs: jax.vmap(lambda xt: _apply(net, xt[None], zs[None]))(x))(z)
+        return tuple(a[:, :, 0] for a in shared)
     return jax.vmap(lambda zs: _apply(net, x, zs))(z)
