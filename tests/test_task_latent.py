@@ -394,3 +394,6 @@ def test_prior_importance_sizes_recovers_a_linear_gaussian_posterior():
         prior_importance_sizes(jax.random.key(0), _linear_gaussian_predict, tasks, (1,), latent_dim=1, num_draws=1000)
     with pytest.raises(ValueError, match="sizes"):
         prior_importance_sizes(jax.random.key(0), _linear_gaussian_predict, tasks, (5,), latent_dim=1, num_draws=1024)
+    with pytest.raises(ValueError, match="tasks.y"):
+        bad = tasks._replace(y=tasks.y.at[2, 0].set(jnp.nan))
+        prior_importance_sizes(jax.random.key(0), _linear_gaussian_predict, bad, (1,), latent_dim=1, num_draws=1024)

@@ -23,7 +23,7 @@ import optax
 from numpyro.infer import Predictive
 from tqdm import tqdm
 
-from metaprior.data.tasks import TaskBatch
+from metaprior.data.tasks import TaskBatch, check_task_batch
 from metaprior.inference.guides import TaskIAFGuide, TaskNormalGuide
 from metaprior.inference.local import (
     LocalFit,
@@ -237,22 +237,23 @@ def prior_importance_sizes(
     the effective sample size per task). It is the right tool when the support is small
     and the posterior broad, where a fitted guide misses modes; for large ``N`` the prior
     rarely lands in the posterior (use :func:`infer_support_sizes`). One set of prior
-    draws per task serves every size (the supports are nested prefixes), so the cost is
-    one likelihood pass over ``max(sizes)`` points per draw.
+    draws, shared by every task, serves every size (the supports are nested prefixes), so
+    the cost is one likelihood pass over ``max(sizes)`` points per draw and task.
 
     Args:
         predict: ``predict(z [S, d], x [T, N, D]) -> (mu, sigma)``, each ``[S, T, N]``, with
             the ``S`` draws shared by every task (e.g.
-            :func:`metaprior.models.task_latent.task_latent_predict` with the net bound).
-            The prior draws are shared by all tasks, so ``z``-only work runs once per draw.
+            :func:`metaprior.models.task_latent.task_latent_predict` with the net bound,
+            whose ``z``-only work then runs once per draw).
         tasks: ``[tasks, examples, D]``; the first ``N`` examples of each are its support.
-        num_draws: prior draws per task (a multiple of ``draw_chunk``).
+        num_draws: prior draws, the same for every task (a multiple of ``draw_chunk``).
         num_samples: draws resampled in proportion to the weights, per task and size.
         task_chunk, draw_chunk: tasks and draws whose likelihood is evaluated at once (memory).
 
     Returns:
         ``{N: dict(support=TaskBatch [tasks, N], z [num_samples, tasks, d], is_ess [tasks])}``.
     """
+    check_task_batch(tasks, name="tasks", require_y=True)
     sizes = tuple(sorted(set(int(n) for n in sizes)))
     if not sizes or sizes[0] < 1 or sizes[-1] > tasks.x.shape[1]:
         raise ValueError(f"sizes must be in [1, {tasks.x.shape[1]}] (the examples per task), got {sizes}")
