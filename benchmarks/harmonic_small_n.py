@@ -59,6 +59,9 @@ def main() -> None:
         help="sizes up to this by prior importance sampling (default: the run's, 4; 0: fitted guides at every size)",
     )
     ap.add_argument("--exact-draws", type=int, default=0, help="prior draws per task (0: the run's)")
+    ap.add_argument(
+        "--predictive", default="", help="fitted sizes' predictive (importance, mixture, best; default the run's)"
+    )
     ap.add_argument("--draws", type=int, default=50_000, help="true-prior draws per task for the oracle (0: skip)")
     ap.add_argument("--out", default=str(RESULTS / "harmonic_small_n.json"))
     args = ap.parse_args()
@@ -74,6 +77,8 @@ def main() -> None:
         config = dataclasses.replace(config, exact_support=args.exact_support)
     if args.exact_draws:
         config = dataclasses.replace(config, exact_draws=args.exact_draws)
+    if args.predictive:
+        config = dataclasses.replace(config, predictive=args.predictive)
     # the run's keys (run() splits them the same way); the checkpoints are finished, so meta_train only loads them
     k_data, _, k_kl, k_nokl, k_ev, _ = jax.random.split(jax.random.key(args.seed), 6)
     train, _ = H.harmonic_tasks(
@@ -127,6 +132,7 @@ def main() -> None:
         num_proposals=config.num_proposals,
         exact_support=config.exact_support,
         exact_draws=config.exact_draws,
+        predictive=config.predictive,
         draws=args.draws,
         wall_s=time.perf_counter() - start,
         rows=rows,
