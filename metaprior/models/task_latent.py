@@ -90,15 +90,19 @@ def noise_scale(s: jax.Array) -> jax.Array:
     return jax.nn.sigmoid(s) * 0.1 + 0.001
 
 
-def _apply(net: eqx.Module, x: jax.Array, z: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``x: [T, N, D]``, ``z: [T, d]`` -> ``mu, sigma: [T, N]``."""
+def _apply_task(net: eqx.Module, x: jax.Array, z: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """One task: ``x: [N, D]``, ``z: [d]`` -> ``mu, sigma: [N]``."""
 
-    def per_example(xi, zi):
-        out = net(xi, zi)
+    def per_example(xi):
+        out = net(xi, z)
         return out[0], noise_scale(out[1])
 
-    per_task = jax.vmap(per_example, in_axes=(0, None))
-    return jax.vmap(per_task)(x, z)
+    return jax.vmap(per_example)(x)
+
+
+def _apply(net: eqx.Module, x: jax.Array, z: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``x: [T, N, D]``, ``z: [T, d]`` -> ``mu, sigma: [T, N]``."""
+    return jax.vmap(_apply_task, in_axes=(None, 0, 0))(net, x, z)
 
 
 def task_latent_model(
@@ -158,7 +162,6 @@ def task_latent_predict(net: eqx.Module, z: jax.Array, x: jax.Array) -> tuple[ja
     """
     if z.ndim == 4:
         z = z[:, :, 0, :]
-    if z.ndim == 2:
-        shared = jax.vmap(lambda zs: jax.vmap(lambda xt: _apply(net, xt[None], zs[None]))(x))(z)
-        return tuple(a[:, :, 0] for a in shared)
+    if z.ndim == 2:  # z unbatched over the tasks: its own computations run once per draw
+        return jax.vmap(lambda zs: jax.vmap(_apply_task, in_axes=(None, 0, None))(net, x, zs))(z)
     return jax.vmap(lambda zs: _apply(net, x, zs))(z)
