@@ -15,6 +15,7 @@ from metaprior.data import Episodes
 from metaprior.inference.diagnostics import expected_calibration_error
 from metaprior.inference.evaluation import (
     FewShotEvaluation,
+    control_variate_ci95,
     episode_bootstrap,
     evaluate_fewshot,
     fewshot_bootstrap,
@@ -108,6 +109,36 @@ def test_errors_name_the_argument():
         mean_ci95([])
     with pytest.raises(ValueError, match="predict returned"):
         evaluate_fewshot(jax.random.key(0), lambda k, sx, sy, qx: jnp.ones((7, 1)), _episodes(), progress=False)
+
+
+def test_control_variate_ci95_exact_identity_and_coverage():
+    """A value that is an exact linear function of the control has zero variance left: the
+    estimate is that function at the known mean. With noise, the estimate is unbiased and its
+    interval covers the true mean at its nominal rate while being much narrower than the plain
+    one. 4,000 replications of 200 draws (rho = 0.95): the coverage has a binomial sd of 0.0034,
+    so [0.935, 0.965] is over 4 sd either side of 0.95; the bias bound 0.01 is about 6 sd of the
+    mean of 4,000 estimates (each with sd about 0.045)."""
+    rng = np.random.default_rng(0)
+    c = rng.gamma(2.0, 0.5, size=300)  # known mean 1.0
+    mean, half = control_variate_ci95(3.0 + 2.0 * c, c, 1.0)
+    assert mean == pytest.approx(5.0) and half == pytest.approx(0.0, abs=1e-9)
+    covered, estimates, widths = 0, [], []
+    for _ in range(4000):
+        c = rng.gamma(2.0, 0.5, size=200)  # mean 1, sd 0.71
+        v = 0.5 + 0.8 * c + rng.normal(0.0, 0.18, size=200)  # mean 1.3; corr(v, c) about 0.95
+        mean, half = control_variate_ci95(v, c, 1.0)
+        covered += abs(mean - 1.3) <= half
+        estimates.append(mean)
+        widths.append(half / mean_ci95(v)[1])
+    assert 0.935 <= covered / 4000 <= 0.965
+    assert abs(np.mean(estimates) - 1.3) < 0.01
+    assert np.median(widths) < 0.4  # sqrt(1 - rho^2) is about 0.31
+    with pytest.raises(ValueError, match="values has 3 entries but control has 2"):
+        control_variate_ci95([1.0, 2.0, 3.0], [1.0, 2.0], 0.0)
+    with pytest.raises(ValueError, match="at least 3"):
+        control_variate_ci95([1.0, 2.0], [1.0, 2.0], 0.0)
+    with pytest.raises(ValueError, match="finite"):
+        control_variate_ci95([1.0, np.nan, 3.0], [1.0, 2.0, 3.0], 0.0)
 
 
 def test_regression_metrics_known_gaussian():

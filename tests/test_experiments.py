@@ -65,4 +65,10 @@ def test_harmonic_quick_metrics_contract(tmp_path, monkeypatch):
     assert "restart_ess_kl_n8" in metrics
     expected = float(all(metrics[f"mse_gap_n{n}"] > metrics[f"mse_gap_n{n}_ci95"] for n in small))
     assert metrics["kl_gap_above_zero_small_n"] == expected
+    # the control-variate intervals: finite, and the "apart" flags are exactly their comparison
+    for n in sizes:
+        hi = metrics[f"mse_kl_n{n}_cv"] + metrics[f"mse_kl_n{n}_cv_ci95"]
+        lo = metrics[f"mse_nokl_n{n}_cv"] - metrics[f"mse_nokl_n{n}_cv_ci95"]
+        assert metrics[f"mse_cv_apart_n{n}"] == float(hi < lo) and metrics[f"mse_zero_n{n}"] > 0
+    assert metrics["kl_intervals_apart_small_n"] == float(all(metrics[f"mse_cv_apart_n{n}"] for n in small))
     assert (out / "meta_kl.ckpt").exists() and (out / "meta_nokl.ckpt").exists()

@@ -349,6 +349,29 @@ def test_shared_draws_predict_like_per_task_draws():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("num_layers, x_dim", [(1, 1), (2, 3)])
+def test_broadcast_prediction_equals_the_per_example_network(num_layers, x_dim):
+    """The broadcast paths (``FiLMSiren.apply_shared``, ``ConcatNet.apply_shared``, used by
+    ``task_latent_predict`` for the default net) give the same numbers as calling the network
+    on one ``(x, z)`` at a time, for draws shared by all tasks and for per-task draws: the
+    same arithmetic in another order, so float32 rounding only."""
+    from metaprior.models.task_latent import _apply_task, noise_scale, task_latent_predict
+
+    net = make_task_latent_net(jax.random.key(7), D, width=16, num_layers=num_layers, x_dim=x_dim)
+    x = 3.0 * jax.random.normal(jax.random.key(8), (5, 6, x_dim))
+    z = jax.random.normal(jax.random.key(9), (4, D))
+    one = jax.vmap(jax.vmap(lambda xi, zs: net(xi, zs), in_axes=(0, None)), in_axes=(0, None))  # [T, N, 2]
+    ref = jnp.stack([one(x, zs) for zs in z])  # [S, T, N, 2], each output by the module's own __call__
+    mu, sigma = task_latent_predict(net, z, x)
+    np.testing.assert_allclose(mu, ref[..., 0], rtol=1e-5, atol=2e-5)
+    np.testing.assert_allclose(sigma, noise_scale(ref[..., 1]), rtol=1e-5, atol=1e-7)
+    z_task = jax.random.normal(jax.random.key(10), (4, 5, D))
+    per_task = jax.vmap(lambda zs: jax.vmap(_apply_task, in_axes=(None, 0, 0))(net, x, zs))(z_task)
+    for a, b in zip(task_latent_predict(net, z_task, x), per_task):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-5)
+    assert net.mean.apply_shared(x, z).shape == (4, 5, 6, 1) and net.noise.apply_shared(x, z).shape == (4, 5, 6, 1)
+
+
 def _linear_gaussian_predict(z, x, sigma=0.5):
     """y = z * x + N(0, sigma^2), z ~ N(0, 1) scalar, draws shared by the tasks: z [S, 1], x [T, N, 1]."""
     mu = z[:, None, None, 0] * x[None, :, :, 0]

@@ -11,6 +11,7 @@ from metaprior.data.tasks import (
     TaskBatch,
     check_task_batch,
     harmonic_fn,
+    harmonic_second_moment,
     harmonic_tasks,
     sinusoid_fn,
     sinusoid_tasks,
@@ -39,6 +40,20 @@ def test_harmonic_noise_and_inputs_statistics(rng_key):
     assert abs(resid.std() - 0.05) < 0.001
     xs = np.asarray(batch.x[..., 0] - p.mu_x[:, None])
     assert abs(xs.std() - 1.0) < 0.02  # x ~ N(mu_x, 1): same argument, 2% band
+
+
+def test_harmonic_second_moment_is_the_mean_of_y_squared(rng_key):
+    """``E[y^2] = 1 + noise^2`` at every input: the control variate's known mean in the harmonic run.
+    40,000 tasks x 8 points; y^2 per task has sd about 1.2 (amplitudes N(0, 1)), so the mean of the
+    per-task means has sd about 0.006 and 0.03 is 5 sd. Also per input region: the identity holds
+    whatever x is (tasks far left and far right of the range)."""
+    noise = 0.3
+    batch, p = harmonic_tasks(rng_key, 40_000, 8, noise_std=noise)
+    per_task = np.asarray(jnp.mean(batch.y**2, axis=1))
+    assert abs(per_task.mean() - harmonic_second_moment(noise)) < 0.03
+    assert harmonic_second_moment(noise) == pytest.approx(1.09)
+    for side in (np.asarray(p.mu_x) < -2, np.asarray(p.mu_x) > 2):  # about 10,000 tasks each: sd 0.012
+        assert abs(per_task[side].mean() - harmonic_second_moment(noise)) < 0.06
 
 
 def test_same_key_same_tasks_other_key_other_tasks(rng_key):

@@ -19,6 +19,7 @@ __all__ = [
     "SinusoidParams",
     "harmonic_tasks",
     "harmonic_fn",
+    "harmonic_second_moment",
     "sinusoid_tasks",
     "sinusoid_fn",
     "sinusoid_support_query",
@@ -107,6 +108,16 @@ def harmonic_fn(params: HarmonicParams, x: jax.Array) -> jax.Array:
     return params.a1[:, None] * jnp.sin(w * x + params.b1[:, None]) + params.a2[:, None] * jnp.sin(
         2 * w * x + params.b2[:, None]
     )
+
+
+def harmonic_second_moment(noise_std: float = 0.05) -> float:
+    """``E[y^2]`` at any input of :func:`harmonic_tasks`, exactly: the zero predictor's expected MSE.
+
+    With the phases ``b1, b2 ~ U(0, 2 pi)`` independent, ``E[sin^2(w x + b)] = 1/2`` and the
+    cross term vanishes at every ``x`` and ``w``, so ``E[f(x)^2] = (E a1^2 + E a2^2) / 2 = 1``;
+    the noise adds ``noise_std^2``.
+    """
+    return 1.0 + noise_std**2
 
 
 def harmonic_tasks(

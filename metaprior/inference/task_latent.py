@@ -12,6 +12,7 @@ share one padded, masked shape) and draws from the posterior predictive.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -272,15 +273,8 @@ def prior_importance_sizes(
             return jnp.cumsum(ll, axis=-1)[..., cols]  # [draw_chunk, C, sizes]
 
         logw = jax.lax.map(loglik, z).reshape(num_draws, x.shape[0], len(sizes))
-        w = jax.nn.softmax(logw, axis=0)
-        ess = 1.0 / jnp.sum(w**2, axis=0)  # [C, sizes]
-        # multinomial resampling by inverting the weights' CDF (a Gumbel-max draw would
-        # cost num_samples x num_draws random numbers per task and size)
-        cdf = jnp.cumsum(jnp.moveaxis(w, 0, -1), axis=-1)  # [C, sizes, D]
-        u = jax.random.uniform(key, (x.shape[0], len(sizes), num_samples)) * cdf[..., -1:]
-        idx = jax.vmap(jax.vmap(jnp.searchsorted))(cdf, u)  # [C, sizes, S]
-        idx = jnp.moveaxis(jnp.minimum(idx, num_draws - 1), -1, 0)  # [S, C, sizes]
-        return z.reshape(num_draws, latent_dim)[idx], ess  # [S, C, sizes, d]
+        idx, ess = _resample(key, logw, num_samples)
+        return z.reshape(num_draws, latent_dim)[idx], ess  # [S, C, sizes, d], [C, sizes]
 
     num_tasks = tasks.x.shape[0]
     z_parts, ess_parts = [], []
@@ -305,6 +299,17 @@ def prior_importance_sizes(
         )
         for i, n in enumerate(sizes)
     }
+
+
+def _resample(key: jax.Array, logw: jax.Array, num_samples: int) -> tuple[jax.Array, jax.Array]:
+    """Multinomial resampling by log-weights ``[draws, C, K]`` (normalised over draws) by
+    inverting each column's CDF (a Gumbel-max draw would cost ``num_samples x draws``
+    random numbers per column): ``(idx [num_samples, C, K], ess [C, K])``."""
+    w = jax.nn.softmax(logw, axis=0)
+    cdf = jnp.cumsum(jnp.moveaxis(w, 0, -1), axis=-1)  # [C, K, draws]
+    u = jax.random.uniform(key, (*cdf.shape[:2], num_samples)) * cdf[..., -1:]
+    idx = jax.vmap(jax.vmap(jnp.searchsorted))(cdf, u)  # [C, K, S]
+    return jnp.moveaxis(jnp.minimum(idx, logw.shape[0] - 1), -1, 0), 1.0 / jnp.sum(w**2, axis=0)
 
 
 def gaussian_scores(mu: jax.Array, sigma: jax.Array, y: jax.Array) -> tuple[np.ndarray, np.ndarray]:
@@ -335,7 +340,8 @@ def score_support_sizes(
     """Add ``mse`` and ``nll`` (:func:`gaussian_scores`, ``[tasks]``) to every size's entry of
     ``results`` (as :func:`infer_support_sizes` or :func:`prior_importance_sizes` return
     them), from its draws ``z`` and held-out points ``x_query [T, Q, D]``, ``y_query [T, Q]``
-    of the same ``T`` tasks; ``chunk`` tasks at a time (memory)."""
+    of the same ``T`` tasks; ``chunk`` tasks at a time (memory). Also ``mse_zero [T]``, the
+    zero predictor's MSE (``mean(y_query^2)``), the control variate of :func:`support_size_metrics`."""
     score = jax.jit(lambda z, x, y: _gaussian_scores(*predict(z, x), y))
     for r in results.values():
         z = np.asarray(r["z"])
@@ -346,23 +352,31 @@ def score_support_sizes(
             for c in range(0, z.shape[1], chunk)
         ]
         r["mse"], r["nll"] = (np.concatenate([np.asarray(a) for a in part]) for part in zip(*scores))
+        r["mse_zero"] = np.asarray(jnp.mean(jnp.square(y_query), axis=-1))
 
 
-def support_size_metrics(results: dict[str, dict[int, dict]], *, baseline: str, model: str) -> dict[str, float]:
+def support_size_metrics(
+    results: dict[str, dict[int, dict]], *, baseline: str, model: str, zero_mse_mean: float | None = None
+) -> dict[str, float]:
     """Flat metrics of :func:`infer_support_sizes` results scored by :func:`gaussian_scores`.
 
     Args:
-        results: ``{tag: {N: dict(mse [T], nll [T], restart_ess [T], is_ess [T] (optional))}}``,
-            every tag scored on the same ``T`` tasks.
+        results: ``{tag: {N: dict(mse [T], nll [T], restart_ess [T], is_ess [T], mse_zero [T]
+            (optional))}}``, every tag scored on the same ``T`` tasks.
         baseline, model: two tags; ``mse_gap_n{N}`` is ``baseline``'s MSE minus ``model``'s
             on the same task, averaged (the paired comparison; positive: ``model`` is better).
+        zero_mse_mean: the task family's exact expected zero-predictor MSE (``E[y^2]`` at a
+            query point), if known; then each MSE also gets a control-variate estimate
+            (:func:`~metaprior.inference.evaluation.control_variate_ci95` with ``mse_zero``).
 
     Returns:
         ``{mse,nll}_{tag}_n{N}`` and their ``_ci95`` (normal 95% half-width over tasks),
-        ``restart_ess_{tag}_n{N}``, ``is_ess_{tag}_n{N}``, ``mse_gap_n{N}`` and ``_ci95``, and
-        ``tasks_n{N}`` (how many tasks size ``N`` was scored on).
+        ``restart_ess_{tag}_n{N}``, ``is_ess_{tag}_n{N}``, ``mse_gap_n{N}`` and ``_ci95``,
+        ``tasks_n{N}`` (how many tasks size ``N`` was scored on), and with ``zero_mse_mean``
+        ``mse_{tag}_n{N}_cv`` and ``_cv_ci95``, ``mse_zero_n{N}``, and ``mse_cv_apart_n{N}`` (1.0 if
+        ``model``'s control-variate interval lies wholly below ``baseline``'s).
     """
-    from metaprior.inference.evaluation import mean_ci95
+    from metaprior.inference.evaluation import control_variate_ci95, mean_ci95
 
     out: dict[str, float] = {}
     for tag, by_size in results.items():
@@ -372,10 +386,18 @@ def support_size_metrics(results: dict[str, dict[int, dict]], *, baseline: str, 
             for key in ("restart_ess", "is_ess"):
                 if key in r:
                     out[f"{key}_{tag}_n{n}"] = float(np.mean(r[key]))
+            if zero_mse_mean is not None:
+                few = len(r["mse"]) < 3  # too few tasks to fit the control variate's coefficient
+                cv = (math.nan, math.nan) if few else control_variate_ci95(r["mse"], r["mse_zero"], zero_mse_mean)
+                out[f"mse_{tag}_n{n}_cv"], out[f"mse_{tag}_n{n}_cv_ci95"] = cv
+                out[f"mse_zero_n{n}"] = float(np.mean(r["mse_zero"]))
     for n in results[model]:
         gap = np.asarray(results[baseline][n]["mse"]) - np.asarray(results[model][n]["mse"])
         out[f"mse_gap_n{n}"], out[f"mse_gap_n{n}_ci95"] = mean_ci95(gap)
         out[f"tasks_n{n}"] = float(len(gap))
+        if zero_mse_mean is not None:  # is the model's interval wholly below the baseline's?
+            hi = out[f"mse_{model}_n{n}_cv"] + out[f"mse_{model}_n{n}_cv_ci95"]
+            out[f"mse_cv_apart_n{n}"] = float(hi < out[f"mse_{baseline}_n{n}_cv"] - out[f"mse_{baseline}_n{n}_cv_ci95"])
     return out
 
 

@@ -146,6 +146,13 @@ def task_latent_model(
             numpyro.sample("y", dist.Normal(mu, sigma).mask(mask), obs=y)
 
 
+def _shared_fast(net: eqx.Module) -> bool:
+    """Whether ``net`` has the broadcast path for shared draws (the default FiLM net)."""
+    if not (isinstance(net, MeanNoiseNet) and isinstance(net.mean, FiLMSiren)):
+        return False
+    return isinstance(net.noise, ConcatNet) and isinstance(net.noise.body, MLP)
+
+
 def task_latent_predict(net: eqx.Module, z: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Predictive mean and noise scale for sampled latents.
 
@@ -162,6 +169,11 @@ def task_latent_predict(net: eqx.Module, z: jax.Array, x: jax.Array) -> tuple[ja
     """
     if z.ndim == 4:
         z = z[:, :, 0, :]
+    if z.ndim == 2 and _shared_fast(net):  # draws shared by all tasks: broadcast arithmetic, same numbers
+        return net.mean.apply_shared(x, z)[..., 0], noise_scale(net.noise.apply_shared(x, z)[..., 0])
+    if _shared_fast(net):  # each task's draws shared by its points: the same path, one task at a time
+        mu, sigma = jax.vmap(lambda zt, xt: task_latent_predict(net, zt, xt[None]), in_axes=(1, 0), out_axes=1)(z, x)
+        return mu[:, :, 0], sigma[:, :, 0]
     if z.ndim == 2:  # z unbatched over the tasks: its own computations run once per draw
         return jax.vmap(lambda zs: jax.vmap(_apply_task, in_axes=(None, 0, None))(net, x, zs))(z)
     return jax.vmap(lambda zs: _apply(net, x, zs))(z)
