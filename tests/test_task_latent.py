@@ -352,10 +352,10 @@ def test_shared_draws_predict_like_per_task_draws():
 @pytest.mark.parametrize("num_layers, x_dim", [(1, 1), (2, 3)])
 def test_broadcast_prediction_equals_the_per_example_network(num_layers, x_dim):
     """The broadcast paths (``FiLMSiren.apply_shared``, ``ConcatNet.apply_shared``, used by
-    ``task_latent_predict`` for the default net) give the same numbers as calling the network
+    ``task_latent_predict`` and the model's likelihood for the default net) give the same numbers as calling the network
     on one ``(x, z)`` at a time, for draws shared by all tasks and for per-task draws: the
     same arithmetic in another order, so float32 rounding only."""
-    from metaprior.models.task_latent import _apply_task, noise_scale, task_latent_predict
+    from metaprior.models.task_latent import _apply, _apply_task, noise_scale, task_latent_predict
 
     net = make_task_latent_net(jax.random.key(7), D, width=16, num_layers=num_layers, x_dim=x_dim)
     x = 3.0 * jax.random.normal(jax.random.key(8), (5, 6, x_dim))
@@ -369,6 +369,8 @@ def test_broadcast_prediction_equals_the_per_example_network(num_layers, x_dim):
     per_task = jax.vmap(lambda zs: jax.vmap(_apply_task, in_axes=(None, 0, 0))(net, x, zs))(z_task)
     for a, b in zip(task_latent_predict(net, z_task, x), per_task):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-5)
+    for a, b in zip(_apply(net, x, z_task[0]), per_task):  # the model's likelihood path
+        np.testing.assert_allclose(a, b[0], rtol=1e-5, atol=2e-5)
     assert net.mean.apply_shared(x, z).shape == (4, 5, 6, 1) and net.noise.apply_shared(x, z).shape == (4, 5, 6, 1)
 
 

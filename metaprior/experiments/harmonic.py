@@ -84,8 +84,8 @@ class HarmonicConfig:
     num_proposals: int = 1024  # importance proposals per task and support size
     posterior_support: int = 8
     exact_support: int = 4  # sizes up to this: prior importance sampling (no fitted guide), see evaluate
-    exact_draws: int = 131072  # prior draws, shared by all tasks, for those sizes
-    exact_tasks: int = 1000  # unseen tasks scored at those sizes, the eval tasks first (at least eval_tasks)
+    exact_draws: int = 65536  # prior draws, shared by all tasks, for those sizes
+    exact_tasks: int = 2000  # unseen tasks scored at those sizes, the eval tasks first (at least eval_tasks)
 
 
 def make_config(size: str) -> HarmonicConfig:
@@ -216,7 +216,7 @@ def run(rng_key, config: HarmonicConfig, out_dir: Path) -> dict[str, float]:
 METRICS_DOC = """
 mse_{kl,nokl}_n{N}: mean over tasks of the held-out MSE of the posterior predictive mean (N = support size), plus
     _ci95. N <= exact_support (default 4): z drawn from each model's exact posterior under its declared prior
-    z ~ N(0, I) by prior importance sampling (exact_draws per task), on exact_tasks unseen tasks (default 1,000);
+    z ~ N(0, I) by prior importance sampling (exact_draws per task), on exact_tasks unseen tasks (default 2,000);
     larger N: fitted q(z | support) on eval_tasks (default 50), with predictive="importance" reweighting to the
     same posterior. The no-KL model is scored under that prior too (its training ignored it)
 nll_{kl,nokl}_n{N}: mean held-out predictive NLL per point (mixture over posterior samples of z), plus _ci95

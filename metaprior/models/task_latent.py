@@ -90,6 +90,13 @@ def noise_scale(s: jax.Array) -> jax.Array:
     return jax.nn.sigmoid(s) * 0.1 + 0.001
 
 
+def _shared_fast(net: eqx.Module) -> bool:
+    """Whether ``net`` has the broadcast path for shared draws (the default FiLM net)."""
+    if not (isinstance(net, MeanNoiseNet) and isinstance(net.mean, FiLMSiren)):
+        return False
+    return isinstance(net.noise, ConcatNet) and isinstance(net.noise.body, MLP)
+
+
 def _apply_task(net: eqx.Module, x: jax.Array, z: jax.Array) -> tuple[jax.Array, jax.Array]:
     """One task: ``x: [N, D]``, ``z: [d]`` -> ``mu, sigma: [N]``."""
 
@@ -102,6 +109,9 @@ def _apply_task(net: eqx.Module, x: jax.Array, z: jax.Array) -> tuple[jax.Array,
 
 def _apply(net: eqx.Module, x: jax.Array, z: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``x: [T, N, D]``, ``z: [T, d]`` -> ``mu, sigma: [T, N]``."""
+    if _shared_fast(net):  # the default net: broadcast arithmetic per task, the same numbers (FiLMSiren.apply_shared)
+        mu = jax.vmap(lambda xt, zt: net.mean.apply_shared(xt, zt[None])[0, :, 0])(x, z)
+        return mu, noise_scale(jax.vmap(lambda xt, zt: net.noise.apply_shared(xt, zt[None])[0, :, 0])(x, z))
     return jax.vmap(_apply_task, in_axes=(None, 0, 0))(net, x, z)
 
 
@@ -144,13 +154,6 @@ def task_latent_model(
         mu, sigma = _apply(net, x, z[:, 0, :])
         with numpyro.plate("examples", num_examples, dim=-1):
             numpyro.sample("y", dist.Normal(mu, sigma).mask(mask), obs=y)
-
-
-def _shared_fast(net: eqx.Module) -> bool:
-    """Whether ``net`` has the broadcast path for shared draws (the default FiLM net)."""
-    if not (isinstance(net, MeanNoiseNet) and isinstance(net.mean, FiLMSiren)):
-        return False
-    return isinstance(net.noise, ConcatNet) and isinstance(net.noise.body, MLP)
 
 
 def task_latent_predict(net: eqx.Module, z: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array]:
