@@ -369,7 +369,7 @@ def test_broadcast_prediction_equals_the_per_example_network(num_layers, x_dim):
     per_task = jax.vmap(lambda zs: jax.vmap(_apply_task, in_axes=(None, 0, 0))(net, x, zs))(z_task)
     for a, b in zip(task_latent_predict(net, z_task, x), per_task):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-5)
-    for a, b in zip(_apply(net, x, z_task[0]), per_task):  # the model's likelihood path
+    for a, b in zip(_apply(net, x, z_task[0], broadcast=True), per_task):  # the model's likelihood path
         np.testing.assert_allclose(a, b[0], rtol=1e-5, atol=2e-5)
     assert net.mean.apply_shared(x, z).shape == (4, 5, 6, 1) and net.noise.apply_shared(x, z).shape == (4, 5, 6, 1)
 

@@ -149,7 +149,7 @@ def evaluate(rng_key, config: HarmonicConfig, net, tasks: TaskBatch, *, kl_weigh
     """Posterior draws of z given each task's first N points, scored on the points after the largest N: sizes up to
     ``exact_support`` by prior importance sampling on all ``tasks``, larger ones by fitted q(z | support) on the first
     ``eval_tasks``. Returns ``{N: dict(mse [T], nll [T], support, z, is_ess, ...)}``."""
-    model = partial(task_latent_model, net=net, latent_dim=config.latent_dim)
+    model = partial(task_latent_model, net=net, latent_dim=config.latent_dim, broadcast=True)
     kw = dict(num_steps=config.adapt_steps, learning_rate=config.adapt_lr, num_restarts=config.adapt_restarts)
     kw.update(large_restarts=config.adapt_restarts_large, num_candidates=config.adapt_candidates)
     kw.update(num_particles=config.adapt_particles, kl_weight=kl_weight, num_proposals=config.num_proposals)

@@ -107,9 +107,9 @@ def _apply_task(net: eqx.Module, x: jax.Array, z: jax.Array) -> tuple[jax.Array,
     return jax.vmap(per_example)(x)
 
 
-def _apply(net: eqx.Module, x: jax.Array, z: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _apply(net: eqx.Module, x: jax.Array, z: jax.Array, broadcast: bool = False) -> tuple[jax.Array, jax.Array]:
     """``x: [T, N, D]``, ``z: [T, d]`` -> ``mu, sigma: [T, N]``."""
-    if _shared_fast(net):  # the default net: broadcast arithmetic per task, the same numbers (FiLMSiren.apply_shared)
+    if broadcast and _shared_fast(net):  # the default net as broadcast arithmetic (FiLMSiren.apply_shared)
         mu = jax.vmap(lambda xt, zt: net.mean.apply_shared(xt, zt[None])[0, :, 0])(x, z)
         return mu, noise_scale(jax.vmap(lambda xt, zt: net.noise.apply_shared(xt, zt[None])[0, :, 0])(x, z))
     return jax.vmap(_apply_task, in_axes=(None, 0, 0))(net, x, z)
@@ -121,6 +121,7 @@ def task_latent_model(
     net: eqx.Module,
     latent_dim: int,
     subsample_size: int | None = None,
+    broadcast: bool = False,
 ) -> None:
     """The task-latent model as a NumPyro program.
 
@@ -137,6 +138,11 @@ def task_latent_model(
         latent_dim: ``d``.
         subsample_size: if given, each call draws that many tasks without replacement and
             scales their log-likelihood by ``T / subsample_size`` (unbiased ELBO).
+        broadcast: evaluate the default FiLM net by broadcast arithmetic
+            (:meth:`~metaprior.models.nets.FiLMSiren.apply_shared`): the same numbers up to
+            float32 rounding, and faster (new-task inference uses it). Off by default, so
+            that meta-training follows the trajectory of the per-example path: its outcome
+            is sensitive to rounding (benchmarks/README.md, "Sixteenth session").
 
     References:
         Lacoste et al. (2018), "Uncertainty in Multitask Transfer Learning", eq. (2)-(4).
@@ -151,7 +157,7 @@ def task_latent_model(
         x = batch.x[idx]
         y = None if batch.y is None else batch.y[idx]
         mask = batch.mask[idx]
-        mu, sigma = _apply(net, x, z[:, 0, :])
+        mu, sigma = _apply(net, x, z[:, 0, :], broadcast)
         with numpyro.plate("examples", num_examples, dim=-1):
             numpyro.sample("y", dist.Normal(mu, sigma).mask(mask), obs=y)
 
