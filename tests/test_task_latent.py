@@ -372,6 +372,9 @@ def test_broadcast_prediction_equals_the_per_example_network(num_layers, x_dim):
     for a, b in zip(_apply(net, x, z_task[0], broadcast=True), per_task):  # the model's likelihood path
         np.testing.assert_allclose(a, b[0], rtol=1e-5, atol=2e-5)
     assert net.mean.apply_shared(x, z).shape == (4, 5, 6, 1) and net.noise.apply_shared(x, z).shape == (4, 5, 6, 1)
+    paper = make_task_latent_net(jax.random.key(7), D, arch="paper", width=8, num_layers=2, x_dim=x_dim)
+    with pytest.raises(TypeError, match="needs an MLP body, got ResidualMLP"):
+        paper.apply_shared(x, z)
 
 
 def _linear_gaussian_predict(z, x, sigma=0.5):

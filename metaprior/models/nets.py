@@ -111,6 +111,8 @@ class ConcatNet(eqx.Module):
         """``x: [..., x_dim]`` at every one of ``z: [S, latent_dim]`` -> ``[S, ..., out_size]``
         (an :class:`MLP` body only): the first layer split as ``W_x x + (W_z z + b)``, so its
         ``z`` part runs once per draw, then broadcast matrix products."""
+        if not isinstance(self.body, MLP):
+            raise TypeError(f"ConcatNet.apply_shared needs an MLP body, got {type(self.body).__name__}")
         first, d = self.body.layers[0], x.shape[-1]
         grid = (slice(None),) + (None,) * (x.ndim - 1)
         h = x[None] @ first.weight[:, :d].T + (z @ first.weight[:, d:].T + first.bias)[grid]
