@@ -109,10 +109,16 @@ def _apply_task(net: eqx.Module, x: jax.Array, z: jax.Array) -> tuple[jax.Array,
 
 def _apply(net: eqx.Module, x: jax.Array, z: jax.Array, broadcast: bool = False) -> tuple[jax.Array, jax.Array]:
     """``x: [T, N, D]``, ``z: [T, d]`` -> ``mu, sigma: [T, N]``."""
-    if broadcast and _shared_fast(net):  # the default net as broadcast arithmetic (FiLMSiren.apply_shared)
-        mu = jax.vmap(lambda xt, zt: net.mean.apply_shared(xt, zt[None])[0, :, 0])(x, z)
-        return mu, noise_scale(jax.vmap(lambda xt, zt: net.noise.apply_shared(xt, zt[None])[0, :, 0])(x, z))
+    if broadcast and _shared_fast(net):  # the default net as broadcast arithmetic, one task at a time
+        mu, sigma = jax.vmap(lambda xt, zt: _apply_shared(net, xt, zt[None]))(x, z)  # [T, 1, N]
+        return mu[:, 0], sigma[:, 0]
     return jax.vmap(_apply_task, in_axes=(None, 0, 0))(net, x, z)
+
+
+def _apply_shared(net: eqx.Module, x: jax.Array, z: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The default net (see :func:`_shared_fast`) at ``x: [..., D]`` for every draw ``z: [S, d]``
+    -> ``mu, sigma: [S, ...]``, by :meth:`~metaprior.models.nets.FiLMSiren.apply_shared`."""
+    return net.mean.apply_shared(x, z)[..., 0], noise_scale(net.noise.apply_shared(x, z)[..., 0])
 
 
 def task_latent_model(
@@ -179,10 +185,7 @@ def task_latent_predict(net: eqx.Module, z: jax.Array, x: jax.Array) -> tuple[ja
     if z.ndim == 4:
         z = z[:, :, 0, :]
     if z.ndim == 2 and _shared_fast(net):  # draws shared by all tasks: broadcast arithmetic, same numbers
-        return net.mean.apply_shared(x, z)[..., 0], noise_scale(net.noise.apply_shared(x, z)[..., 0])
-    if _shared_fast(net):  # each task's draws shared by its points: the same path, one task at a time
-        mu, sigma = jax.vmap(lambda zt, xt: task_latent_predict(net, zt, xt[None]), in_axes=(1, 0), out_axes=1)(z, x)
-        return mu[:, :, 0], sigma[:, :, 0]
+        return _apply_shared(net, x, z)
     if z.ndim == 2:  # z unbatched over the tasks: its own computations run once per draw
         return jax.vmap(lambda zs: jax.vmap(_apply_task, in_axes=(None, 0, None))(net, x, zs))(z)
-    return jax.vmap(lambda zs: _apply(net, x, zs))(z)
+    return jax.vmap(lambda zs: _apply(net, x, zs, broadcast=True))(z)
