@@ -156,6 +156,12 @@ def main(argv: list[str] | None = None) -> int:
             jax.config.update("jax_disable_most_optimizations", previous)
 
 
+def _remove_if_empty(out: Path, created: bool) -> None:
+    """A run that failed before writing anything leaves no folder behind."""
+    if created and out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+
+
 def _run(exp, args, size: str, config) -> int:
     """Run one experiment into ``--out`` and write its metrics: the CLI's exit status."""
     import jax
@@ -167,16 +173,22 @@ def _run(exp, args, size: str, config) -> int:
     if problem:
         print(f"metaprior: --out {out}: {problem}", file=sys.stderr)
         return 2
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     print(f"metaprior run {args.name} ({size}) -> {out}", file=sys.stderr)
     start = time.perf_counter()
+    from metaprior.experiments import ConfigError
     from metaprior.inference.meta import NonFiniteLossError
 
     try:
         metrics = dict(exp.run(jax.random.key(args.seed), config, out))
-    except NonFiniteLossError as err:
+    except (ConfigError, NonFiniteLossError) as err:
+        _remove_if_empty(out, created)
         print(f"metaprior: {args.name}: {err}", file=sys.stderr)
-        return 3
+        return 2 if isinstance(err, ConfigError) else 3
+    except BaseException:
+        _remove_if_empty(out, created)
+        raise
     metrics.setdefault("wall_time_s", time.perf_counter() - start)
     metrics.setdefault("seed", args.seed)
     metrics.setdefault("size", size)

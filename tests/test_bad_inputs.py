@@ -283,6 +283,61 @@ def _cli_out_not_writable(tmp):
         locked.chmod(0o700)
 
 
+def _mask_none(tmp):
+    from metaprior.data.tasks import check_task_batch
+
+    check_task_batch(_batch()._replace(mask=None))
+
+
+def _learned_prior_model(batch):
+    import jax.numpy as jnp
+    import numpyro
+    import numpyro.distributions as dist
+
+    mu = numpyro.param("mu", jnp.zeros(()))
+    with numpyro.plate("tasks", batch.x.shape[0], dim=-2):
+        w = numpyro.sample("w", dist.Normal(mu, 1.0))
+        with numpyro.plate("examples", batch.x.shape[1], dim=-1):
+            numpyro.sample("y", dist.Normal(w, 0.5).mask(batch.mask), obs=batch.y)
+
+
+def _unbound_prior(tmp):
+    import jax
+
+    from metaprior.inference.guides import TaskNormalGuide
+    from metaprior.inference.local import fit_local
+
+    batch = _batch()
+    guide = TaskNormalGuide.build(jax.random.key(0), _learned_prior_model, batch)
+    fit_local(jax.random.key(1), _learned_prior_model, guide, batch, num_steps=2, num_restarts=1)
+
+
+def _indefinite_hessian(tmp):
+    import equinox as eqx
+    import jax
+    import jax.numpy as jnp
+    import numpyro.distributions as dist
+
+    from metaprior.inference import laplace as lp
+
+    net = eqx.nn.MLP("scalar", "scalar", 8, 2, key=jax.random.key(0), activation=jnp.tanh)
+    x = jnp.linspace(-2, 2, 20)
+    lik = lambda f: dist.Normal(f, 0.1)
+    lp.laplace(None, net, x, jnp.sin(3 * x), apply_fn=lp.vmap_apply, likelihood=lik, structure="full", fisher="hessian")
+
+
+def _kfac_on_own_case(tmp):
+    import jax
+    from numpyro import handlers
+
+    from metaprior.inference.validation import Case, ValidationSettings, fit_method
+
+    batch = _batch()
+    model = handlers.substitute(_learned_prior_model, data={"mu": 0.0})
+    case = Case("mine", model, batch, batch, {}, ("laplace_kfac",), ("w",))
+    fit_method(jax.random.key(0), case, "laplace_kfac", ValidationSettings(num_steps=2), {})
+
+
 # --------------------------------------------------------------------------- the table
 
 CASES = [
@@ -739,6 +794,46 @@ CASES = [
         _cli_out_not_writable,
         None,
         ("--out .*locked", "not writable"),
+    ),
+    Case(
+        "task-batch-mask-none",
+        "data",
+        "`TaskBatch(x, y, mask=None)`",
+        _mask_none,
+        ValueError,
+        ("batch.mask is None", "boolean"),
+    ),
+    Case(
+        "fit-local-unbound-prior",
+        "inference",
+        "`fit_local` on a model whose learned `param` prior is not bound",
+        _unbound_prior,
+        ValueError,
+        (r"\['mu'\]", "not bound", "params="),
+    ),
+    Case(
+        "laplace-indefinite-hessian",
+        "inference",
+        "`laplace(fisher='hessian')` away from a minimum",
+        _indefinite_hessian,
+        __import__("equinox").EquinoxRuntimeError,
+        ("not positive definite", "fisher='exact'"),
+    ),
+    Case(
+        "validate-kfac-own-case",
+        "inference",
+        "`laplace_kfac` on a user's `Case` without a `laplace=` function",
+        _kfac_on_own_case,
+        ValueError,
+        ("'mine'", "laplace_kfac needs a network"),
+    ),
+    Case(
+        "cli-bad-choice",
+        "cli",
+        "`--set net=flim` (not one of the choices)",
+        lambda t: _cli(t, "run", "harmonic", "--quick", "--set", "net=flim"),
+        None,
+        ("config.net must be one of", "'flim'"),
     ),
 ]
 

@@ -272,3 +272,55 @@ def test_importance_resample_weighs_modes_by_mass_not_by_restart_count():
     z = np.asarray(draws.values["z"])
     np.testing.assert_allclose(np.mean(z > 0, axis=0), 0.5, atol=0.1)
     assert np.all(np.abs(np.abs(z) - 1) < 0.5)
+
+
+def _learned_prior_model(batch):
+    """``w_j ~ N(mu, sigma^2)``, ``y_ij ~ N(w_j, 0.5^2)``; ``mu`` and ``sigma > 0`` are learned
+    ``param`` sites (the prior a user meta-learns)."""
+    x, y = batch
+    mu = numpyro.param("mu", jnp.zeros(()))
+    sigma = numpyro.param("sigma", jnp.ones(()), constraint=dist.constraints.positive)
+    with numpyro.plate("tasks", x.shape[0], dim=-2):
+        w = numpyro.sample("w", dist.Normal(mu, sigma))
+        with numpyro.plate("examples", x.shape[1], dim=-1):
+            numpyro.sample("y", dist.Normal(w, 0.5), obs=y)
+
+
+def test_constrain_params_maps_fit_state_to_the_declared_constraints():
+    """``init_params`` holds ``log sigma``; ``constrain_params`` gives back the initial ``sigma``
+    (round trip) and ``exp`` of any unconstrained value (exact identities)."""
+    from metaprior.inference.svi import constrain_params, param_constraints
+
+    batch = (jnp.zeros((3, 4)), jnp.zeros((3, 4)))
+    guide = TaskNormalGuide.build(jax.random.key(0), _learned_prior_model, batch)
+    params = init_params(jax.random.key(1), _learned_prior_model, guide, batch)
+    cons = param_constraints(jax.random.key(1), _learned_prior_model, guide, batch)
+    np.testing.assert_allclose(params["sigma"], 0.0, atol=1e-7)  # log 1
+    back = constrain_params(params, cons)
+    np.testing.assert_allclose(back["sigma"], 1.0, rtol=1e-6)
+    np.testing.assert_array_equal(back["mu"], params["mu"])
+    np.testing.assert_allclose(constrain_params({"sigma": jnp.log(0.25)}, cons)["sigma"], 0.25, rtol=1e-6)
+
+
+def test_fit_local_uses_the_bound_learned_prior_and_refuses_an_unbound_one():
+    """With ``mu = 3``, ``sigma = 0.5`` bound through ``params=`` (unconstrained, as ``fit``
+    returns them), each task's q(w) matches the conjugate posterior of that prior, not of
+    the initial N(0, 1); ``bind_params`` gives the same fit bit for bit; unbound, it is an
+    error naming the sites."""
+    from metaprior.inference.svi import bind_params
+
+    y = jnp.array([[2.0, 2.5, 3.0, 3.5], [4.0, 4.0, 4.0, 4.0], [0.0, 1.0, 0.0, 1.0]])
+    batch = (jnp.zeros_like(y), y)
+    learned = {"mu": jnp.asarray(3.0), "sigma": jnp.log(0.5)}
+    guide = TaskNormalGuide.build(jax.random.key(0), _learned_prior_model, batch)
+    kw = dict(num_steps=400, num_restarts=2)
+    fit_a = fit_local(jax.random.key(1), _learned_prior_model, guide, batch, params=learned, **kw)
+    fit_b = fit_local(jax.random.key(1), bind_params(_learned_prior_model, learned), guide, batch, **kw)
+    np.testing.assert_array_equal(fit_a.params["q_loc"], fit_b.params["q_loc"])
+    prec = 1 / 0.5**2 + 4 / 0.5**2
+    exact_mean = (3.0 / 0.5**2 + y.sum(1) / 0.5**2) / prec
+    # the mean of a 400-step Adam fit of a 1-D Gaussian: within 0.05 of the exact mean
+    # (posterior sd 0.22); the N(0, 1)-prior posterior means differ from these by 0.21, 0.04, 0.53
+    np.testing.assert_allclose(np.asarray(fit_a.params["q_loc"]).ravel(), exact_mean, atol=0.05)
+    with pytest.raises(ValueError, match=r"\['mu', 'sigma'\].*not bound"):
+        fit_local(jax.random.key(1), _learned_prior_model, guide, batch, **kw)

@@ -348,7 +348,7 @@ def test_clear_errors(mlp_data):
     with pytest.raises(ValueError, match="only available with structure='full'"):
         posterior(net, x, y, "kfac", fisher="hessian")
     with pytest.raises(ValueError, match=r"\[examples, outputs\]"):
-        posterior(net, x, y, "kfac", apply_fn=lambda n, x: jax.vmap(n)(x)[:, 0])
+        posterior(net, x, y, "kfac", apply_fn=lambda n, x: jax.vmap(n)(x)[:, :, None])  # [N] is fine, [N, C, 1] not
 
 
 def test_fit_laplace_matches_numpyro_autolaplace(rng_key, x64):
@@ -425,7 +425,8 @@ def test_sample_networks_work_with_filter_vmap(mlp_data, rng_key):
     post = posterior(net, x, y, "kfac")
     nets = L.sample_networks(rng_key, post, 4)
     out = eqx.filter_vmap(lambda n: jax.vmap(n)(x))(nets)
-    np.testing.assert_allclose(out, L.predictive(rng_key, post, x, apply_fn=L.vmap_apply, num_samples=4), rtol=1e-6)
+    nn = L.predictive(rng_key, post, x, apply_fn=L.vmap_apply, num_samples=4, pred_type="nn")
+    np.testing.assert_allclose(out, nn, rtol=1e-6)
 
 
 def test_glm_predictive_is_the_linearised_network(mlp_data, rng_key):
@@ -441,7 +442,7 @@ def test_glm_predictive_is_the_linearised_network(mlp_data, rng_key):
     expected = f(flat_mean)[None] + jnp.einsum("ncp,sp->snc", jac, draws - flat_mean)
     np.testing.assert_allclose(glm, expected, rtol=1e-4, atol=1e-5)
     # the network is not linear in its weights, so the two predictives differ ...
-    nn = L.predictive(rng_key, post, x, apply_fn=L.vmap_apply, num_samples=5)
+    nn = L.predictive(rng_key, post, x, apply_fn=L.vmap_apply, num_samples=5, pred_type="nn")
     assert float(jnp.max(jnp.abs(nn - glm))) > 1e-3
 
 
@@ -468,7 +469,7 @@ def test_glm_predictive_equals_nn_for_a_model_linear_in_its_weights(rng_key):
     x = jax.random.normal(k2, (7, 3))
     y = jax.random.randint(k3, (7,), 0, 2)
     post = posterior(layer, x, y, "kfac", prior_precision=0.5)
-    nn = L.predictive(rng_key, post, x, apply_fn=L.vmap_apply, num_samples=6)
+    nn = L.predictive(rng_key, post, x, apply_fn=L.vmap_apply, num_samples=6, pred_type="nn")
     glm = L.predictive(rng_key, post, x, apply_fn=L.vmap_apply, num_samples=6, pred_type="glm")
     np.testing.assert_allclose(glm, nn, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="pred_type"):
@@ -557,3 +558,113 @@ def test_kfac_taps_of_a_strided_im2col_layer_fall_back_per_example(rng_key):
     for bf, br in zip(post_fast.curvature.blocks, post_ref.curvature.blocks, strict=True):
         for u, v in ((bf.a, br.a), (bf.g, br.g), (bf.count, br.count)):
             np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(v))))
+
+
+# ------------------------------------------------- scalar outputs, default predictive, Hessian check
+
+
+def test_scalar_linear_layer_kfac_equals_the_exact_ggn():
+    """``eqx.nn.Linear("scalar", "scalar")`` (weight ``[1, 1]``, output ``()``): one dense
+    layer, so K-FAC equals the exact GGN (an exact identity), with ``apply_fn`` returning
+    ``[N]`` and the likelihood taking ``f [N]``; full and diag agree with it too."""
+    layer = eqx.nn.Linear("scalar", "scalar", key=jax.random.key(0))
+    x = jnp.linspace(-2.0, 2.0, 7)
+    y = 0.3 * x + 0.1
+    lik = lambda f: dist.Normal(f, 0.2)  # f [N]
+    kw = dict(apply_fn=L.vmap_apply, likelihood=lik, prior_precision=0.5)
+    dense = {s: L.precision_matrix(L.laplace(None, layer, x, y, structure=s, **kw)) for s in L.STRUCTURES}
+    a = jnp.stack([x, jnp.ones_like(x)], 1)  # d f / d (w, b)
+    exact = a.T @ a / 0.2**2 + 0.5 * jnp.eye(2)
+    # atol: the off-diagonal is sum(x) / 0.04 = 0 up to float32 rounding of sums near 300
+    np.testing.assert_allclose(dense["full"], exact, rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(dense["kfac"], exact, rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(dense["diag"], jnp.diag(jnp.diag(exact)), rtol=1e-5, atol=1e-3)
+
+
+def test_scalar_mlp_posterior_is_finite_for_every_structure():
+    """``eqx.nn.MLP("scalar", "scalar")``: every structure gives a finite log-det, draws and
+    predictive (it ended in an IndexError in the K-FAC output tap before)."""
+    net = eqx.nn.MLP("scalar", "scalar", 6, 2, key=jax.random.key(0), activation=jnp.tanh)
+    x = jnp.linspace(-2.0, 2.0, 12)
+    kw = dict(apply_fn=L.vmap_apply, likelihood=lambda f: dist.Normal(f, 0.1), prior_precision=1.0)
+    for structure in L.STRUCTURES:
+        post = L.laplace(None, net, x, jnp.sin(x), structure=structure, **kw)
+        f = L.predictive(jax.random.key(1), post, x, apply_fn=L.vmap_apply, num_samples=3)
+        assert f.shape == (3, 12) and np.isfinite(f).all(), structure
+        assert np.isfinite(float(L.log_det(post))), structure
+
+
+def test_default_predictive_is_the_glm_one(rng_key):
+    net = MLP(1, 1, (5,), key=jax.random.key(0))
+    x = jnp.linspace(-1.0, 1.0, 6)[:, None]
+    post = L.laplace(None, net, x, x[:, 0], apply_fn=L.vmap_apply, likelihood=gaussian(0.3), structure="diag")
+    kw = dict(apply_fn=L.vmap_apply, num_samples=4)
+    np.testing.assert_array_equal(
+        L.predictive(rng_key, post, x, **kw), L.predictive(rng_key, post, x, **kw, pred_type="glm")
+    )
+
+
+def test_an_indefinite_hessian_is_an_error_eagerly_and_under_jit():
+    """``fisher="hessian"`` at a point that is not a minimum (the initial weights, data far
+    from the net): the precision has negative eigenvalues, and the posterior is refused
+    (a NaN log-det before); ``fisher="exact"`` (the GGN) at the same point is fine."""
+    net = eqx.nn.MLP("scalar", "scalar", 8, 2, key=jax.random.key(0), activation=jnp.tanh)
+    x = jnp.linspace(-2.0, 2.0, 20)
+    y = jnp.sin(3 * x)
+    kw = dict(apply_fn=L.vmap_apply, likelihood=lambda f: dist.Normal(f, 0.1), structure="full")
+    with pytest.raises(eqx.EquinoxRuntimeError, match="not positive definite"):
+        L.laplace(None, net, x, y, fisher="hessian", **kw)
+    jitted = eqx.filter_jit(lambda n: L.log_det(L.laplace(None, n, x, y, fisher="hessian", **kw)))
+    with pytest.raises(Exception, match="not positive definite"):
+        jax.block_until_ready(jitted(net))
+    assert np.isfinite(float(L.log_det(L.laplace(None, net, x, y, fisher="exact", **kw))))
+
+
+# ------------------------------------------------------------------ a model's own latents
+
+
+def _linear_case(num_tasks=4, num_examples=6):
+    from metaprior.models.cases import hierarchical_linear_model, hierarchical_linear_tasks
+
+    batch = hierarchical_linear_tasks(jax.random.key(0), num_tasks, num_examples)[0]
+    return hierarchical_linear_model, batch
+
+
+def test_task_laplace_equals_the_conditional_posterior_of_a_linear_gaussian_model():
+    """Hierarchical linear regression with ``mu`` held: each ``w_j`` has the Gaussian
+    conditional posterior with precision ``I / tau^2 + X_j^T X_j / sigma^2`` (masked rows
+    out), whatever the point (the log density is quadratic): an exact identity. ``diag``
+    is its diagonal; draws have that covariance (4,000 draws: sd error about 2%, so 10%)."""
+    model, batch = _linear_case()
+    t, _, d = batch.x.shape
+    mode = {"mu": jnp.array([0.3, -0.2]), "w": jax.random.normal(jax.random.key(1), (t, 1, d))}
+    post = L.task_laplace(model, batch, mode=mode, local_sites=["w"])
+    xm = np.asarray(batch.x) * np.asarray(batch.mask)[..., None]
+    exact = np.eye(d) / 0.5**2 + np.einsum("tnd,tne->tde", xm, xm) / 0.5**2
+    np.testing.assert_allclose(post.precision, exact, rtol=1e-4)
+    np.testing.assert_array_equal(post.mean, mode["w"][:, 0])
+    diag = L.task_laplace(model, batch, mode=mode, local_sites=["w"], structure="diag")
+    np.testing.assert_allclose(diag.precision, np.diagonal(exact, axis1=1, axis2=2), rtol=1e-4)
+    draws = L.sample_task_laplace(jax.random.key(2), post, 4000)
+    assert draws["w"].shape == (4000, t, 1, d) and draws["mu"].shape == (4000, d)
+    np.testing.assert_array_equal(draws["mu"][7], mode["mu"])
+    cov = np.stack([np.cov(np.asarray(draws["w"][:, j, 0]).T) for j in range(t)])
+    np.testing.assert_allclose(cov, np.linalg.inv(exact), rtol=0.1, atol=1e-3)
+
+
+def test_task_laplace_refuses_a_point_that_is_not_a_minimum():
+    import numpyro
+
+    def model(y):
+        with numpyro.plate("tasks", y.shape[0], dim=-1):
+            w = numpyro.sample("w", dist.Normal(0.0, 1.0))
+            numpyro.sample("y", dist.Normal(w**2, 0.1), obs=y)
+
+    y = jnp.ones(3)  # at w = 0 the curvature of -log p is 1 - 2 y / 0.1^2 = -199
+    with pytest.raises(ValueError, match=r"task\(s\) \[0, 1, 2\].*not positive definite"):
+        L.task_laplace(model, y, mode={"w": jnp.zeros(3)}, local_sites=["w"])
+    post = L.task_laplace(model, y, mode={"w": jnp.ones(3)}, local_sites=["w"], structure="diag")
+    # d^2/dw^2 of (y - w^2)^2 / (2 s^2) + w^2 / 2 is (4 w^2 - 2 (y - w^2)) / s^2 + 1: 401 at w = y = 1
+    np.testing.assert_allclose(post.precision, np.full((3, 1), 1 + 4 / 0.1**2), rtol=1e-5)
+    with pytest.raises(ValueError, match="'kfac' needs a network"):
+        L.task_laplace(model, y, mode={"w": jnp.ones(3)}, local_sites=["w"], structure="kfac")

@@ -256,8 +256,11 @@ def test_guide_with_fresh_encoder_equals_guide_without(setup, guide_cls):
     near-zero scale (1e-6) both draw z = loc of the drawn tasks; its params are one shared
     site (not a per-task row); it needs the observed batch."""
     from metaprior.inference.guides import SetEncoder
+    from metaprior.inference.svi import bind_modules
+    from metaprior.models.task_latent import NET_SITE
 
     batch, model = setup
+    model = bind_modules(model, {NET_SITE: model.keywords["net"]})  # the network as the learned prior
     enc = SetEncoder(1, 2 * D, width=8, key=jax.random.key(1))
     for guide in (
         guide_cls.build(jax.random.key(0), model, batch, init_scale=1e-6),
@@ -285,8 +288,11 @@ def test_fit_local_with_encoder_keeps_the_best_candidate(setup):
 
     from metaprior.inference.guides import SetEncoder
     from metaprior.inference.local import fit_local
+    from metaprior.inference.svi import bind_modules
+    from metaprior.models.task_latent import NET_SITE
 
     batch, model = setup
+    model = bind_modules(model, {NET_SITE: model.keywords["net"]})  # the network as the learned prior
     enc = SetEncoder(1, 2 * D, width=8, key=jax.random.key(1))
     kw = dict(num_steps=1, num_restarts=2, num_candidates=2, optimizer=optax.sgd(0.0), eval_particles=2)
     plain = fit_local(jax.random.key(4), model, TaskNormalGuide.build(jax.random.key(0), model, batch), batch, **kw)

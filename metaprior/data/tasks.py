@@ -252,8 +252,15 @@ def check_task_batch(
         raise ValueError(f"{name}.x must have shape [tasks, examples, features], got {getattr(x, 'shape', x)}")
     if x_dim is not None and x.shape[-1] != x_dim:
         raise ValueError(f"{name}.x has {x.shape[-1]} features, the model expects {x_dim}")
-    if mask.shape != x.shape[:2]:
-        raise ValueError(f"{name}.mask must have shape {x.shape[:2]}, got {mask.shape}")
+    if mask is None:
+        raise ValueError(
+            f"{name}.mask is None: pass a boolean [tasks, examples] mask of the observed slots "
+            f"(jnp.ones({tuple(x.shape[:2])}, bool) when every example is observed)"
+        )
+    if getattr(mask, "shape", None) != x.shape[:2]:
+        raise ValueError(
+            f"{name}.mask must have shape {x.shape[:2]}, got {getattr(mask, 'shape', type(mask).__name__)}"
+        )
     if y is None:
         if require_y:
             raise ValueError(f"{name}.y is None but observations are required here")

@@ -17,6 +17,11 @@ from typing import Any, Literal
 Size = Literal["quick", "default", "full"]
 
 
+class ConfigError(ValueError):
+    """A config value an experiment cannot run with (raised before it writes anything):
+    the CLI prints the message and exits with status 2."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Experiment:
     """One runnable experiment.

@@ -27,7 +27,7 @@ import numpy as np
 from metaprior.data.dwp_kernels import load_released_kernels
 from metaprior.experiments._common import save_datatree
 from metaprior.experiments._plots import errorbar_figure, prior_samples_figure
-from metaprior.experiments._registry import Experiment
+from metaprior.experiments._registry import ConfigError, Experiment
 from metaprior.inference.dwp import (
     PRIORS,
     DWPSettings,
@@ -97,22 +97,26 @@ def make_config(size: str) -> DWPConfig:
 def _check(config: DWPConfig) -> None:
     n = len(config.kernel_sizes)
     if config.source not in ("nets", "released"):
-        raise ValueError(f"config.source must be 'nets' or 'released', got {config.source!r}")
+        raise ConfigError(f"config.source must be 'nets' or 'released', got {config.source!r}")
     if config.lr_schedule not in ("constant", "linear"):
-        raise ValueError(f"config.lr_schedule must be 'constant' or 'linear', got {config.lr_schedule!r}")
+        raise ConfigError(f"config.lr_schedule must be 'constant' or 'linear', got {config.lr_schedule!r}")
     for name in ("source_filters", "filters", "latent_dims"):
         if len(getattr(config, name)) != n:
-            raise ValueError(f"config.{name} has {len(getattr(config, name))} entries, config.kernel_sizes has {n}")
+            raise ConfigError(f"config.{name} has {len(getattr(config, name))} entries, config.kernel_sizes has {n}")
     if max(config.sizes) > 5000 or config.init_train_size > 5000:
-        raise ValueError(f"sizes {config.sizes} / init_train_size {config.init_train_size} exceed the 5,000-image pool")
+        raise ConfigError(
+            f"sizes {config.sizes} / init_train_size {config.init_train_size} exceed the 5,000-image pool"
+        )
     if not 1 <= config.test_size <= 5000:
-        raise ValueError(f"config.test_size must be in 1..5000, got {config.test_size}")
+        raise ConfigError(f"config.test_size must be in 1..5000, got {config.test_size}")
     if config.batch_size > min(config.sizes):
-        raise ValueError(f"config.batch_size={config.batch_size} exceeds the smallest training set {min(config.sizes)}")
+        raise ConfigError(
+            f"config.batch_size={config.batch_size} exceeds the smallest training set {min(config.sizes)}"
+        )
     if config.num_splits < 1 or config.init_splits < 1 or config.num_source_nets < 1:
-        raise ValueError("config.num_splits, init_splits and num_source_nets must be >= 1")
+        raise ConfigError("config.num_splits, init_splits and num_source_nets must be >= 1")
     if sorted(config.init_eval_steps) != list(config.init_eval_steps) or min(config.init_eval_steps) < 0:
-        raise ValueError(f"config.init_eval_steps must be increasing and >= 0, got {config.init_eval_steps}")
+        raise ConfigError(f"config.init_eval_steps must be increasing and >= 0, got {config.init_eval_steps}")
 
 
 def source_data(data_dir: str | None = None):

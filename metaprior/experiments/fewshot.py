@@ -35,7 +35,7 @@ from metaprior.data import MissingDataError, load_oneshot_runs, omniglot_splits,
 from metaprior.data.testbeds import BEDS, fewshot_testbeds, ood_pool
 from metaprior.experiments._common import atomic_write_bytes, save_datatree, write_metrics
 from metaprior.experiments._plots import reliability_figure, scatter_figure, training_figure
-from metaprior.experiments._registry import Experiment
+from metaprior.experiments._registry import ConfigError, Experiment
 from metaprior.inference.diagnostics import to_datatree
 from metaprior.inference.evaluation import evaluate_fewshot
 from metaprior.inference.fewshot import BAYESIAN, METHODS, VARIANTS, FewShotSettings, fewshot_table, train_method
@@ -140,7 +140,7 @@ def run(rng_key: jax.Array, config: FewShotConfig, out_dir: Path) -> dict[str, f
     out_dir = Path(out_dir)
     unknown = sorted(set(config.methods) - set(METHODS)) + sorted(set(config.beds) - set(BEDS))
     if unknown:
-        raise ValueError(f"unknown methods or beds {unknown}; methods: {METHODS}, beds: {BEDS}")
+        raise ConfigError(f"unknown methods or beds {unknown}; methods: {METHODS}, beds: {BEDS}")
     k_beds, k_train, k_eval, k_post = jax.random.split(rng_key, 4)
     splits = omniglot_splits(config.image_size, rotations=True, seed=config.split_seed, held_out=config.held_out)
     shapes = {bed: config.id_shapes if bed == "id" else config.ood_shapes for bed in config.beds}

@@ -24,11 +24,11 @@ import optax
 from metaprior.data.tasks import TaskBatch, harmonic_fn, harmonic_second_moment, harmonic_tasks
 from metaprior.experiments._common import save_datatree
 from metaprior.experiments._plots import latent_functions_figure, support_size_figure
-from metaprior.experiments._registry import Experiment
+from metaprior.experiments._registry import ConfigError, Experiment
 from metaprior.inference.guides import SetEncoder
 from metaprior.inference.local import guide_for_num_tasks, task_batch_learner
 from metaprior.inference.meta import fit
-from metaprior.inference.svi import init_params
+from metaprior.inference.svi import bind_modules, init_params
 from metaprior.inference.task_latent import (
     PREDICTIVES,
     build_task_guide,
@@ -40,6 +40,7 @@ from metaprior.inference.task_latent import (
     warmup_cosine_adam,
     with_params,
 )
+from metaprior.models import task_latent as tl
 from metaprior.models.task_latent import ARCHS, make_task_latent_net, task_latent_model, task_latent_predict
 
 
@@ -108,11 +109,11 @@ def _check(config: HarmonicConfig) -> None:
     choices.update(eval_guide=("iaf", "normal"), predictive=PREDICTIVES)
     for field, allowed in choices.items():
         if getattr(config, field) not in allowed:
-            raise ValueError(f"config.{field} must be one of {allowed}, got {getattr(config, field)!r}")
+            raise ConfigError(f"config.{field} must be one of {allowed}, got {getattr(config, field)!r}")
     if config.task_batch > config.num_tasks:
-        raise ValueError(f"config.task_batch={config.task_batch} exceeds config.num_tasks={config.num_tasks}")
+        raise ConfigError(f"config.task_batch={config.task_batch} exceeds config.num_tasks={config.num_tasks}")
     if min(config.support_sizes) < 1:
-        raise ValueError(f"config.support_sizes must be >= 1, got {config.support_sizes}")
+        raise ConfigError(f"config.support_sizes must be >= 1, got {config.support_sizes}")
 
 
 def meta_train(
@@ -150,6 +151,7 @@ def evaluate(rng_key, config: HarmonicConfig, net, tasks: TaskBatch, *, kl_weigh
     ``exact_support`` by prior importance sampling on all ``tasks``, larger ones by fitted q(z | support) on the first
     ``eval_tasks``. Returns ``{N: dict(mse [T], nll [T], support, z, is_ess, ...)}``."""
     model = partial(task_latent_model, net=net, latent_dim=config.latent_dim, broadcast=True)
+    model = bind_modules(model, {tl.NET_SITE: net})  # the learned prior, explicitly (fit_local checks)
     kw = dict(num_steps=config.adapt_steps, learning_rate=config.adapt_lr, num_restarts=config.adapt_restarts)
     kw.update(large_restarts=config.adapt_restarts_large, num_candidates=config.adapt_candidates)
     kw.update(num_particles=config.adapt_particles, kl_weight=kl_weight, num_proposals=config.num_proposals)

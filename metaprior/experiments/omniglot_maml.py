@@ -31,7 +31,7 @@ import optax
 
 from metaprior.data import episode_batches, omniglot_splits, sample_episodes
 from metaprior.experiments._plots import reliability_figure, training_figure
-from metaprior.experiments._registry import Experiment
+from metaprior.experiments._registry import ConfigError, Experiment
 from metaprior.inference import maml
 from metaprior.inference.diagnostics import save_posterior, to_datatree
 from metaprior.inference.evaluation import FewShotPredictive, evaluate_fewshot, grid_search
@@ -117,7 +117,7 @@ def objective(config: OmniglotMAMLConfig):
         kw = dict(eta=config.eta, kron_damping=config.kron_damping, log_det_tasks=config.log_det_tasks)
         kw.update(apply_fn=_apply, likelihood=_likelihood, prior_precision=config.tau, fisher=config.fisher)
         return kfac_llama(_loss(), inner, config.train_inner_steps, first_order=config.first_order, **kw)
-    raise ValueError(f"method must be 'maml' or 'llama', got {config.method!r}")
+    raise ConfigError(f"method must be 'maml' or 'llama', got {config.method!r}")
 
 
 def _inner(config: OmniglotMAMLConfig) -> dict:

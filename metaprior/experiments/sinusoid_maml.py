@@ -28,7 +28,7 @@ import optax
 from metaprior.data.tasks import SinusoidParams, SupportQuery, sinusoid_fn, sinusoid_meta_batch, sinusoid_support_query
 from metaprior.experiments._common import mean_ci95
 from metaprior.experiments._plots import functions_figure, training_figure
-from metaprior.experiments._registry import Experiment
+from metaprior.experiments._registry import ConfigError, Experiment
 from metaprior.inference.diagnostics import save_posterior, to_datatree
 from metaprior.inference.evaluation import grid_search, sampled_regression_scores
 from metaprior.inference.laplace import vmap_apply
@@ -98,7 +98,7 @@ def objective(config: SinusoidMAMLConfig, method: str | None = None):
         kw = dict(eta=config.eta, kron_damping=config.kron_damping, log_det_tasks=config.log_det_tasks)
         kw.update(apply_fn=vmap_apply, likelihood=_likelihood(TRAIN_SIGMA), prior_precision=config.tau)
         return kfac_llama(loss, inner, config.train_inner_steps, first_order=config.first_order, **kw)
-    raise ValueError(f"method must be 'maml' or 'llama', got {method!r}")
+    raise ConfigError(f"method must be 'maml' or 'llama', got {method!r}")
 
 
 def _inner(config):

@@ -26,7 +26,7 @@ import numpy as np
 
 from metaprior._io import atomic_write_bytes
 from metaprior.experiments._plots import marginals_figure
-from metaprior.experiments._registry import Experiment
+from metaprior.experiments._registry import ConfigError, Experiment
 from metaprior.inference.diagnostics import save_posterior
 from metaprior.inference.validation import (
     METHODS,
@@ -155,10 +155,10 @@ def run(rng_key, config: ValidateConfig, out_dir: Path) -> dict[str, float]:
     out_dir = Path(out_dir)
     unknown = set(config.cases) - set(CASES)
     if unknown:
-        raise ValueError(f"unknown case(s) {sorted(unknown)}; known: {CASES}")
+        raise ConfigError(f"unknown case(s) {sorted(unknown)}; known: {CASES}")
     unknown = set(config.methods) - set(METHODS)
     if unknown:
-        raise ValueError(f"unknown method(s) {sorted(unknown)}; known: {', '.join(METHODS)}")
+        raise ConfigError(f"unknown method(s) {sorted(unknown)}; known: {', '.join(METHODS)}")
     metrics: dict[str, float] = {}
     tables, healthy = [], []
     for i, name in enumerate(config.cases):
@@ -222,7 +222,7 @@ mean_err_{case}_{method}, sd_ratio_{case}_{method}: mean error (NUTS sds), sd ra
 w1exact_{case}_{method}: the same distance to the exact posterior (nuts included): the closed
   form on linear, grid quadrature on latent
 mode_gap_min_latent: nats between each task's best MAP restart and the next mode found (min)
-nll_{case}_{method}, coverage90_{case}_{method}: held-out predictive NLL and 90% coverage
+nll_{case}_{method}, coverage90_{case}_{method}: held-out predictive NLL and 90% coverage (nan: discrete y)
 cluster_err_mixture_{method}: max |p(c_j=k) - p_NUTS(c_j=k)| over tasks and clusters
 cases: linear (a), bnn (b), latent (c), mixture (d)"""
 

@@ -495,7 +495,11 @@ def predictive_scores(
         ``{"nll": mean over held-out points of -log p(y* | data), "coverage": fraction
         of held-out points inside the central ``level`` interval of the posterior
         predictive}``; the predictive density is the Monte Carlo mixture
-        ``mean_s p(y* | latents_s)``; masked slots are left out.
+        ``mean_s p(y* | latents_s)``; masked slots are left out. For a discrete outcome
+        (Bernoulli, Categorical, Poisson...) the coverage is NaN: a central interval of a
+        few integers covers the observed value by construction (a Bernoulli's 90% interval
+        is ``[0, 1]`` unless p is within 0.05 of 0 or 1), so it says nothing; the NLL is the
+        score to read there.
     """
     import jax
     from jax.scipy.special import logsumexp
@@ -520,6 +524,9 @@ def predictive_scores(
     mask = np.broadcast_to(np.asarray(getattr(trace[obs]["fn"], "_mask", True)), y.shape)
     loglik = np.asarray(log_likelihood(model, samples, *test_args, parallel=True, **model_kwargs)[obs], np.float64)
     log_pred = np.asarray(logsumexp(loglik, axis=0)) - np.log(loglik.shape[0])
+    nll = float(-log_pred[mask].mean())
+    if trace[obs]["fn"].support.is_discrete:
+        return {"nll": nll, "coverage": float("nan")}
     y_rep = np.asarray(
         Predictive(_unobserve(model), samples, return_sites=[obs], parallel=True)(key_pred, *test_args, **model_kwargs)[
             obs
@@ -527,4 +534,4 @@ def predictive_scores(
     )
     lo, hi = np.quantile(y_rep, [(1 - level) / 2, (1 + level) / 2], axis=0)
     inside = (y >= lo) & (y <= hi)
-    return {"nll": float(-log_pred[mask].mean()), "coverage": float(inside[mask].mean())}
+    return {"nll": nll, "coverage": float(inside[mask].mean())}

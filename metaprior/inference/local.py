@@ -20,7 +20,7 @@ import numpy as np
 import optax
 
 from metaprior.inference.guides.task_local import _TaskGuideBase
-from metaprior.inference.svi import elbo_loss
+from metaprior.inference.svi import bind_params, elbo_loss, unbound_param_sites
 
 __all__ = [
     "LocalFit",
@@ -80,12 +80,16 @@ def fit_local(
     kl_weight: float = 1.0,
     model_kwargs: dict[str, Any] | None = None,
     num_candidates: int = 0,
+    params: dict[str, Any] | None = None,
 ) -> LocalFit:
     """Fit a task-local guide to every task of ``batch`` separately, with restarts.
 
-    The model's own ``param`` sites (e.g. the network) are not optimised: they keep the
-    values the model is called with (bind trained values with ``functools.partial`` or
-    ``numpyro.handlers.substitute``). Only the guide's parameters move.
+    The model's own ``param`` sites (a learned prior, a network) are not optimised: pass
+    the meta-trained values as ``params`` (``fit(...).state.params``, unconstrained, as
+    ``fit`` returns them; guide sites in it are ignored), or bind them beforehand with
+    :func:`metaprior.inference.svi.bind_params` (or ``numpyro.handlers.substitute``). A
+    model ``param`` site left unbound is an error: it would silently take its initial
+    value, i.e. the prior before meta-training. Only the guide's parameters move.
 
     Args:
         rng_key: PRNG key.
@@ -103,6 +107,7 @@ def fit_local(
         kl_weight: weight of the KL term (0 gives the likelihood-only baseline).
         model_kwargs: keyword arguments for the model and guide (``subsample_size`` must
             be absent or ``None``: every task here is fitted on its own).
+        params: the model's learned ``param`` values (unconstrained), bound before fitting.
         num_candidates: if positive, the random restarts do not start at ``num_restarts``
             draws from ``N(0, I)`` but at the best ``num_restarts`` of ``num_candidates``
             draws, scored by a one-sample ELBO at the initial scale (a random search that
@@ -113,6 +118,9 @@ def fit_local(
 
     Returns:
         :class:`LocalFit`.
+
+    Raises:
+        ValueError: a model ``param`` site is unbound (see ``params``), or bad counts.
     """
     if num_steps < 1 or num_restarts < 1:
         raise ValueError(f"num_steps and num_restarts must be >= 1, got {num_steps}, {num_restarts}")
@@ -125,6 +133,19 @@ def fit_local(
     if not leaves:
         raise ValueError("batch has no arrays")
     num_tasks = leaves[0].shape[0]
+    if params is not None:
+        model = bind_params(model, params)
+    first = jax.tree.map(lambda a: a[:1], batch)
+    unbound = unbound_param_sites(model, first, **model_kwargs)
+    if unbound:
+        raise ValueError(
+            f"fit_local: the model's param site(s) {unbound} are not bound, so new-task inference would use "
+            "their initial values, not the learned prior. Pass params=fit(...).state.params (or bind them with "
+            "metaprior.inference.svi.bind_params(model, params) / numpyro.handlers.substitute). An eqx_module "
+            "built from a trained network passed by argument is bound with "
+            "metaprior.inference.svi.bind_modules(model, {name: trained_net}); to keep initial values on "
+            "purpose, bind those"
+        )
     if optimizer is None:
         optimizer = optax.adam(optax.cosine_decay_schedule(0.05, num_steps, alpha=0.01))
     one_guide = guide_for_num_tasks(guide, 1)

@@ -300,7 +300,7 @@ def laplace_predict(
     num_steps: int,
     prior_precision: float,
     num_samples: int,
-    pred_type: str | tuple[str, ...] = "nn",
+    pred_type: str | tuple[str, ...] = "glm",
     structure: str = "kfac",
     link: Callable = jax.nn.softmax,
 ) -> jax.Array:
@@ -402,5 +402,5 @@ def laplace_predictive(theta: PyTree, **kwargs: Any) -> Callable:
     """LLAMA's few-shot predictive: the mean over Laplace draws (:func:`laplace_sampler`) of ``link(f)``
     (``[V, T, Q, ...]`` for a tuple ``pred_type``)."""
     sampler = laplace_sampler(theta, **kwargs)
-    axis = 1 if isinstance(kwargs.get("pred_type", "nn"), str) else 2
+    axis = 1 if isinstance(kwargs.get("pred_type", "glm"), str) else 2
     return lambda rng_key, sx, sy, qx: sampler(rng_key, sx, sy, qx).mean(axis)

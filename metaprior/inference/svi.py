@@ -8,6 +8,11 @@ pytree it can differentiate, vmap and checkpoint. These helpers give:
 - :func:`elbo_loss`: ``loss_fn(params, rng_key, batch)``, the negative ELBO with an
   optional KL weight ``beta`` (``beta = 0`` is the "no KL" baseline; ``beta != 1`` the
   beta-ELBO of the amortized-guide paper).
+- :func:`constrain_params`: the learned values in the constrained space the model
+  declared (what NumPyro's ``SVI.get_params`` returns), from the unconstrained values
+  that :func:`init_params` and :func:`metaprior.inference.meta.fit` hold.
+- :func:`bind_params`: the model with its learned ``param`` sites bound (a learned
+  prior, ready for :func:`metaprior.inference.local.fit_local`, NUTS or ``Predictive``).
 - :class:`OrderedTrace_ELBO`: NumPyro's ``Trace_ELBO`` with its sites summed in a fixed
   order, so the loss value is the same bits in every process.
 """
@@ -23,7 +28,17 @@ from numpyro import handlers
 from numpyro.distributions import biject_to, constraints
 from numpyro.infer import Trace_ELBO
 
-__all__ = ["OrderedTrace_ELBO", "init_params", "elbo_loss", "elbo_terms", "param_constraints"]
+__all__ = [
+    "OrderedTrace_ELBO",
+    "init_params",
+    "elbo_loss",
+    "elbo_terms",
+    "param_constraints",
+    "constrain_params",
+    "bind_params",
+    "bind_modules",
+    "unbound_param_sites",
+]
 
 
 class OrderedTrace_ELBO(Trace_ELBO):
@@ -97,6 +112,81 @@ def param_constraints(rng_key, model, guide, *args, **kwargs) -> dict[str, Any]:
         for name, site in tr.items()
         if site["type"] == "param"
     }
+
+
+def constrain_params(params: dict[str, Any], constraints_: dict[str, Any]) -> dict[str, Any]:
+    """Unconstrained ``param`` values (as :func:`init_params` and ``fit`` hold them) in
+    the constrained space each site declared.
+
+    Args:
+        params: ``{site: unconstrained value}`` (values may be pytrees).
+        constraints_: ``{site: constraint}``, e.g. from :func:`param_constraints`; a site
+            missing from it is taken as ``constraints.real``.
+
+    Returns:
+        ``{site: constrained value}``: what the model sees, and what NumPyro's
+        ``SVI.get_params`` returns for the same state.
+    """
+    out = {}
+    for name, value in params.items():
+        constraint = constraints_.get(name, constraints.real)
+        out[name] = value if constraint is constraints.real else jax.tree.map(biject_to(constraint), value)
+    return out
+
+
+def bind_params(model: Callable, params: dict[str, Any]) -> Callable:
+    """``model`` with its ``param`` sites named in ``params`` held at those values.
+
+    ``params`` are unconstrained, as :func:`metaprior.inference.meta.fit` returns them
+    (``result.state.params``): each value is mapped into its site's declared constraint
+    when the site is reached, so ``bind_params(model, result.state.params)`` is the model
+    with its learned prior. Sites of the guide in ``params`` are ignored; model sites not
+    in ``params`` keep their own initial values.
+
+    The bound sites are also hidden from every handler outside (``handlers.block``): an
+    SVI run, an autoguide or :func:`elbo_loss` around the bound model cannot re-bind or
+    optimise them. (A bare ``handlers.substitute`` does not do that: NumPyro's ``SVI``
+    substitutes its own values over it and fits the prior again.)
+    """
+    from numpyro import handlers
+
+    params = dict(params)
+    bound = handlers.substitute(model, substitute_fn=_substitute(params))
+    return handlers.block(bound, hide_fn=lambda msg: msg["type"] == "param" and msg["name"] in params)
+
+
+def bind_modules(model: Callable, modules: dict[str, Any]) -> Callable:
+    """``model`` with its ``eqx_module(name, ...)`` sites held at the given (trained)
+    Equinox modules: :func:`bind_params` with ``{f"{name}$params": arrays of module}``.
+
+    Example::
+
+        model = bind_modules(partial(task_latent_model, net=net, latent_dim=8), {"net": trained})
+    """
+    import equinox as eqx
+
+    return bind_params(model, {f"{name}$params": eqx.filter(m, eqx.is_inexact_array) for name, m in modules.items()})
+
+
+def unbound_param_sites(model: Callable, *args: Any, **kwargs: Any) -> list[str]:
+    """The ``param`` sites of ``model(*args, **kwargs)`` that nothing binds: each would
+    take its initial value. A site bound by :func:`bind_params` or NumPyro's
+    ``substitute`` is not listed; one whose initial value is passed in by argument (an
+    ``eqx_module`` built from a trained network) is, since the trace cannot tell it
+    from an untrained one."""
+    from numpyro.primitives import Messenger
+
+    seen: list[str] = []
+
+    class Recorder(Messenger):
+        def process_message(self, msg):
+            if msg["type"] == "param" and msg["value"] is None:
+                seen.append(msg["name"])
+
+    from numpyro import handlers
+
+    handlers.trace(handlers.seed(Recorder(model), jax.random.key(0))).get_trace(*args, **kwargs)
+    return seen
 
 
 def _substitute(params: dict[str, Any]):

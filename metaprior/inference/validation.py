@@ -18,9 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import numpyro.distributions as dist
 import optax
 from numpyro import handlers
 from numpyro.infer import SVI, Predictive, TraceEnum_ELBO
@@ -72,6 +70,10 @@ class Case(NamedTuple):
         note: one line for the table.
         nuts_init: ``(rng_key, num_chains) -> (init_params, info)`` where chains must not
             start at random (``info``: extra metrics), else ``None``.
+        laplace: ``(rng_key, case, mode, structure, num_draws) -> {site: [draws, ...]}``, the
+            ``laplace_*`` methods' draws given the joint MAP ``mode``, for a model whose
+            curvature is a network's (K-FAC); ``None``: the Hessian of the model's own log
+            joint per task, which serves ``laplace_full`` and ``laplace_diag`` on any model.
     """
 
     name: str
@@ -84,6 +86,7 @@ class Case(NamedTuple):
     exact: dict | None = None
     note: str = ""
     nuts_init: Callable | None = None
+    laplace: Callable | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,14 +183,12 @@ def _task_guide(rng_key, case: Case, cls_name: str, continuous: list[str], discr
 def _laplace_draws(
     rng_key, case: Case, settings: ValidationSettings, structure: str, continuous: list[str], cache: dict
 ) -> dict:
-    """Task-level Laplace (LLAMA's posterior) on the hierarchical BNN: the joint MAP, then per
-    task ``phi_j ~ N(phi_j*, (GGN_j + I / task_scale^2)^-1)`` with the shared mean held at its
-    MAP."""
-    import equinox as eqx
-    from jax.flatten_util import ravel_pytree
-
+    """Task-level Laplace (LLAMA's posterior): the joint MAP, then per task a Gaussian over
+    the local latents with the shared sites held at their MAP. ``case.laplace`` computes it
+    where given (a network's curvature, as the BNN case's K-FAC); otherwise the Hessian of
+    the model's own log joint per task (:func:`~metaprior.inference.laplace.task_laplace`;
+    ``full`` and ``diag`` only)."""
     from metaprior.inference import laplace as lp
-    from metaprior.models.cases.bnn import make_bnn
 
     if "map" not in cache:  # one MAP shared by the three curvature structures
         guide = AutoDelta(case.model)
@@ -196,29 +197,18 @@ def _laplace_draws(
         )
         cache["map"] = guide.median(fit.params)
     mode = cache["map"]
-    task_scale, noise_scale = case.kwargs["task_scale"], case.kwargs["noise_scale"]
-    _, unravel = make_bnn(case.kwargs["num_hidden"])
-    x, y = np.asarray(case.train.x), np.asarray(case.train.y)
-    draws = []
-    for j in range(x.shape[0]):
-        net = unravel(mode["phi"][j, 0])
-        post = lp.laplace(
-            None,
-            net,
-            jnp.asarray(x[j]),
-            jnp.asarray(y[j]),
-            apply_fn=lp.vmap_apply,
-            likelihood=lambda f: dist.Normal(f[:, 0], noise_scale),
-            structure=structure,
-            prior_precision=1.0 / task_scale**2,
+    if case.laplace is not None:
+        draws = case.laplace(rng_key, case, mode, structure, settings.num_draws)
+    elif structure == "kfac":
+        raise ValueError(
+            f"case {case.name!r}: laplace_kfac needs a network's layers; give the Case a laplace= function "
+            "(as validation_cases.bnn_case does), or validate laplace_full / laplace_diag, which work on any model"
         )
-        sampled = lp.sample_params(jax.random.fold_in(rng_key, 10 + j), post, settings.num_draws)
-        params = eqx.filter(eqx.combine(sampled, post.rest), eqx.is_array)
-        draws.append(jax.vmap(lambda p: ravel_pytree(p)[0])(params))
-    n = settings.num_draws
-    out = {name: jnp.broadcast_to(mode[name], (n, *jnp.shape(mode[name]))) for name in continuous}
-    out["phi"] = jnp.stack(draws, axis=1)[:, :, None, :]
-    return out
+    else:
+        local = [n for n in continuous if n in case.local_sites]
+        post = lp.task_laplace(case.model, case.train, mode=mode, local_sites=local, structure=structure, **case.kwargs)
+        draws = lp.sample_task_laplace(rng_key, post, settings.num_draws)
+    return {k: v for k, v in draws.items() if k in continuous}
 
 
 def fit_method(
@@ -229,7 +219,7 @@ def fit_method(
     Args:
         rng_key: the fit's key.
         case: the model and data.
-        method: one of :data:`METHODS` (``laplace_*`` only on the hierarchical BNN).
+        method: one of :data:`METHODS` (``laplace_kfac`` only where ``case.laplace`` is given).
         settings: steps, learning rate and number of draws.
         cache: shared between the methods of one case (the MAP behind the Laplace methods).
     """

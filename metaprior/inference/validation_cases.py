@@ -35,7 +35,7 @@ from metaprior.data.tasks import TaskBatch, harmonic_tasks, sinusoid_tasks, spli
 from metaprior.inference.mcmc import grid_posterior, per_task_log_joint, restart_init
 from metaprior.inference.svi import OrderedTrace_ELBO
 from metaprior.inference.validation import GUIDES, LAPLACE, RESTART_GUIDES, Case
-from metaprior.models.cases.bnn import hierarchical_bnn_model
+from metaprior.models.cases.bnn import hierarchical_bnn_model, make_bnn
 from metaprior.models.cases.linear import (
     hierarchical_linear_model,
     hierarchical_linear_posterior,
@@ -44,7 +44,7 @@ from metaprior.models.cases.linear import (
 from metaprior.models.cases.mixture import task_mixture_model, task_mixture_tasks
 from metaprior.models.task_latent import make_task_latent_net, task_latent_model
 
-__all__ = ["linear_case", "bnn_case", "latent_case", "mixture_case", "fixed_params", "CASE_BUILDERS"]
+__all__ = ["linear_case", "bnn_case", "bnn_laplace", "latent_case", "mixture_case", "fixed_params", "CASE_BUILDERS"]
 
 
 def linear_case(rng_key: jax.Array, *, num_tasks: int, num_examples: int, num_heldout: int, num_draws: int) -> Case:
@@ -70,7 +70,41 @@ def bnn_case(rng_key: jax.Array, *, num_tasks: int, num_examples: int, num_heldo
     train, test = split_support_query(batch, num_examples)
     kwargs = {"num_hidden": num_hidden, "task_scale": 0.3, "noise_scale": 0.3}
     note = f"{num_tasks} sinusoid tasks x {num_examples} points, MLP 1-{num_hidden}-1 tanh"
-    return Case("bnn", hierarchical_bnn_model, train, test, kwargs, GUIDES + LAPLACE, ("phi",), None, note)
+    methods = GUIDES + LAPLACE
+    return Case("bnn", hierarchical_bnn_model, train, test, kwargs, methods, ("phi",), None, note, laplace=bnn_laplace)
+
+
+def bnn_laplace(rng_key: jax.Array, case: Case, mode: dict, structure: str, num_draws: int) -> dict:
+    """The BNN case's task-level Laplace (LLAMA's posterior): per task
+    ``phi_j ~ N(phi_j*, (GGN_j + I / task_scale^2)^-1)`` in the network's curvature
+    (``full``, ``diag`` or ``kfac``), the shared mean held at its MAP."""
+    import equinox as eqx
+    import numpyro.distributions as dist
+    from jax.flatten_util import ravel_pytree
+
+    from metaprior.inference import laplace as lp
+
+    task_scale, noise_scale = case.kwargs["task_scale"], case.kwargs["noise_scale"]
+    _, unravel = make_bnn(case.kwargs["num_hidden"])
+    x, y = np.asarray(case.train.x), np.asarray(case.train.y)
+    draws = []
+    for j in range(x.shape[0]):
+        post = lp.laplace(
+            None,
+            unravel(mode["phi"][j, 0]),
+            jnp.asarray(x[j]),
+            jnp.asarray(y[j]),
+            apply_fn=lp.vmap_apply,
+            likelihood=lambda f: dist.Normal(f[:, 0], noise_scale),
+            structure=structure,
+            prior_precision=1.0 / task_scale**2,
+        )
+        sampled = lp.sample_params(jax.random.fold_in(rng_key, 10 + j), post, num_draws)
+        params = eqx.filter(eqx.combine(sampled, post.rest), eqx.is_array)
+        draws.append(jax.vmap(lambda p: ravel_pytree(p)[0])(params))
+    out = {name: jnp.broadcast_to(value, (num_draws, *jnp.shape(value))) for name, value in mode.items()}
+    out["phi"] = jnp.stack(draws, axis=1)[:, :, None, :]
+    return out
 
 
 def fixed_params(model: Callable, params: dict) -> Callable:

@@ -5,6 +5,8 @@
 - :func:`log_det`, :func:`sample_params`, :func:`predictive`,
   :func:`log_marginal_likelihood`: what a posterior is used for.
 - :data:`STRUCTURES`: ``"full"``, ``"diag"``, ``"kfac"`` (chosen by argument).
+- :func:`task_laplace`, :func:`sample_task_laplace`: the per-task Laplace posterior of
+  any NumPyro model's own local latents (full or diagonal; validation of a user's model).
 - :func:`laplace_filter`: the default choice of leaves (Linear / Conv2d weights and
   biases; batch-norm scale and shift excluded).
 """
@@ -34,9 +36,13 @@ from metaprior.inference.laplace.posterior import (
     sample_params,
     vmap_apply,
 )
+from metaprior.inference.laplace.tasks import TaskLaplace, sample_task_laplace, task_laplace
 
 __all__ = [
     "STRUCTURES",
+    "TaskLaplace",
+    "sample_task_laplace",
+    "task_laplace",
     "DiagCurvature",
     "Fisher",
     "FullCurvature",

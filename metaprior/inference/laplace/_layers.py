@@ -115,9 +115,7 @@ def block_specs(net: PyTree, params: PyTree) -> tuple[BlockSpec, ...]:
                 raise ValueError(f"layer {i}: the filter selects the bias without the weight (unsupported by kfac)")
             continue
         out_size = layer.weight.shape[0]
-        if isinstance(layer, eqx.nn.Linear):
-            if layer.weight.ndim != 2:
-                raise ValueError(f"layer {i}: Linear with in/out 'scalar' is not supported by kfac")
+        if isinstance(layer, eqx.nn.Linear):  # "scalar" in/out features have weights [out, 1] / [1, in]
             specs.append(BlockSpec(i, "linear", has_b, out_size, layer.weight.shape[1], None))
         else:
             if layer.groups != 1:
@@ -211,7 +209,7 @@ def _tap_output_bwd(channels_last, _, ct):
     if channels_last:
         g = ct.reshape(-1, ct.shape[-1])
         return ct, g.T @ g
-    g = ct.reshape(ct.shape[0], -1)
+    g = ct.reshape(1, 1) if ct.ndim == 0 else ct.reshape(ct.shape[0], -1)  # a "scalar" Linear's output is ()
     return ct, g @ g.T
 
 

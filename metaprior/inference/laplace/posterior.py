@@ -121,9 +121,11 @@ def laplace(
             (others only for ``full`` / ``diag``).
         x: inputs ``[N, ...]`` as ``apply_fn`` takes them.
         y: observations ``[N, ...]`` (batch shape ``[N]`` of the likelihood).
-        apply_fn: ``(net, x) -> f [N, C]``; e.g. :func:`vmap_apply` for a per-example
-            network, ``lambda n, x: n(x)`` for one that takes a batch (Conv4).
-        likelihood: ``f [N, C] -> numpyro Distribution`` with batch shape ``[N]``.
+        apply_fn: ``(net, x) -> f [N, C]``, or ``[N]`` for one scalar output per example
+            (``eqx.nn.MLP(..., out_size="scalar")``); e.g. :func:`vmap_apply` for a
+            per-example network, ``lambda n, x: n(x)`` for one that takes a batch (Conv4).
+        likelihood: ``f -> numpyro Distribution`` with batch shape ``[N]``, ``f`` as
+            ``apply_fn`` returns it.
         structure: ``"full"``, ``"diag"`` or ``"kfac"``.
         fisher: ``"exact"``, ``"mc"``, ``"empirical"`` or ``"hessian"`` (full only);
             see :mod:`~metaprior.inference.laplace.curvature`.
@@ -145,11 +147,36 @@ def laplace(
         raise ValueError("filter_spec selects no parameters of net")
     if x.shape[0] == 0:
         raise ValueError("laplace: x has no examples")
+    out_shape = eqx.filter_eval_shape(apply_fn, net, x).shape
+    if len(out_shape) == 1:  # one scalar output per example (eqx.nn.MLP(..., "scalar")): seen as [N, 1]
+        apply_fn, likelihood = _as_column(apply_fn, likelihood)
     curv = structure_ops(structure).estimate(rng_key, params, rest, x, y, apply_fn, likelihood, fisher)
     dtype = jax.tree.leaves(params)[0].dtype
+    if fisher == "hessian":  # the only curvature that can be indefinite: refuse it, under jit too
+        curv = _check_positive_definite(curv, jnp.asarray(prior_precision + damping, dtype))
     return LaplacePosterior(
         params, rest, curv, jnp.asarray(prior_precision, dtype), jnp.asarray(damping, dtype), structure
     )
+
+
+def _as_column(apply_fn: Callable, likelihood: Callable) -> tuple[Callable, Callable]:
+    """``apply_fn`` returning ``[N]`` and its likelihood, as the ``[N, 1]`` pair the
+    curvature code takes (the same density)."""
+    return (lambda n, x: apply_fn(n, x)[:, None]), (lambda f: likelihood(f[:, 0]))
+
+
+def _check_positive_definite(curv, shift: jax.Array):
+    """``curv`` (a dense Hessian) unchanged if ``H + shift I`` is positive definite, else an
+    error (``eqx.error_if``: raised eagerly, and at run time under ``jit``)."""
+    lowest = jnp.linalg.eigvalsh(jax.lax.stop_gradient(curv.matrix))[0] + jax.lax.stop_gradient(shift)
+    message = (
+        "laplace(fisher='hessian'): the posterior precision H + (prior_precision + damping) I is not positive "
+        "definite (the point is not a minimum of the loss: is the MAP converged?), so log_det, sample_params, "
+        "predictive and log_marginal_likelihood would be NaN. Use fisher='exact' (the generalised Gauss-Newton, "
+        "positive semi-definite by construction, the default), run the MAP longer, or add damping above the "
+        "most negative eigenvalue"
+    )
+    return curv._replace(matrix=eqx.error_if(curv.matrix, lowest <= 0, message))
 
 
 def log_det(posterior: LaplacePosterior, *, kron_damping: str = "exact") -> jax.Array:
@@ -200,7 +227,7 @@ def predictive(
     *,
     apply_fn: Callable[[PyTree, jax.Array], jax.Array],
     num_samples: int,
-    pred_type: str | tuple[str, ...] = "nn",
+    pred_type: str | tuple[str, ...] = "glm",
 ) -> jax.Array:
     """Monte Carlo predictive: network outputs ``[S, N, C]`` under sampled weights.
 
@@ -208,13 +235,13 @@ def predictive(
     ``softmax(f).mean(0)`` for classification).
 
     Args:
-        pred_type: ``"nn"`` runs the network at each sampled ``phi_s``. ``"glm"`` runs
-            its linearisation at the mode instead, ``f(x; phi_hat) + J(x) (phi_s - phi_hat)``
+        pred_type: ``"glm"`` (the default, as in laplace-torch) runs the network's
+            linearisation at the mode instead, ``f(x; phi_hat) + J(x) (phi_s - phi_hat)``
             (one VJP at the mode, then its transpose, a Jacobian-vector product, per sample): the
-            generalised-linear-model predictive of Immer et al. (2021), the default of
-            laplace-torch. The Laplace posterior is the exact posterior of that
-            linearised model, so its samples stay centred on the mode's outputs; sampling
-            the network itself (``"nn"``) moves the mean and is known to underfit.
+            generalised-linear-model predictive of Immer et al. (2021). The Laplace
+            posterior is the exact posterior of that linearised model, so its samples stay
+            centred on the mode's outputs. ``"nn"`` runs the network at each sampled
+            ``phi_s`` (LLAMA's predictive): it moves the mean and is known to underfit.
             A tuple (``("nn", "glm")``) returns ``[V, S, N, C]``, one row per type, from
             the same draws: one posterior, both predictives.
     """
