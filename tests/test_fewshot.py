@@ -215,3 +215,30 @@ def test_every_method_sees_the_same_episodes(shared_data_dir, tmp_path, monkeypa
     for name in ("reliability_id_5w1s.png", "acc_vs_ece.png", "maml_fo.ckpt", "protonet.ckpt"):
         assert (tmp_path / name).exists()
     assert not (tmp_path / "posterior.nc").exists()  # neither method is Bayesian
+
+
+def test_a_training_budget_gives_each_method_the_steps_it_paid_for(tmp_path, monkeypatch):
+    """``budget_s``: with a clock on which every compiled call takes one second, ProtoNets
+    (2 steps per call, budget 2.5 s) stop after 3 calls (6 steps, num_steps 100 a cap) and
+    checkpoint there; the same call again trains no further; an uninterrupted 6-step run
+    without a budget has the same parameters bit for bit. SIB's pretraining and each of its
+    T runs get half the budget (2 calls of 2 steps)."""
+    from metaprior.inference import meta
+    from metaprior.inference.fewshot import FewShotSettings, train_method
+
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(meta, "_clock", lambda: float(next(ticks)))
+    images = jax.random.uniform(jax.random.key(0), (6, 4, 28, 28, 1))
+    tiny = dict(filters=2, meta_batch=2, ways=3, train_queries=1, steps_per_call=2, checkpoint_every=2)
+    tiny.update(sib_pretrain_batch=4, sib_draws=2)
+    budget = FewShotSettings(**tiny, num_steps=100, sib_pretrain_steps=100, budget_s=2.5)
+    ckpt = tmp_path / "protonet.ckpt"
+    timed = train_method("protonet", jax.random.key(1), budget, images, checkpoint=ckpt)
+    assert timed.info["train_steps"] == 6 and timed.losses.shape == (6,)
+    again = train_method("protonet", jax.random.key(1), budget, images, checkpoint=ckpt)
+    assert again.info["train_steps"] == 6
+    straight = train_method("protonet", jax.random.key(1), FewShotSettings(**tiny, num_steps=6), images)
+    for a, b in zip(jax.tree.leaves(timed.params), jax.tree.leaves(straight.params)):
+        np.testing.assert_array_equal(a, b)
+    sib = train_method("sib", jax.random.key(2), budget, images, checkpoint=tmp_path / "sib.ckpt")
+    assert (sib.info["pretrain_steps"], sib.info["train_steps_t0"], sib.info["train_steps_t3"]) == (4, 4, 4)

@@ -130,7 +130,13 @@ def test_checkpoint_errors(learner, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "kwargs, match", [(dict(num_steps=-1), "num_steps"), (dict(steps_per_call=0), "steps_per_call")]
+    "kwargs, match",
+    [
+        (dict(num_steps=-1), "num_steps"),
+        (dict(steps_per_call=0), "steps_per_call"),
+        (dict(budget_s=0.0), "budget_s"),
+        (dict(budget_s=float("nan")), "budget_s"),
+    ],
 )
 def test_bad_arguments(learner, kwargs, match):
     args = dict(num_steps=3) | kwargs
@@ -205,3 +211,58 @@ def test_ordered_trace_elbo_equals_trace_elbo():
     a = OrderedTrace_ELBO(num_particles=4).loss(jax.random.key(0), params, model, guide)
     b = Trace_ELBO(num_particles=4).loss(jax.random.key(0), params, model, guide)
     np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+@pytest.fixture
+def fake_clock(monkeypatch):
+    """Every compiled call of ``fit`` takes exactly one second of the training clock: a
+    budget then ends at a known step, whatever the machine's speed."""
+    from metaprior.inference import meta
+
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(meta, "_clock", lambda: float(next(ticks)))  # tic, toc: one second apart
+    return meta
+
+
+def test_budget_stops_a_run_and_a_rerun_keeps_its_result(learner, tmp_path, fake_clock):
+    """``budget_s = 5.5`` with 3 steps per call of one second each: the run stops after the
+    sixth call (18 steps, 6 s) although ``num_steps`` is 100; the checkpoint says the
+    budget is spent, so the same command again trains no further; an uninterrupted run
+    of 18 steps and no budget has the same parameters, bit for bit."""
+    ckpt = tmp_path / "ckpt.npz"
+    kw = dict(steps_per_call=3, checkpoint=ckpt, checkpoint_every=6, budget_s=5.5)
+    timed = run(learner, 100, **kw)
+    assert int(timed.state.step) == 18 and timed.budget_spent and timed.train_time_s == 6.0
+    assert fake_clock.load_clock(ckpt) == fake_clock.TrainingClock(6.0, True)
+    again = run(learner, 100, **kw)
+    assert int(again.state.step) == 18 and again.budget_spent
+    np.testing.assert_array_equal(again.state.params["w"], timed.state.params["w"])
+    straight = run(learner, 18, steps_per_call=3)
+    np.testing.assert_array_equal(straight.state.params["w"], timed.state.params["w"])
+    np.testing.assert_array_equal(straight.losses, timed.losses)
+    assert not straight.budget_spent
+
+
+def test_budget_a_killed_run_resumes_with_the_time_it_had_spent(learner, tmp_path, fake_clock, monkeypatch):
+    """A NaN at step 13 stops the run after its checkpoint at step 12 (4 calls, 4 s); the
+    rerun starts from there with 4 s spent and stops at the budget, after 2 more calls
+    (18 steps): the uninterrupted budget-limited result."""
+    ckpt = tmp_path / "ckpt.npz"
+    kw = dict(steps_per_call=3, checkpoint=ckpt, checkpoint_every=3, budget_s=5.5)
+    monkeypatch.setenv("METAPRIOR_TEST_NAN_AT_STEP", "13")
+    with pytest.raises(NonFiniteLossError):
+        run(learner, 100, **kw)
+    assert int(load_checkpoint(ckpt, like=learner.init({"w": jnp.zeros(4)}))[0].step) == 12
+    assert fake_clock.load_clock(ckpt) == fake_clock.TrainingClock(4.0, False)
+    monkeypatch.delenv("METAPRIOR_TEST_NAN_AT_STEP")
+    resumed = run(learner, 100, **kw)
+    assert int(resumed.state.step) == 18 and resumed.budget_spent and resumed.train_time_s == 6.0
+    straight = run(learner, 18, steps_per_call=3)
+    np.testing.assert_array_equal(resumed.state.params["w"], straight.state.params["w"])
+    np.testing.assert_array_equal(resumed.losses, straight.losses)
+
+
+def test_a_budget_that_outlasts_num_steps_changes_nothing(learner):
+    a, b = run(learner, 30), run(learner, 30, budget_s=1e6)
+    np.testing.assert_array_equal(a.state.params["w"], b.state.params["w"])
+    assert not b.budget_spent and b.train_time_s > 0

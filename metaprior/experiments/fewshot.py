@@ -38,7 +38,16 @@ from metaprior.experiments._plots import reliability_figure, scatter_figure, tra
 from metaprior.experiments._registry import ConfigError, Experiment
 from metaprior.inference.diagnostics import to_datatree
 from metaprior.inference.evaluation import evaluate_fewshot
-from metaprior.inference.fewshot import BAYESIAN, METHODS, VARIANTS, FewShotSettings, fewshot_table, train_method
+from metaprior.inference.fewshot import (
+    BAYESIAN,
+    METHODS,
+    PER_WAY,
+    VARIANTS,
+    FewShotSettings,
+    combine_ways,
+    fewshot_table,
+    train_method,
+)
 
 __all__ = ["FewShotConfig", "make_config", "run"]
 
@@ -58,6 +67,9 @@ class FewShotConfig(FewShotSettings):
         posterior_episodes, posterior_draws: the ArviZ file.
         split_seed, held_out, data_dir: the Omniglot split (as ``omniglot-maml``) and where
             the data are (``""``: ``$METAPRIOR_DATA``).
+        per_way: MAML, FOMAML and LLAMA get one model per number of ways scored, trained at
+            those ways (the MAML paper's protocol: its 20-way model is trained at 20 ways);
+            ``False``: the ``ways``-way model for every bed, its head tiled.
     """
 
     methods: tuple[str, ...] = METHODS
@@ -72,6 +84,7 @@ class FewShotConfig(FewShotSettings):
     split_seed: int = 0
     held_out: str = "character"
     data_dir: str = ""
+    per_way: bool = True
 
 
 def make_config(size: str) -> FewShotConfig:
@@ -149,15 +162,14 @@ def run(rng_key: jax.Array, config: FewShotConfig, out_dir: Path) -> dict[str, f
     )
     metrics: dict = dict(num_steps=config.num_steps, meta_batch=config.meta_batch, filters=config.filters)
     trained, curves, reliability, points = {}, {}, {b.name: {} for b in beds}, {b.name: {} for b in beds}
+    ways_scored = sorted({b.ways for b in beds})
     for i, method in enumerate(config.methods):
-        t = train_method(
-            method,
-            jax.random.fold_in(k_train, i),
-            config,
-            splits["train"].images,
-            splits["val"].images,
-            checkpoint=out_dir / f"{method}.ckpt",
-        )
+        models = {}
+        for ways in ways_scored if config.per_way and method in PER_WAY else [config.ways]:
+            name = f"{method}.ckpt" if ways == config.ways else f"{method}_{ways}w.ckpt"
+            s, data = dataclasses.replace(config, ways=ways), (splits["train"].images, splits["val"].images)
+            models[ways] = train_method(method, jax.random.fold_in(k_train, i), s, *data, checkpoint=out_dir / name)
+        t = combine_ways(models, config.ways)
         trained[method], curves[method] = t, t.losses
         metrics[f"{method}_train_time_s"] = t.train_time_s
         metrics.update({f"{method}_{k}": v for k, v in t.info.items()})
@@ -208,7 +220,11 @@ METRICS_DOC = """
 {variant}_{bed}_{W}w{S}s_eval_time_s: seconds to score the bed (variants scored in one pass, as LLAMA's
     nn and glm sharing one Laplace fit, split the pass's time evenly)
 {variant}_oneshot_error: error rate on Lake's 20 one-shot runs (oneshot_note says why when skipped)
-{method}_train_time_s: meta-training seconds (SIB: with pretraining; LLAMA: with the tau_pred search)
+{method}_train_time_s: meta-training seconds (SIB: with pretraining; LLAMA: with the tau_pred search), summed
+    over a method's models; {method}_{W}w_train_time_s: each model's (per_way: MAML, FOMAML, LLAMA trained
+    at every W scored; its other keys then also come as {method}_{W}w_{key} for W other than ways)
+{method}_train_steps: meta-training steps run (SIB: {method}_pretrain_steps, {method}_train_steps_t{T}); with
+    --set budget_s=S every method trains S seconds (num_steps a cap) and these say how far it got
 llama_tau_pred_{nn,glm}: LLAMA's predictive prior precision chosen on validation NLL
 llama_val_nll_{nn,glm}_tau{tau}: validation NLL per query of each predictive at each tau of tau_grid
 num_steps, meta_batch, filters: the shared budget

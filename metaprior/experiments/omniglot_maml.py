@@ -35,7 +35,7 @@ from metaprior.experiments._registry import ConfigError, Experiment
 from metaprior.inference import maml
 from metaprior.inference.diagnostics import save_posterior, to_datatree
 from metaprior.inference.evaluation import FewShotPredictive, evaluate_fewshot, grid_search
-from metaprior.inference.maml import kfac_llama, ml_point, nll_loss
+from metaprior.inference.maml import nll_loss
 from metaprior.inference.meta import fit, meta_learner
 from metaprior.models.nets import Conv4
 
@@ -109,15 +109,17 @@ def _loss():
     return nll_loss(_apply, _likelihood)
 
 
-def objective(config: OmniglotMAMLConfig):
-    inner = optax.sgd(config.inner_lr)
-    if config.method == "maml":
-        return ml_point(_loss(), inner, config.train_inner_steps, first_order=config.first_order)
-    if config.method == "llama":
-        kw = dict(eta=config.eta, kron_damping=config.kron_damping, log_det_tasks=config.log_det_tasks)
-        kw.update(apply_fn=_apply, likelihood=_likelihood, prior_precision=config.tau, fisher=config.fisher)
-        return kfac_llama(_loss(), inner, config.train_inner_steps, first_order=config.first_order, **kw)
-    raise ConfigError(f"method must be 'maml' or 'llama', got {config.method!r}")
+def method(config: OmniglotMAMLConfig):
+    """The run's :class:`~metaprior.inference.method.Method` (MAML or LLAMA on the Conv4)."""
+    if config.method not in ("maml", "llama"):
+        raise ConfigError(f"method must be 'maml' or 'llama', got {config.method!r}")
+    size = dict(filters=config.filters, image_size=config.image_size, conv_impl=config.conv_impl)
+    c = config
+    kw = dict(train_inner_steps=c.train_inner_steps, eval_inner_steps=c.eval_inner_steps, first_order=c.first_order)
+    kw.update(eta=c.eta, kron_damping=c.kron_damping, log_det_tasks=c.log_det_tasks, fisher=c.fisher)
+    init = lambda key, ways: Conv4(ways, **size, key=key)
+    kw.update(init=init, apply_fn=_apply, likelihood=_likelihood, prior_precision=c.tau)
+    return maml.method_from(c.method, _loss(), optax.sgd(c.inner_lr), **kw)
 
 
 def _inner(config: OmniglotMAMLConfig) -> dict:
@@ -126,7 +128,8 @@ def _inner(config: OmniglotMAMLConfig) -> dict:
 
 def point_predictive(config: OmniglotMAMLConfig, theta) -> FewShotPredictive:
     """MAML's :data:`~metaprior.inference.evaluation.FewShotPredictive`: the adapted network's softmax."""
-    return maml.point_predictive(theta, num_steps=config.eval_inner_steps, **_inner(config))
+    stacked = method(config).predictive(theta, config.ways)  # [1, T, Q, W]: MAML's one variant
+    return lambda *args: stacked(*args)[0]
 
 
 def laplace_samples(config: OmniglotMAMLConfig, theta, tau: float, pred_type: str = "nn"):
@@ -154,7 +157,7 @@ def run(rng_key: jax.Array, config: OmniglotMAMLConfig, out_dir: Path) -> dict[s
     k_init, k_train, k_val, k_test, k_post = jax.random.split(rng_key, 5)
     size = dict(filters=config.filters, image_size=config.image_size, conv_impl=config.conv_impl)
     net = Conv4(config.ways, **size, key=k_init)
-    learner = meta_learner(objective(config), optax.adam(config.meta_lr), has_aux=True)
+    learner = meta_learner(method(config).loss, optax.adam(config.meta_lr), has_aux=True)
     shape = (config.meta_batch, config.ways, config.train_shots, config.train_queries)
     sampler = lambda k, images: sample_episodes(k, images, *shape)
     start = time.perf_counter()

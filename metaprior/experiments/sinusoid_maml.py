@@ -32,7 +32,7 @@ from metaprior.experiments._registry import ConfigError, Experiment
 from metaprior.inference.diagnostics import save_posterior, to_datatree
 from metaprior.inference.evaluation import grid_search, sampled_regression_scores
 from metaprior.inference.laplace import vmap_apply
-from metaprior.inference.maml import kfac_llama, laplace_predict, ml_point, mse_loss, point_predict
+from metaprior.inference.maml import laplace_predict, method_from, mse_loss, point_predict
 from metaprior.inference.meta import fit, meta_learner
 from metaprior.models.nets import MLP
 
@@ -90,15 +90,15 @@ def _likelihood(sigma):
 
 def objective(config: SinusoidMAMLConfig, method: str | None = None):
     """The meta-objective of ``method`` (default ``config.method``)."""
-    loss, inner = mse_loss(vmap_apply), optax.sgd(config.inner_lr)
     method = config.method if method is None else method
-    if method == "maml":
-        return ml_point(loss, inner, config.train_inner_steps, first_order=config.first_order)
-    if method == "llama":
-        kw = dict(eta=config.eta, kron_damping=config.kron_damping, log_det_tasks=config.log_det_tasks)
-        kw.update(apply_fn=vmap_apply, likelihood=_likelihood(TRAIN_SIGMA), prior_precision=config.tau)
-        return kfac_llama(loss, inner, config.train_inner_steps, first_order=config.first_order, **kw)
-    raise ConfigError(f"method must be 'maml' or 'llama', got {method!r}")
+    if method not in ("maml", "llama"):
+        raise ConfigError(f"method must be 'maml' or 'llama', got {method!r}")
+    kw = dict(eta=config.eta, kron_damping=config.kron_damping, log_det_tasks=config.log_det_tasks)
+    kw.update(likelihood=_likelihood(TRAIN_SIGMA), prior_precision=config.tau, first_order=config.first_order)
+    kw.update(train_inner_steps=config.train_inner_steps, eval_inner_steps=config.eval_inner_steps)
+    init = lambda key, _ways: MLP(1, 1, config.hidden, key=key)
+    inner = optax.sgd(config.inner_lr)
+    return method_from(method, mse_loss(vmap_apply), inner, init=init, apply_fn=vmap_apply, **kw).loss
 
 
 def _inner(config):

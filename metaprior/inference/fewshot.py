@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -54,7 +55,8 @@ from metaprior.inference.amortized_classifier import amortized_predictive, conv4
 from metaprior.inference.evaluation import FewShotPredictive, evaluate_fewshot
 from metaprior.inference.guides.amortized import amortized_meta_loss
 from metaprior.inference.meta import fit, meta_learner
-from metaprior.inference.protonet import protonet_loss, protonet_predictive
+from metaprior.inference.method import Method
+from metaprior.inference.protonet import protonet_method
 from metaprior.inference.sib import sib_loss, sib_predict
 from metaprior.models.nets import Conv4
 from metaprior.models.sib import init_sib_params, pretrain_loss, sample_classification_batch
@@ -69,6 +71,9 @@ __all__ = [
     "with_ways",
     "method_of",
     "fewshot_table",
+    "fewshot_method",
+    "PER_WAY",
+    "combine_ways",
 ]
 
 METHODS = ("maml", "maml_fo", "llama", "amortized", "sib", "protonet")
@@ -81,6 +86,8 @@ VARIANTS = {
     "protonet": ("protonet",),
 }
 BAYESIAN = ("llama_nn", "llama_glm", "amortized", "sib_t0", "sib_t3")
+# trained once per number of ways they are scored at, as the MAML paper trains its 20-way model
+PER_WAY = ("maml", "maml_fo", "llama")
 
 
 def method_of(variant: str) -> str:
@@ -116,6 +123,13 @@ class FewShotSettings:
             accuracy rises from 0.67 at 1 draw to 0.86 at 32, ``benchmarks/README.md``).
         steps_per_call: optimizer steps per compiled call.
         checkpoint_every: steps between a training run's checkpoints (and at its end).
+        budget_s: meta-training seconds per method (0: none; ``num_steps`` alone sets the
+            length). With a budget every method trains until it is spent (``num_steps`` is
+            then a cap), the same for every table row: SIB's feature pretraining and each
+            of its T runs get half of it each (a SIB row is pretraining plus its own run);
+            LLAMA's ``tau_pred`` search on validation episodes comes after and is not
+            counted. Checkpoints record the time spent: a killed run resumes with the rest
+            and a finished one is not trained further (:func:`~metaprior.inference.meta.fit`).
     """
 
     filters: int = 32
@@ -148,6 +162,7 @@ class FewShotSettings:
     sib_draws: int = 32
     steps_per_call: int = 10
     checkpoint_every: int = 500
+    budget_s: float = 0.0
 
 
 class TrainedMethod(NamedTuple):
@@ -228,13 +243,17 @@ def with_ways(net: Conv4, ways: int) -> Conv4:
     return eqx.tree_at(lambda n: n.head, net, new_head)
 
 
-def _fit(rng_key, s: FewShotSettings, loss, params, images, desc, checkpoint, *, has_aux=False, clip=False):
+def _budget(s: FewShotSettings, share: float = 1.0) -> float | None:
+    return s.budget_s * share if s.budget_s > 0 else None
+
+
+def _fit(rng_key, s, loss, params, images, desc, checkpoint, *, has_aux=False, clip=False, share=1.0):
     optimizer = optax.adam(s.meta_lr)
     if clip:
         optimizer = optax.chain(optax.clip_by_global_norm(10.0), optimizer)
     sampler = lambda k, d: sample_episodes(k, d, s.meta_batch, s.ways, s.train_shots, s.train_queries)
     kw = dict(data=images, sample_batch=sampler, steps_per_call=s.steps_per_call, checkpoint=checkpoint, desc=desc)
-    kw.update(checkpoint_every=s.checkpoint_every)
+    kw.update(checkpoint_every=s.checkpoint_every, budget_s=_budget(s, share))
     return fit(rng_key, meta_learner(loss, optimizer, has_aux=has_aux), params, s.num_steps, **kw)
 
 
@@ -242,51 +261,50 @@ def _conv4(rng_key, s: FewShotSettings, out_size) -> Conv4:
     return Conv4(out_size, filters=s.filters, image_size=s.image_size, conv_impl=s.conv_impl, key=rng_key)
 
 
-def _maml_inner(s: FewShotSettings) -> dict:
-    return dict(apply_fn=_apply, loss_fn=_nll(), inner_optimizer=optax.sgd(s.inner_lr), num_steps=s.eval_inner_steps)
+def fewshot_method(method: str, s: FewShotSettings) -> Method:
+    """The :class:`~metaprior.inference.method.Method` of a MAML-family method or ProtoNets on
+    the settings' Conv4 (``"maml"``, ``"maml_fo"``, ``"llama"``, ``"protonet"``)."""
+    init = lambda rng_key, ways: _conv4(rng_key, s, ways)
+    if method == "protonet":
+        return protonet_method(lambda rng_key, ways: _conv4(rng_key, s, None), train_ways=s.ways)
+    kw = dict(init=init, apply_fn=_apply, train_inner_steps=s.train_inner_steps, eval_inner_steps=s.eval_inner_steps)
+    kw.update(likelihood=_likelihood, prior_precision=s.tau, eta=s.eta, log_det_tasks=s.log_det_tasks)
+    return maml.method_from(method, _nll(), optax.sgd(s.inner_lr), **kw)
 
 
 def _train_maml(rng_key, s, images, val_images, checkpoint, *, method):
     k_init, k_fit, k_val = jax.random.split(rng_key, 3)
-    inner = (_nll(), optax.sgd(s.inner_lr), s.train_inner_steps)
-    if method == "llama":
-        kw = dict(eta=s.eta, log_det_tasks=s.log_det_tasks, apply_fn=_apply, likelihood=_likelihood)
-        objective = maml.kfac_llama(*inner, prior_precision=s.tau, **kw)
-    else:
-        objective = maml.ml_point(*inner, first_order=method == "maml_fo")
-    result = _fit(k_fit, s, objective, _conv4(k_init, s, s.ways), images, method, checkpoint, has_aux=True)
-    theta = result.state.params
+    m = fewshot_method(method, s)
+    result = _fit(k_fit, s, m.loss, m.init(k_init, s.ways), images, method, checkpoint, has_aux=True)
+    theta, steps = result.state.params, {"train_steps": int(result.state.step)}
     if method != "llama":
 
         def make(ways, num_samples=None):
-            return {method: maml.point_predictive(with_ways(theta, ways), **_maml_inner(s))}
+            return {m.variants: m.predictive(with_ways(theta, ways), ways)}
 
-        return theta, result.losses, make, {}
-
-    def laplace(ways, tau, pred_type, num_samples):
-        kw = dict(likelihood=_likelihood, prior_precision=tau, num_samples=num_samples, pred_type=pred_type)
-        return maml.laplace_predictive(with_ways(theta, ways), **kw, **_maml_inner(s))
+        return theta, result.losses, make, steps
 
     # empirical Bayes for tau_pred on validation episodes, per predictive type; both types are
     # scored in one pass per tau (one Laplace fit per episode, the same draws)
-    types = ("nn", "glm")
+    types = tuple(v.removeprefix("llama_") for v in m.variants)
     shape = (s.num_val_episodes, s.ways, s.train_shots, s.val_queries)
     episodes = list(episode_batches(k_val, val_images, *shape, batch_size=s.eval_batch))
     scores = np.empty((len(s.tau_grid), len(types)))
     for j, tau in enumerate(s.tau_grid):
-        predict = laplace(s.ways, tau, types, s.num_samples)
+        predict = m.predictive(theta, s.ways, tau_pred=tau, num_samples=s.num_samples)
         evs = evaluate_fewshot(jax.random.fold_in(k_val, 1), predict, episodes, desc=f"tau={tau:g}", grouped=True)
         scores[j] = [ev.metrics()["nll"] for ev in evs]
-    info = {f"tau_pred_{t}": float(s.tau_grid[int(np.nanargmin(scores[:, i]))]) for i, t in enumerate(types)}
+    info = {f"tau_pred_{t}": float(s.tau_grid[int(np.nanargmin(scores[:, i]))]) for i, t in enumerate(types)} | steps
     for j, tau in enumerate(s.tau_grid):
         info.update({f"val_nll_{t}_tau{tau:g}": float(scores[j, i]) for i, t in enumerate(types)})
 
     def make(ways, num_samples=None):
-        n = num_samples or s.num_samples
-        taus = [info[f"tau_pred_{t}"] for t in types]
-        if taus[0] == taus[1]:  # one posterior serves both predictives
-            return {tuple(f"llama_{t}" for t in types): laplace(ways, taus[0], types, n)}
-        return {f"llama_{t}": laplace(ways, tau, t, n) for t, tau in zip(types, taus)}
+        taus = tuple(info[f"tau_pred_{t}"] for t in types)
+        return {
+            m.variants: m.predictive(
+                with_ways(theta, ways), ways, tau_pred=taus, num_samples=num_samples or s.num_samples
+            )
+        }
 
     return theta, result.losses, make, info
 
@@ -310,7 +328,7 @@ def _train_amortized(rng_key, s, images, val_images, checkpoint):
         predict = amortized_predictive(trained, spec(s.eval_inner_steps), **kw)
         return {"amortized": lambda key, sx, sy, qx: predict(key, sx, sy, qx)[0]}
 
-    return trained, result.losses, make, {}
+    return trained, result.losses, make, {"train_steps": int(result.state.step)}
 
 
 def _embed_episodes(net: Conv4, x: jax.Array) -> jax.Array:
@@ -328,8 +346,9 @@ def _train_sib(rng_key, s, images, val_images, checkpoint):
     loss = lambda p, key, batch: pretrain_loss(eqx.combine(p, static), key, batch)
     sampler = lambda k, d: sample_classification_batch(k, d, s.sib_pretrain_batch)
     kw = dict(data=images, sample_batch=sampler, steps_per_call=s.steps_per_call, checkpoint=ckpt("pretrain"))
-    kw.update(checkpoint_every=s.checkpoint_every)
+    kw.update(checkpoint_every=s.checkpoint_every, budget_s=_budget(s, 0.5))
     pre = fit(k_pre, meta_learner(loss, optax.adam(s.meta_lr)), params, s.sib_pretrain_steps, desc="SIB pretrain", **kw)
+    info = {"pretrain_steps": int(pre.state.step)}
     feature_net = eqx.combine(pre.state.params, static)
     num_features = jax.eval_shape(feature_net.features, images[0, :1]).shape[-1]
     inner = dict(inner_optimizer=optax.sgd(s.sib_inner_lr))
@@ -342,9 +361,10 @@ def _train_sib(rng_key, s, images, val_images, checkpoint):
             feats = Episodes(embed(ep.support_x), ep.support_y, embed(ep.query_x), ep.query_y)
             return sib_loss(p, key, feats, num_ways=s.ways, num_steps=t, **inner)
 
-        result = _fit(k_fit, s, loss, init, images, f"SIB T={t}", ckpt(f"t{t}"), clip=True)
+        result = _fit(k_fit, s, loss, init, images, f"SIB T={t}", ckpt(f"t{t}"), clip=True, share=0.5)
         trained[f"sib_t{t}" if t == 0 else "sib_t3"] = (t, result.state.params)
         losses.append(result.losses)
+        info[f"train_steps_t{t}"] = int(result.state.step)
 
     def make(ways, num_samples=None):
         if ways != s.ways:
@@ -361,14 +381,15 @@ def _train_sib(rng_key, s, images, val_images, checkpoint):
             out[name] = predict
         return out
 
-    return {"net": feature_net, **{k: v[1] for k, v in trained.items()}}, np.concatenate(losses), make, {}
+    return {"net": feature_net, **{k: v[1] for k, v in trained.items()}}, np.concatenate(losses), make, info
 
 
 def _train_protonet(rng_key, s, images, val_images, checkpoint):
     k_init, k_fit = jax.random.split(rng_key)
-    result = _fit(k_fit, s, protonet_loss(s.ways), _conv4(k_init, s, None), images, "protonet", checkpoint)
-    embed = result.state.params
-    return embed, result.losses, lambda ways, num_samples=None: {"protonet": protonet_predictive(embed, ways)}, {}
+    m = fewshot_method("protonet", s)
+    result = _fit(k_fit, s, m.loss, m.init(k_init, s.ways), images, "protonet", checkpoint, has_aux=True)
+    embed, info = result.state.params, {"train_steps": int(result.state.step)}
+    return embed, result.losses, lambda ways, num_samples=None: {m.variants: m.predictive(embed, ways)}, info
 
 
 _TRAINERS = {
@@ -419,6 +440,27 @@ def train_method(
     return TrainedMethod(method, params, np.asarray(losses), time.perf_counter() - start, make, info)
 
 
+def combine_ways(models: dict[int, TrainedMethod], base: int) -> TrainedMethod:
+    """One :class:`TrainedMethod` over models of one method trained at several ways: each
+    ``ways``-way predictive comes from the model trained at ``ways`` (else from the one at
+    ``base``, whose head :func:`with_ways` tiles). ``params`` is ``{ways: params}``; the
+    times add up; ``info`` holds the ``base`` model's keys as they are and the others' as
+    ``f"{ways}w_{key}"``, with ``f"{ways}w_train_time_s"`` for every model."""
+    first = models.get(base, next(iter(models.values())))
+    info = dict(first.info)
+    for ways, t in sorted(models.items()):
+        info[f"{ways}w_train_time_s"] = t.train_time_s
+        if t is not first:
+            info.update({f"{ways}w_{k}": v for k, v in t.info.items()})
+
+    def make(ways, num_samples=None):
+        return models.get(ways, first).make_predictives(ways, num_samples)
+
+    params = {ways: t.params for ways, t in models.items()}
+    losses = np.concatenate([t.losses for _, t in sorted(models.items())])
+    return TrainedMethod(first.method, params, losses, sum(t.train_time_s for t in models.values()), make, info)
+
+
 def fewshot_table(metrics: dict[str, Any], variants: list[str], beds: list[str], *, time_keys: bool = True) -> str:
     """A Markdown table of ``metrics`` (keys ``{variant}_{bed}_{acc,acc_ci95,ece,nll}``): one row a
     variant, one column a bed (``acc ± ci95 / ECE / NLL``; ``n/a`` where the variant has no
@@ -434,7 +476,16 @@ def fewshot_table(metrics: dict[str, Any], variants: list[str], beds: list[str],
             acc, ci = metrics[f"{v}_{b}_acc"], metrics[f"{v}_{b}_acc_ci95"]
             cells.append(f"{acc:.3f} ± {ci:.3f} / {metrics[f'{v}_{b}_ece']:.3f} / {metrics[f'{v}_{b}_nll']:.3f}")
         if time_keys:
-            seconds = metrics.get(f"{method_of(v)}_train_time_s")
-            cells.append("-" if seconds is None else f"{seconds:.0f}")
+            m = method_of(v)
+            by_ways = sorted(
+                (int(k[len(m) + 1 : -len("w_train_time_s")]), x)
+                for k, x in metrics.items()
+                if re.fullmatch(rf"{m}_\d+w_train_time_s", k)
+            )
+            seconds = metrics.get(f"{m}_train_time_s")
+            if len(by_ways) > 1:  # one model per ways: each one's seconds
+                cells.append(" / ".join(f"{w}w {x:.0f}" for w, x in by_ways))
+            else:
+                cells.append("-" if seconds is None else f"{seconds:.0f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -38,6 +38,7 @@ import optax
 from metaprior.data.tasks import SupportQuery
 from metaprior.inference.laplace import log_det
 from metaprior.inference.laplace._layers import resolve_filter
+from metaprior.inference.method import Method, stacked
 
 __all__ = [
     "SupportQuery",
@@ -54,6 +55,9 @@ __all__ = [
     "point_predictive",
     "laplace_sampler",
     "laplace_predictive",
+    "maml_method",
+    "llama_method",
+    "method_from",
 ]
 
 PyTree = Any
@@ -404,3 +408,129 @@ def laplace_predictive(theta: PyTree, **kwargs: Any) -> Callable:
     sampler = laplace_sampler(theta, **kwargs)
     axis = 1 if isinstance(kwargs.get("pred_type", "glm"), str) else 2
     return lambda rng_key, sx, sy, qx: sampler(rng_key, sx, sy, qx).mean(axis)
+
+
+# ------------------------------------------------------------------ Method objects
+
+
+def maml_method(
+    loss_fn: LossFn,
+    inner_optimizer: optax.GradientTransformation,
+    *,
+    init: Callable[[jax.Array, int], PyTree],
+    apply_fn: Callable,
+    train_inner_steps: int,
+    eval_inner_steps: int,
+    first_order: bool = False,
+    link: Callable = jax.nn.softmax,
+    name: str | None = None,
+) -> Method:
+    """MAML (ML-POINT) as a :class:`~metaprior.inference.method.Method`.
+
+    Args:
+        loss_fn: the inner and query loss (:func:`nll_loss`, :func:`mse_loss`).
+        inner_optimizer: the inner loop's Optax transformation (``optax.sgd(alpha)``).
+        init: ``(rng_key, ways) -> network`` (``theta``).
+        apply_fn: ``(net, x) -> f`` as ``loss_fn`` uses it.
+        train_inner_steps, eval_inner_steps: inner steps in meta-training and at test time.
+        first_order: FOMAML's meta-gradient.
+        link: the predictive's map from outputs to probabilities.
+        name: ``"maml"`` / ``"maml_fo"`` by default; its one variant.
+
+    The predictive is the adapted network's ``link(f)`` (``options``: none).
+    """
+    name = name or ("maml_fo" if first_order else "maml")
+    inner = dict(loss_fn=loss_fn, inner_optimizer=inner_optimizer)
+
+    def adapt_fn(rng_key, theta, support_x, support_y, ways):
+        del rng_key, ways  # the network's head says the ways
+        return adapt_tasks(theta, support_x, support_y, **inner, num_steps=eval_inner_steps)
+
+    def predictive(theta, ways, **options):
+        if options:
+            raise TypeError(f"{name}'s predictive takes no options, got {sorted(options)}")
+        del ways  # the network's head says it
+        predict = point_predictive(theta, apply_fn=apply_fn, num_steps=eval_inner_steps, link=link, **inner)
+        return stacked(predict)
+
+    loss = ml_point(loss_fn, inner_optimizer, train_inner_steps, first_order=first_order)
+    return Method(name, (name,), init, loss, adapt_fn, predictive)
+
+
+def llama_method(
+    loss_fn: LossFn,
+    inner_optimizer: optax.GradientTransformation,
+    *,
+    init: Callable[[jax.Array, int], PyTree],
+    apply_fn: Callable,
+    likelihood: Callable,
+    prior_precision: float,
+    train_inner_steps: int,
+    eval_inner_steps: int,
+    eta: float = 1e-6,
+    kron_damping: str = "factored",
+    fisher: str = "exact",
+    log_det_tasks: int | None = None,
+    first_order: bool = False,
+    pred_types: tuple[str, ...] = ("nn", "glm"),
+    link: Callable = jax.nn.softmax,
+    name: str = "llama",
+) -> Method:
+    """LLAMA (ML-LAPLACE with K-FAC, :func:`kfac_llama`) as a :class:`~metaprior.inference.method.Method`.
+
+    Its variants are ``f"{name}_{t}"`` for ``t`` in ``pred_types``: the Laplace predictive
+    with sampled networks (``"nn"``, the paper's) and with the linearised network
+    (``"glm"``), from one posterior per task. ``adapt`` returns each task's adapted weights
+    (the Laplace mode). ``predictive(theta, ways, *, tau_pred, num_samples)``: ``tau_pred``
+    is the predictive prior precision (one float, or one per type); where the types'
+    precisions differ each type gets its own posterior.
+    """
+    inner = dict(loss_fn=loss_fn, inner_optimizer=inner_optimizer)
+    variants = tuple(f"{name}_{t}" for t in pred_types)
+
+    def adapt_fn(rng_key, theta, support_x, support_y, ways):
+        del rng_key, ways  # the network's head says the ways
+        return adapt_tasks(theta, support_x, support_y, **inner, num_steps=eval_inner_steps)
+
+    def predictive(theta, ways, *, tau_pred, num_samples):
+        del ways
+        taus = (tau_pred,) * len(pred_types) if jnp.ndim(tau_pred) == 0 else tuple(tau_pred)
+        kw = dict(apply_fn=apply_fn, likelihood=likelihood, num_samples=num_samples, link=link, **inner)
+        kw["num_steps"] = eval_inner_steps
+        if len(set(taus)) == 1:  # one posterior serves every type
+            return laplace_predictive(theta, prior_precision=taus[0], pred_type=tuple(pred_types), **kw)
+        rows = [laplace_predictive(theta, prior_precision=tau, pred_type=t, **kw) for t, tau in zip(pred_types, taus)]
+        return lambda *args: jnp.stack([row(*args) for row in rows])
+
+    kw = dict(eta=eta, kron_damping=kron_damping, log_det_tasks=log_det_tasks, fisher=fisher)
+    loss = kfac_llama(
+        loss_fn,
+        inner_optimizer,
+        train_inner_steps,
+        apply_fn=apply_fn,
+        likelihood=likelihood,
+        prior_precision=prior_precision,
+        first_order=first_order,
+        **kw,
+    )
+    return Method(name, variants, init, loss, adapt_fn, predictive)
+
+
+def method_from(name: str, loss_fn: LossFn, inner_optimizer: optax.GradientTransformation, **kwargs: Any) -> Method:
+    """The one place where a config's method name becomes a MAML-family :class:`Method`.
+
+    ``"maml"`` and ``"maml_fo"`` (first-order) call :func:`maml_method`, ``"llama"``
+    :func:`llama_method`; ``kwargs`` are theirs (LLAMA's own ones are dropped for MAML).
+
+    Raises:
+        ValueError: an unknown name.
+    """
+    common = ("init", "apply_fn", "train_inner_steps", "eval_inner_steps", "first_order", "link")
+    if name in ("maml", "maml_fo"):
+        kw = {k: v for k, v in kwargs.items() if k in common}
+        if name == "maml_fo":
+            kw["first_order"] = True
+        return maml_method(loss_fn, inner_optimizer, **kw, name=name)
+    if name == "llama":
+        return llama_method(loss_fn, inner_optimizer, **kwargs)
+    raise ValueError(f"method must be 'maml', 'maml_fo' or 'llama', got {name!r}")

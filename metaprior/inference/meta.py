@@ -9,6 +9,12 @@ and an Optax optimizer into pure ``init`` / ``step`` functions over a
 Randomness is explicit and position-based: step ``i`` uses
 ``jax.random.fold_in(rng_key, i)``. A run stopped after a checkpoint and resumed
 therefore ends with bit-for-bit the same parameters as one that was never stopped.
+
+A run may also be limited by time (``fit(..., budget_s=...)``): it stops at the first
+compiled call that ends past the budget, and the checkpoint records the seconds spent
+and, once the budget is spent, the step it stopped at. A killed run resumes with the
+time it had already spent; a finished one, run again, stops where it stopped. Either
+way the parameters are those of an uninterrupted run of the same number of steps.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -37,10 +44,14 @@ __all__ = [
     "fit",
     "save_checkpoint",
     "load_checkpoint",
+    "TrainingClock",
+    "load_clock",
     "progress_enabled",
 ]
 
 PyTree = Any
+
+_clock = time.perf_counter  # the training clock of ``budget_s`` (a test replaces it)
 
 
 class MetaState(NamedTuple):
@@ -83,12 +94,30 @@ class FitResult(NamedTuple):
     """What :func:`fit` returns.
 
     Attributes:
-        state: the final :class:`MetaState`.
-        losses: ``[num_steps]`` loss per step over the whole run (resumed runs included).
+        state: the final :class:`MetaState` (``state.step``: the steps done).
+        losses: ``[steps]`` loss per step over the whole run (resumed runs included).
+        train_time_s: seconds spent in training steps over the whole run (compilation
+            included; resumed runs add the time their checkpoint recorded).
+        budget_spent: whether the run stopped because ``budget_s`` ran out.
     """
 
     state: MetaState
     losses: np.ndarray
+    train_time_s: float = 0.0
+    budget_spent: bool = False
+
+
+class TrainingClock(NamedTuple):
+    """What a checkpoint records of a run's time (:func:`load_clock`).
+
+    Attributes:
+        train_time_s: seconds spent in training steps up to the checkpoint.
+        budget_spent: the run's ``budget_s`` ran out at the checkpoint's step, which is
+            then where a rerun stops.
+    """
+
+    train_time_s: float = 0.0
+    budget_spent: bool = False
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -159,8 +188,9 @@ def fit(
     desc: str = "meta-train",
     transform_batch: Callable[[PyTree], PyTree] | None = None,
     mesh: jax.sharding.Mesh | None = None,
+    budget_s: float | None = None,
 ) -> FitResult:
-    """Run meta-training for ``num_steps`` steps.
+    """Run meta-training for ``num_steps`` steps, or until ``budget_s`` seconds are spent.
 
     Each step draws ``key_i = fold_in(rng_key, i)``, splits it into a batch key and a
     step key, forms the batch (``sample_batch(batch_key, data)`` inside the compiled
@@ -193,12 +223,21 @@ def fit(
             with ``mesh=None`` up to floating-point reassociation. With several
             processes (``sharding.initialize_distributed``) every process calls ``fit``
             with the same arguments and process 0 writes the checkpoint.
+        budget_s: optional training-time budget in seconds (compiled calls, compilation
+            included; the clock is checked between calls of ``steps_per_call`` steps). The
+            run stops at ``num_steps`` or at the first call that ends past the budget,
+            whichever comes first, and checkpoints there. The checkpoint carries the time
+            spent: a killed run resumes with what is left, and a run whose budget is spent
+            is not trained further when rerun (the same result). ``result.state.step``
+            says how many steps it ran; an uninterrupted run of that many steps gives the
+            same parameters.
 
     Returns:
         :class:`FitResult` with the final state and the per-step losses.
 
     Raises:
-        ValueError: ``num_steps`` or ``steps_per_call`` is not a positive integer.
+        ValueError: ``num_steps`` or ``steps_per_call`` is not a positive integer, or
+            ``budget_s`` is not positive.
         NonFiniteLossError: a step's loss is NaN or infinite. Parameters from that step
             are never written; the checkpoint on disk stays the last good one.
     """
@@ -206,6 +245,8 @@ def fit(
         raise ValueError(f"num_steps must be a non-negative integer, got {num_steps!r}")
     if int(steps_per_call) != steps_per_call or steps_per_call < 1:
         raise ValueError(f"steps_per_call must be a positive integer, got {steps_per_call!r}")
+    if budget_s is not None and not (np.isfinite(budget_s) and budget_s > 0):
+        raise ValueError(f"budget_s must be a positive number of seconds or None, got {budget_s!r}")
     from tqdm import tqdm
 
     state = learner.init(params)
@@ -213,9 +254,12 @@ def fit(
     ckpt_path = Path(checkpoint) if checkpoint is not None else None
     if ckpt_path is not None:
         remove_stale_temporaries(ckpt_path)  # a run killed while writing its checkpoint
+    clock = TrainingClock()
     if ckpt_path is not None and ckpt_path.exists():
         state, history = load_checkpoint(ckpt_path, like=state)
         losses.append(history)
+        clock = load_clock(ckpt_path)
+    elapsed, spent = clock.train_time_s, budget_s is not None and clock.budget_spent
     if transform_batch is not None and data is not None:
         data = transform_batch(data)
     layout = None
@@ -253,10 +297,12 @@ def fit(
     )
     last_saved = start
     try:
-        while int(state.step) < num_steps:
+        while int(state.step) < num_steps and not spent:
             length = min(steps_per_call, num_steps - int(state.step))
+            tic = _clock()
             new_state, (chunk_loss, chunk_gnorm) = compiled(state, data, length)
-            chunk_loss = _inject_nan(np.asarray(chunk_loss), int(state.step))
+            chunk_loss = _inject_nan(np.asarray(chunk_loss), int(state.step))  # waits for the call
+            elapsed += _clock() - tic
             if not np.all(np.isfinite(chunk_loss)):
                 bad = int(state.step) + int(np.argmax(~np.isfinite(chunk_loss)))
                 where = (
@@ -274,16 +320,18 @@ def fit(
             bar.update(length)
             bar.set_postfix(loss=f"{float(chunk_loss[-1]):.4g}", refresh=False)
             done = int(state.step)
-            if ckpt_path is not None and (done - last_saved >= every or done == num_steps):
+            spent = budget_s is not None and elapsed >= budget_s and done < num_steps
+            if ckpt_path is not None and (done - last_saved >= every or done == num_steps or spent):
+                now = TrainingClock(elapsed, spent)
                 if layout is None:
-                    save_checkpoint(ckpt_path, state, np.concatenate(losses))
+                    save_checkpoint(ckpt_path, state, np.concatenate(losses), clock=now)
                 else:
-                    layout.save(ckpt_path, state, np.concatenate(losses))
+                    layout.save(ckpt_path, state, np.concatenate(losses), clock=now)
                 last_saved = done
     finally:
         bar.close()
     history = np.concatenate(losses) if losses else np.zeros((0,), np.float32)
-    return FitResult(state, history)
+    return FitResult(state, history, float(elapsed), bool(spent))
 
 
 def _inject_nan(chunk_loss: np.ndarray, start: int) -> np.ndarray:
@@ -308,8 +356,10 @@ def _structure(treedef) -> str:
     return re.sub(r" at 0x[0-9a-fA-F]+", "", str(treedef))
 
 
-def save_checkpoint(path: str | os.PathLike, state: MetaState, losses: np.ndarray | None = None) -> None:
-    """Write ``state`` (and the loss history) to ``path`` atomically.
+def save_checkpoint(
+    path: str | os.PathLike, state: MetaState, losses: np.ndarray | None = None, *, clock: TrainingClock | None = None
+) -> None:
+    """Write ``state`` (the loss history, and the run's :class:`TrainingClock`) to ``path`` atomically.
 
     The file is written to a temporary name in the same folder, flushed to disk and
     renamed over ``path``, so a crash leaves either the old checkpoint or the new one,
@@ -320,9 +370,21 @@ def save_checkpoint(path: str | os.PathLike, state: MetaState, losses: np.ndarra
     arrays["__format__"] = np.array(_FORMAT)
     arrays["__treedef__"] = np.array(_structure(treedef))
     arrays["__losses__"] = np.asarray(losses if losses is not None else np.zeros((0,)), np.float32)
+    clock = clock or TrainingClock()
+    arrays["__train_time_s__"] = np.asarray(clock.train_time_s, np.float64)
+    arrays["__budget_spent__"] = np.asarray(clock.budget_spent)
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_clock(path: str | os.PathLike) -> TrainingClock:
+    """The :class:`TrainingClock` a checkpoint recorded (zero seconds, budget not spent,
+    for a checkpoint written before clocks were recorded)."""
+    arrays = read_tagged_npz(Path(path), _FORMAT, label="checkpoint", hint="; delete it to start over")
+    seconds = arrays.get("__train_time_s__")
+    spent = arrays.get("__budget_spent__")
+    return TrainingClock(0.0 if seconds is None else float(seconds), False if spent is None else bool(spent))
 
 
 def load_checkpoint(path: str | os.PathLike, like: MetaState) -> tuple[MetaState, np.ndarray]:

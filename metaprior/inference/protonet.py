@@ -38,8 +38,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from metaprior.inference.evaluation import FewShotPredictive
+from metaprior.inference.method import Method, stacked
 
-__all__ = ["prototypes", "protonet_logits", "protonet_loss", "protonet_predictive"]
+__all__ = ["prototypes", "protonet_logits", "protonet_loss", "protonet_predictive", "protonet_method"]
 
 Embed = Callable[[jax.Array], jax.Array]
 """A set embedding ``x [N, ...] -> features [N, D]``."""
@@ -216,3 +217,33 @@ def protonet_predictive(embed: Embed, num_ways: int) -> FewShotPredictive:
         return probs(embed, support_x, support_y, query_x)
 
     return predict
+
+
+def protonet_method(init: Callable[[jax.Array, int], Embed], *, train_ways: int, name: str = "protonet") -> Method:
+    """Prototypical networks as a :class:`~metaprior.inference.method.Method`.
+
+    Args:
+        init: ``(rng_key, ways) -> embedding network`` (its output size does not depend on
+            the ways: prototypes are class means in the embedding space).
+        train_ways: the ways of the meta-training episodes (Snell et al. 2017 train with
+            more ways than they test with, e.g. 60-way episodes for 5-way tests).
+        name: the method's name and its one variant.
+
+    ``adapt`` returns each task's prototypes ``[T, W, D]``; ``predictive(embed, ways)`` is
+    :func:`protonet_predictive` at ``ways`` (no options).
+    """
+    base = protonet_loss(train_ways)
+
+    def loss(embed, rng_key, episodes):
+        return base(embed, rng_key, episodes), None
+
+    def adapt(rng_key, embed, support_x, support_y, ways):
+        del rng_key
+        return prototypes(embed, support_x, support_y, ways)
+
+    def predictive(embed, ways, **options):
+        if options:
+            raise TypeError(f"{name}'s predictive takes no options, got {sorted(options)}")
+        return stacked(protonet_predictive(embed, ways))
+
+    return Method(name, (name,), init, loss, adapt, predictive)

@@ -257,13 +257,13 @@ class MeshLayout(NamedTuple):
             return batch
         return constrain_tasks(batch, self.mesh, num_tasks=count)
 
-    def save(self, path: str | os.PathLike, state: PyTree, losses: np.ndarray) -> None:
+    def save(self, path: str | os.PathLike, state: PyTree, losses: np.ndarray, clock=None) -> None:
         """Write a checkpoint of ``state``: every process gathers it, process 0 writes."""
         from metaprior.inference.meta import save_checkpoint
 
         host = to_host(state)
         if jax.process_index() == 0:
-            save_checkpoint(path, host, losses)
+            save_checkpoint(path, host, losses, clock=clock)
 
 
 def place_on_mesh(mesh: Mesh, data: PyTree, state: PyTree) -> tuple[PyTree, PyTree, MeshLayout]:
