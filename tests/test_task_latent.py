@@ -327,9 +327,12 @@ def test_large_restarts_apply_to_the_sizes_above_pad_to_only(setup):
     fitted alone with large_restarts: the restart axis of each fit says which it got, and
     the restart weights of every task sum to one."""
     from metaprior.inference.local import restart_weights
+    from metaprior.inference.svi import bind_modules
     from metaprior.inference.task_latent import infer_support_sizes
+    from metaprior.models.task_latent import NET_SITE
 
     batch, model = setup
+    model = bind_modules(model, {NET_SITE: model.keywords["net"]})
     kw = dict(num_steps=2, learning_rate=0.01, num_samples=3, pad_to=2, guide_kind="normal", predictive="mixture")
     out = infer_support_sizes(jax.random.key(0), model, batch, (1, 2, 5), num_restarts=2, large_restarts=3, **kw)
     widths = {n: restart_weights(r["fit"]).shape[-1] for n, r in out.items()}
