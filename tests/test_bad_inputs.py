@@ -338,6 +338,16 @@ def _kfac_on_own_case(tmp):
     fit_method(jax.random.key(0), case, "laplace_kfac", ValidationSettings(num_steps=2), {})
 
 
+def _zero_budget(tmp):
+    import jax
+    import optax
+
+    from metaprior.inference.meta import fit, meta_learner
+
+    learner = meta_learner(lambda p, k, b: (p**2).sum(), optax.adam(1e-3))
+    fit(jax.random.key(0), learner, np.ones(2, np.float32), 10, data=np.ones(2, np.float32), budget_s=0.0)
+
+
 # --------------------------------------------------------------------------- the table
 
 CASES = [
@@ -826,6 +836,14 @@ CASES = [
         _kfac_on_own_case,
         ValueError,
         ("'mine'", "laplace_kfac needs a network"),
+    ),
+    Case(
+        "fit-zero-budget",
+        "inference",
+        "meta-training with a time budget of 0 s",
+        _zero_budget,
+        ValueError,
+        ("budget_s must be a positive number", "got 0.0"),
     ),
     Case(
         "cli-bad-choice",

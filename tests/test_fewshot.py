@@ -242,3 +242,23 @@ def test_a_training_budget_gives_each_method_the_steps_it_paid_for(tmp_path, mon
         np.testing.assert_array_equal(a, b)
     sib = train_method("sib", jax.random.key(2), budget, images, checkpoint=tmp_path / "sib.ckpt")
     assert (sib.info["pretrain_steps"], sib.info["train_steps_t0"], sib.info["train_steps_t3"]) == (4, 4, 4)
+
+
+def test_per_way_models_score_each_ways_with_their_own_model():
+    """``combine_ways``: a 20-way predictive comes from the model trained at 20 ways, any
+    other ways from the base (5-way) model; times add up, the base model's info keys stay,
+    the others' are prefixed with their ways; the table shows each model's seconds."""
+    from metaprior.inference.fewshot import combine_ways
+
+    def trained(ways, seconds):
+        make = lambda w, n=None: {("maml",): f"model{ways} at {w}"}
+        return TrainedMethod("maml", f"p{ways}", np.zeros(3), seconds, make, {"train_steps": ways})
+
+    t = combine_ways({5: trained(5, 10.0), 20: trained(20, 40.0)}, base=5)
+    assert t.make_predictives(20, None) == {("maml",): "model20 at 20"}
+    assert t.make_predictives(10, None) == {("maml",): "model5 at 10"}
+    assert t.train_time_s == 50.0 and t.params == {5: "p5", 20: "p20"} and t.losses.shape == (6,)
+    assert t.info == {"train_steps": 5, "5w_train_time_s": 10.0, "20w_train_time_s": 40.0, "20w_train_steps": 20}
+    m = {"maml_train_time_s": 50.0, **{f"maml_{k}": v for k, v in t.info.items()}}
+    m.update(maml_id_5w1s_acc=0.9, maml_id_5w1s_acc_ci95=0.01, maml_id_5w1s_ece=0.05, maml_id_5w1s_nll=0.3)
+    assert "| 5w 10 / 20w 40 |" in fewshot_table(m, ["maml"], ["id_5w1s"])
