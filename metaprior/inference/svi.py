@@ -148,8 +148,6 @@ def bind_params(model: Callable, params: dict[str, Any]) -> Callable:
     optimise them. (A bare ``handlers.substitute`` does not do that: NumPyro's ``SVI``
     substitutes its own values over it and fits the prior again.)
     """
-    from numpyro import handlers
-
     params = dict(params)
     bound = handlers.substitute(model, substitute_fn=_substitute(params))
     return handlers.block(bound, hide_fn=lambda msg: msg["type"] == "param" and msg["name"] in params)
@@ -182,8 +180,6 @@ def unbound_param_sites(model: Callable, *args: Any, **kwargs: Any) -> list[str]
         def process_message(self, msg):
             if msg["type"] == "param" and msg["value"] is None:
                 seen.append(msg["name"])
-
-    from numpyro import handlers
 
     handlers.trace(handlers.seed(Recorder(model), jax.random.key(0))).get_trace(*args, **kwargs)
     return seen
