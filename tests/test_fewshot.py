@@ -180,7 +180,8 @@ def test_oneshot_runs_are_scored_through_the_recipe(tmp_path):
 
 def test_every_method_sees_the_same_episodes(shared_data_dir, tmp_path, monkeypatch):
     """The recipe at a tiny size with two methods: each (variant, bed) evaluation is handed
-    the same images and labels as every other variant's on that bed."""
+    the same images and labels as every other variant's on that bed, and so is every
+    learning-curve snapshot's on the validation episodes."""
     from metaprior.experiments import fewshot
 
     seen: dict[tuple[str, str], bytes] = {}
@@ -207,7 +208,7 @@ def test_every_method_sees_the_same_episodes(shared_data_dir, tmp_path, monkeypa
     by_bed: dict[str, set[bytes]] = {}
     for (desc, _), digest in seen.items():
         by_bed.setdefault(desc.split(" ", 1)[1], set()).add(digest)
-    assert sorted(by_bed) == ["id_5w1s", "ood_mnist_5w1s"]
+    assert sorted(by_bed) == ["id_5w1s", "ood_mnist_5w1s", "val_5w1s"]
     assert all(len(d) == 1 for d in by_bed.values()), "two methods saw different episodes"
     for key in ("maml_fo_id_5w1s_acc", "protonet_ood_mnist_5w1s_ece", "protonet_id_5w1s_ece_lo"):
         assert key in metrics

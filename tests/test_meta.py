@@ -266,3 +266,21 @@ def test_a_budget_that_outlasts_num_steps_changes_nothing(learner):
     a, b = run(learner, 30), run(learner, 30, budget_s=1e6)
     np.testing.assert_array_equal(a.state.params["w"], b.state.params["w"])
     assert not b.budget_spent and b.train_time_s > 0
+
+
+def test_callback_sees_every_call_and_the_snapshots_are_the_shorter_runs(learner, fake_clock):
+    """``callback(state, seconds)`` runs before the first step and after each compiled call
+    (3 steps, one fake second each); the state it sees after call ``i`` is, bit for bit,
+    that of a run of ``3 i`` steps, and the few-shot snapshot recorder keeps evenly spaced
+    ones of those (budget 6 s, 3 points: 0, 2, 4 and 6 s)."""
+    from metaprior.inference.fewshot import _Snapshots
+
+    seen = []
+    snaps = _Snapshots(3, 100, 6.0)
+    both = lambda state, seconds: (seen.append((int(state.step), seconds, state.params["w"])), snaps(state, seconds))
+    timed = run(learner, 100, steps_per_call=3, budget_s=5.5, callback=both)
+    assert [(s, t) for s, t, _ in seen] == [(3 * i, float(i)) for i in range(7)]
+    for step, _, w in seen[1:4]:
+        np.testing.assert_array_equal(w, run(learner, step, steps_per_call=3).state.params["w"])
+    assert [t for t, _ in snaps.curve()] == [0.0, 2.0, 4.0, 6.0]
+    np.testing.assert_array_equal(snaps.curve()[-1][1]["w"], timed.state.params["w"])

@@ -286,3 +286,35 @@ def scatter_figure(
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.legend(fontsize="x-small", ncol=2, loc="best")
     return save_figure(fig, out_dir, name)
+
+
+def curves_figure(
+    panels: Mapping[str, Mapping[str, Sequence[tuple[float, float]]]],
+    out_dir: str | os.PathLike,
+    name: str,
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+) -> Path:
+    """One panel per entry of ``panels`` (``{panel: {label: [(x, y), ...]}}``), a line per label
+    (e.g. episode shape -> method -> (training seconds, validation accuracy)), saved as ``name``."""
+    import matplotlib.pyplot as plt
+
+    labels = list(dict.fromkeys(label for lines in panels.values() for label in lines))
+    colours = {label: f"C{i % 10}" for i, label in enumerate(labels)}  # one colour per label in every panel
+    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(4.2 * max(len(panels), 1) + 1.5, 3.6), squeeze=False)
+    for ax, (panel, lines) in zip(axes[0], panels.items()):
+        for label, points in lines.items():
+            if points:
+                x, y = zip(*points)
+                ax.plot(x, y, marker="o", ms=3, lw=1.2, label=label, color=colours[label])
+        ax.set_title(panel)
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(ylabel)
+    handles = [plt.Line2D([], [], color=colours[label], marker="o", ms=3, label=label) for label in labels]
+    fig.legend(handles=handles, loc="center right", fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0, 1 - 1.3 / fig.get_figwidth(), 1))
+    return save_figure(fig, out_dir, name)

@@ -16,13 +16,16 @@ Every method sees the same episodes (one key per bed) and the same evaluation ke
 method's meta-training keeps a checkpoint in ``--out`` (``{method}.ckpt``): a killed run
 resumes there. Outputs: ``metrics.json``, ``fewshot_table.md`` (also printed),
 ``reliability_{bed}.png`` (all methods on one figure per bed), ``acc_vs_ece.png``,
-``training.png`` and ``posterior.nc`` (each Bayesian method's predictive draws on a few
-in-domain episodes).
+``training.png``, ``val_acc_vs_seconds.png`` and ``curves.json`` (every method's validation
+accuracy against its training seconds, one panel per in-domain shape: what a CPU user chooses
+a budget by) and ``posterior.nc`` (each Bayesian method's predictive draws on a few in-domain
+episodes).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 import time
 from pathlib import Path
@@ -32,9 +35,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from metaprior.data import MissingDataError, load_oneshot_runs, omniglot_splits, oneshot_episodes, score_oneshot_runs
+from metaprior.data.episodes import episode_batches
 from metaprior.data.testbeds import BEDS, fewshot_testbeds, ood_pool
 from metaprior.experiments._common import atomic_write_bytes, save_datatree, write_metrics
-from metaprior.experiments._plots import reliability_figure, scatter_figure, training_figure
+from metaprior.experiments._plots import curves_figure, reliability_figure, scatter_figure, training_figure
 from metaprior.experiments._registry import ConfigError, Experiment
 from metaprior.inference.diagnostics import to_datatree
 from metaprior.inference.evaluation import evaluate_fewshot
@@ -70,6 +74,8 @@ class FewShotConfig(FewShotSettings):
         per_way: MAML, FOMAML and LLAMA get one model per number of ways scored, trained at
             those ways (the MAML paper's protocol: its 20-way model is trained at 20 ways);
             ``False``: the ``ways``-way model for every bed, its head tiled.
+        curve_points: snapshots per training run scored on ``num_val_episodes`` validation
+            episodes of every in-domain shape (``val_acc_vs_seconds.png``, ``curves.json``).
     """
 
     methods: tuple[str, ...] = METHODS
@@ -85,6 +91,7 @@ class FewShotConfig(FewShotSettings):
     held_out: str = "character"
     data_dir: str = ""
     per_way: bool = True
+    curve_points: int = 3
 
 
 def make_config(size: str) -> FewShotConfig:
@@ -96,7 +103,7 @@ def make_config(size: str) -> FewShotConfig:
         small.update(sib_pretrain_steps=4, sib_pretrain_batch=16, sib_draws=2, amortized_hidden=8, amortized_noise=4)
         small.update(tau_grid=(1000.0,), num_episodes=4, queries=3, val_queries=3, eval_batch=2, bootstrap=20)
         shapes = dict(id_shapes=((5, 1), (20, 1)), ood_shapes=((5, 1),))  # two episode shapes: two compiles
-        return FewShotConfig(**small, **shapes, posterior_draws=3, posterior_episodes=2)
+        return FewShotConfig(**small, **shapes, posterior_draws=3, posterior_episodes=2, curve_points=1)
     if size == "default":  # 16 filters: the budget at which omniglot-maml's figures were recorded
         return FewShotConfig(filters=16)
     if size == "full":
@@ -149,12 +156,38 @@ def _posterior(rng_key, config: FewShotConfig, trained, bed):
     return to_datatree(posterior, observed_data={"query_y": np.asarray(episodes.query_y)}, dims=dims, attrs=attrs)
 
 
+def _learning_curves(rng_key, config: FewShotConfig, val_images, models: dict) -> dict:
+    """``{shape: {variant: [(train seconds, validation accuracy), ...]}}``: every method's
+    snapshots (:attr:`~metaprior.inference.fewshot.TrainedMethod.curve`) on the same
+    validation episodes of each in-domain shape, from the model scored at that shape."""
+    out = {}
+    for i, (ways, shots) in enumerate(config.id_shapes):
+        shape, lines = f"{ways}w{shots}s", {}
+        batches = (config.num_val_episodes, ways, shots, config.val_queries)
+        episodes = list(
+            episode_batches(jax.random.fold_in(rng_key, i), val_images, *batches, batch_size=config.eval_batch)
+        )
+        for by_ways in models.values():
+            t = by_ways.get(ways, by_ways[config.ways])
+            for seconds, make in t.curve:
+                for variants, predict in t._replace(make_predictives=make).grouped_predictives(ways).items():
+                    if predict is None:
+                        continue
+                    desc = f"{'+'.join(variants)} val_{shape}"
+                    evs = evaluate_fewshot(rng_key, predict, episodes, grouped=True, progress=False, desc=desc)
+                    for v, ev in zip(variants, evs):
+                        lines.setdefault(v, []).append((float(seconds), float(ev.metrics()["acc"])))
+        out[shape] = lines
+    return out
+
+
 def run(rng_key: jax.Array, config: FewShotConfig, out_dir: Path) -> dict[str, float]:
     out_dir = Path(out_dir)
     unknown = sorted(set(config.methods) - set(METHODS)) + sorted(set(config.beds) - set(BEDS))
     if unknown:
         raise ConfigError(f"unknown methods or beds {unknown}; methods: {METHODS}, beds: {BEDS}")
     k_beds, k_train, k_eval, k_post = jax.random.split(rng_key, 4)
+    k_curve = jax.random.fold_in(k_eval, 1000)
     splits = omniglot_splits(config.image_size, rotations=True, seed=config.split_seed, held_out=config.held_out)
     shapes = {bed: config.id_shapes if bed == "id" else config.ood_shapes for bed in config.beds}
     beds = fewshot_testbeds(
@@ -162,6 +195,7 @@ def run(rng_key: jax.Array, config: FewShotConfig, out_dir: Path) -> dict[str, f
     )
     metrics: dict = dict(num_steps=config.num_steps, meta_batch=config.meta_batch, filters=config.filters)
     trained, curves, reliability, points = {}, {}, {b.name: {} for b in beds}, {b.name: {} for b in beds}
+    per_ways = {}
     ways_scored = sorted({b.ways for b in beds})
     for i, method in enumerate(config.methods):
         models = {}
@@ -170,7 +204,7 @@ def run(rng_key: jax.Array, config: FewShotConfig, out_dir: Path) -> dict[str, f
             s, data = dataclasses.replace(config, ways=ways), (splits["train"].images, splits["val"].images)
             models[ways] = train_method(method, jax.random.fold_in(k_train, i), s, *data, checkpoint=out_dir / name)
         t = combine_ways(models, config.ways)
-        trained[method], curves[method] = t, t.losses
+        trained[method], curves[method], per_ways[method] = t, t.losses, models
         metrics[f"{method}_train_time_s"] = t.train_time_s
         metrics.update({f"{method}_{k}": v for k, v in t.info.items()})
         groups = {ways: t.grouped_predictives(ways) for ways in sorted({b.ways for b in beds})}  # one compile per shape
@@ -194,6 +228,15 @@ def run(rng_key: jax.Array, config: FewShotConfig, out_dir: Path) -> dict[str, f
         _log(f"{method} done in {t.train_time_s:.0f} s of training")
         write_metrics(out_dir / "metrics.json", {**metrics, "partial": 1})  # a killed run shows what finished
     _oneshot(jax.random.fold_in(k_eval, 99), config, trained, metrics)
+    if config.curve_points > 0:
+        _log("scoring the training snapshots on validation episodes")
+        lines = _learning_curves(k_curve, config, jnp.asarray(splits["val"].images), per_ways)
+        atomic_write_bytes(out_dir / "curves.json", json.dumps(lines, indent=1).encode())
+        for shape, by_variant in lines.items():
+            metrics.update({f"{v}_val_{shape}_acc": pts[-1][1] for v, pts in by_variant.items()})
+        kw = dict(xlabel="training seconds", ylabel=f"validation accuracy ({config.num_val_episodes} episodes)")
+        title = "held-out validation characters: accuracy against training time"
+        curves_figure(lines, out_dir, "val_acc_vs_seconds.png", **kw, title=title)
 
     variants = [v for m in config.methods for v in VARIANTS[m]]
     table = fewshot_table(metrics, variants, [b.name for b in beds])
@@ -225,6 +268,9 @@ METRICS_DOC = """
     at every W scored; its other keys then also come as {method}_{W}w_{key} for W other than ways)
 {method}_train_steps: meta-training steps run (SIB: {method}_pretrain_steps, {method}_train_steps_t{T}); with
     --set budget_s=S every method trains S seconds (num_steps a cap) and these say how far it got
+{variant}_val_{W}w{S}s_acc: validation accuracy (num_val_episodes episodes of the validation characters) of
+    the trained model at each in-domain shape; curves.json and val_acc_vs_seconds.png hold it against the
+    training seconds of each of curve_points snapshots (SIB: pretraining included)
 llama_tau_pred_{nn,glm}: LLAMA's predictive prior precision chosen on validation NLL
 llama_val_nll_{nn,glm}_tau{tau}: validation NLL per query of each predictive at each tau of tau_grid
 num_steps, meta_batch, filters: the shared budget

@@ -16,7 +16,6 @@ import dataclasses
 import time
 from pathlib import Path
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,17 +26,16 @@ from metaprior.data import omniglot_splits, sample_episodes
 from metaprior.experiments._common import save_datatree, write_metrics
 from metaprior.experiments._plots import reliability_figure, training_figure
 from metaprior.experiments._registry import Experiment
-from metaprior.inference import maml
 from metaprior.inference.amortized_classifier import (
+    amortized_method,
     amortized_posterior_tree,
-    amortized_predictive,
     conv4_inference,
     init_conv4_guide,
 )
 from metaprior.inference.evaluation import FewShotEvaluation, FewShotPredictive, evaluate_fewshot, predict_episodes
-from metaprior.inference.guides.amortized import amortized_meta_loss
-from metaprior.inference.maml import ml_point, nll_loss
+from metaprior.inference.maml import maml_method, nll_loss
 from metaprior.inference.meta import fit, meta_learner
+from metaprior.inference.method import Method, variant_rows
 from metaprior.models.nets import Conv4
 
 
@@ -117,42 +115,53 @@ def _fit(rng_key, config: OmniglotAmortizedConfig, loss, params, images, ways: i
     return fit(rng_key, meta_learner(loss, optimizer, has_aux=True), params, config.num_steps, desc=desc, **kw)
 
 
+def method(config: OmniglotAmortizedConfig) -> Method:
+    """The guide as a :class:`~metaprior.inference.method.Method` (the one ``metaprior run
+    fewshot`` trains too): one variant per number of ``eval_inner_steps``."""
+    size = dict(filters=config.filters, image_size=config.image_size, conv_impl=config.conv_impl)
+    lstm = dict(hidden_size=config.hidden_size, noise_size=config.noise_size, init_log_var=config.init_log_var)
+    inner = dict(inner_optimizer=optax.sgd(config.inner_lr), train_inner_steps=config.train_inner_steps)
+    kw = dict(eval_inner_steps=config.eval_inner_steps, num_samples=config.num_samples)
+    return amortized_method(**size, **lstm, **inner, **kw, beta=config.beta, task_batch_size=_task_batch_size(config))
+
+
 def meta_train(rng_key, config: OmniglotAmortizedConfig, images, ways: int, shots: int, checkpoint=None):
     """Meta-train the guide for one (ways, shots); returns ``(params, net, FitResult)``."""
     k_init, k_fit = jax.random.split(rng_key)
-    params, net = init_params(k_init, config, ways)
-    loss = amortized_meta_loss(
-        inference_spec(config, net, config.train_inner_steps), task_batch_size=_task_batch_size(config)
-    )
+    m = method(config)
+    _, net = init_params(k_init, config, ways)  # the template net (shapes) of the posterior tree
     desc = f"amortized {ways}w{shots}s K={config.train_inner_steps}"
-    result = _fit(k_fit, config, loss, params, images, ways, shots, desc, checkpoint)
+    result = _fit(k_fit, config, m.loss, m.init(k_init, ways), images, ways, shots, desc, checkpoint)
     return result.state.params, net, result
 
 
 def predictive(config: OmniglotAmortizedConfig, params, net) -> FewShotPredictive:
     """The guide's posterior predictive after each of ``eval_inner_steps`` inner steps: ``[len, T, Q, ways]``."""
-    inference = inference_spec(config, net, max(config.eval_inner_steps))
-    kw = dict(num_samples=config.num_samples, task_batch_size=_task_batch_size(config))
-    return amortized_predictive(params, inference, inner_steps=config.eval_inner_steps, **kw)
+    return method(config).predictive(params, net.head.out_features)
+
+
+def maml(config: OmniglotAmortizedConfig) -> Method:
+    """The MAML baseline (first-order by default) on the same Conv4, ``maml_inner_steps``
+    inner steps in training and at test time."""
+    size = dict(filters=config.filters, image_size=config.image_size, conv_impl=config.conv_impl)
+    steps = dict(train_inner_steps=config.maml_inner_steps, eval_inner_steps=config.maml_inner_steps)
+    init = lambda key, ways: Conv4(ways, **size, key=key)
+    kw = dict(init=init, apply_fn=_apply, first_order=config.maml_first_order, **steps)
+    return maml_method(_loss(), optax.sgd(config.inner_lr), **kw)
 
 
 def train_maml(rng_key, config: OmniglotAmortizedConfig, images, ways: int, shots: int, checkpoint=None):
-    """The MAML baseline (first-order by default) on the same net and budget; returns
-    ``(theta, FitResult)``."""
+    """The MAML baseline on the same net and budget; returns ``(theta, FitResult)``."""
     k_net, k_fit = jax.random.split(rng_key)
-    theta = Conv4(ways, filters=config.filters, image_size=config.image_size, conv_impl=config.conv_impl, key=k_net)
-    params, static = eqx.partition(theta, eqx.is_array)
-    inner = (optax.sgd(config.inner_lr), config.maml_inner_steps)
-    objective = ml_point(_loss(), *inner, first_order=config.maml_first_order)
-    loss = lambda p, key, batch: objective(eqx.combine(p, static), key, batch)
-    result = _fit(k_fit, config, loss, params, images, ways, shots, f"MAML {ways}w{shots}s", checkpoint)
-    return eqx.combine(result.state.params, static), result
+    m = maml(config)
+    result = _fit(k_fit, config, m.loss, m.init(k_net, ways), images, ways, shots, f"MAML {ways}w{shots}s", checkpoint)
+    return result.state.params, result
 
 
 def maml_predictive(config: OmniglotAmortizedConfig, theta) -> FewShotPredictive:
     """MAML's adapted softmax probabilities ``[T, Q, ways]``."""
-    kw = dict(apply_fn=_apply, loss_fn=_loss(), inner_optimizer=optax.sgd(config.inner_lr))
-    return maml.point_predictive(theta, num_steps=config.maml_inner_steps, **kw)
+    m = maml(config)
+    return variant_rows(m, m.predictive(theta, theta.head.out_features))[m.name]
 
 
 def _apply(net, x):

@@ -39,9 +39,10 @@ from metaprior.experiments._registry import Experiment
 from metaprior.inference.diagnostics import from_guide
 from metaprior.inference.evaluation import FewShotPredictive, evaluate_fewshot
 from metaprior.inference.meta import fit, meta_learner
-from metaprior.inference.sib import sib_guide, sib_loss, sib_predictive
+from metaprior.inference.method import Method, variant_rows
+from metaprior.inference.sib import sib_guide, sib_method
 from metaprior.models.nets import Conv4
-from metaprior.models.sib import embed_classes, init_sib_params, pretrain_loss, sample_classification_batch, sib_model
+from metaprior.models.sib import embed_classes, pretrain_loss, sample_classification_batch, sib_model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,8 +111,13 @@ def pretrain(rng_key, config: SIBOmniglotConfig, images, checkpoint: Path | None
     return eqx.combine(result.state.params, static), result.losses
 
 
-def _inference_kwargs(config: SIBOmniglotConfig, num_steps: int) -> dict:
-    return dict(num_ways=config.ways, num_steps=num_steps, inner_optimizer=optax.sgd(config.inner_lr))
+def sib(config: SIBOmniglotConfig, num_features: int, num_steps: int) -> Method:
+    """SIB with ``T = num_steps`` on ``num_features``-dimensional features: the
+    :func:`~metaprior.inference.sib.sib_method` that ``metaprior run fewshot`` trains too."""
+    inner = dict(inner_optimizer=optax.sgd(config.inner_lr), num_samples=config.predictive_draws)
+    return sib_method(
+        num_features, num_steps=num_steps, init_std=config.init_std, query_norm=config.xi_query_norm, **inner
+    )
 
 
 def meta_train(
@@ -119,22 +125,20 @@ def meta_train(
 ):
     """SIB meta-training on embedded training classes ``[classes, examples, features]``."""
     k_init, k_fit = jax.random.split(rng_key)
-    params = init_sib_params(
-        k_init, features.shape[-1], config.ways, init_std=config.init_std, query_norm=config.xi_query_norm
-    )
-    loss = functools.partial(sib_loss, **_inference_kwargs(config, num_steps))
+    m = sib(config, features.shape[-1], num_steps)
     optimizer = optax.chain(optax.clip_by_global_norm(10.0), optax.adam(config.learning_rate))
     sampler = lambda k, d: sample_episodes(k, d, config.task_batch, config.ways, shots, config.queries)
     kw = dict(steps_per_call=config.steps_per_call, desc=f"SIB {shots}-shot T={num_steps}", checkpoint=checkpoint)
-    return fit(
-        k_fit, meta_learner(loss, optimizer), params, config.num_steps, data=features, sample_batch=sampler, **kw
-    )
+    learner = meta_learner(m.loss, optimizer, has_aux=True)
+    init = m.init(k_init, config.ways)
+    return fit(k_fit, learner, init, config.num_steps, data=features, sample_batch=sampler, **kw)
 
 
 def predictive(config: SIBOmniglotConfig, params, num_steps: int) -> FewShotPredictive:
     """SIB's posterior predictive ``(key, sx, sy, qx) -> probs [T, Q, ways]`` after ``num_steps``
     synthetic-gradient steps."""
-    return sib_predictive(params, num_draws=config.predictive_draws, **_inference_kwargs(config, num_steps))
+    m = sib(config, params.prior_loc.shape[-1], num_steps)
+    return variant_rows(m, m.predictive(params, config.ways))[m.name]
 
 
 def run(rng_key, config: SIBOmniglotConfig, out_dir: Path) -> dict[str, float]:

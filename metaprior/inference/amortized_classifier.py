@@ -29,11 +29,13 @@ from metaprior.inference.guides.amortized import (
     AmortizedInference,
     AmortizedLSTMGuide,
     AmortizedParams,
+    amortized_meta_loss,
     episode_predictions,
     numpyro_guide,
     standard_normal,
     task_posterior,
 )
+from metaprior.inference.method import Method
 from metaprior.models.bayes_classifier import (
     bayes_classifier,
     conv4_forward,
@@ -43,7 +45,14 @@ from metaprior.models.bayes_classifier import (
 )
 from metaprior.models.nets import Conv4
 
-__all__ = ["conv4_logits", "conv4_inference", "init_conv4_guide", "amortized_predictive", "amortized_posterior_tree"]
+__all__ = [
+    "conv4_logits",
+    "conv4_inference",
+    "init_conv4_guide",
+    "amortized_predictive",
+    "amortized_posterior_tree",
+    "amortized_method",
+]
 
 
 def conv4_logits(model: Conv4, layers: tuple, x: jax.Array) -> jax.Array:
@@ -146,3 +155,71 @@ def amortized_posterior_tree(
     posterior = tree["posterior"].to_dataset()
     tree["posterior"] = posterior.drop_vars([v for v in posterior.data_vars if v not in keep])
     return tree
+
+
+def amortized_method(
+    *,
+    filters: int,
+    image_size: int,
+    conv_impl: str = "im2col",
+    hidden_size: int = 128,
+    noise_size: int = 16,
+    init_log_var: float = -10.0,
+    beta: float,
+    inner_optimizer: optax.GradientTransformation,
+    train_inner_steps: int,
+    eval_inner_steps: int | Sequence[int],
+    num_samples: int,
+    task_batch_size: int | None = None,
+    name: str = "amortized",
+) -> Method:
+    """Kim and Heo's amortized LSTM guide over the Bayesian Conv4 (Flipout) as a
+    :class:`~metaprior.inference.method.Method`.
+
+    ``init(rng_key, ways)`` is :func:`init_conv4_guide`'s parameters; ``loss`` the query
+    negative ELBO after ``train_inner_steps`` inner steps (:func:`amortized_meta_loss`);
+    ``adapt`` each task's refined posterior (:class:`GaussianLayers`, after the largest of
+    ``eval_inner_steps``); ``predictive(params, ways, *, num_samples=...)`` the posterior
+    predictive after each of ``eval_inner_steps`` inner steps, one variant each: ``name``
+    for one number of steps, ``f"{name}_k{K}"`` for several. The guide is built for the
+    ways it was initialised with: another number of ways is a ``ValueError``.
+    """
+    steps = (eval_inner_steps,) if isinstance(eval_inner_steps, int) else tuple(sorted(eval_inner_steps))
+    variants = (name,) if len(steps) == 1 else tuple(f"{name}_k{k}" for k in steps)
+    size = dict(filters=filters, image_size=image_size, conv_impl=conv_impl)
+    lstm = dict(hidden_size=hidden_size, noise_size=noise_size, init_log_var=init_log_var)
+
+    @functools.cache
+    def spec(ways: int, num_inner_steps: int) -> AmortizedInference:
+        with jax.ensure_compile_time_eval():  # concrete arrays, whichever trace asks first
+            net = Conv4(ways, **size, key=jax.random.key(0))  # shapes of the prior over its weights
+            return conv4_inference(net, beta=beta, inner_optimizer=inner_optimizer, num_inner_steps=num_inner_steps)
+
+    def init(rng_key, ways):
+        return init_conv4_guide(rng_key, ways, **size, **lstm)[0]
+
+    def ways_of(params: AmortizedParams, ways: int | None = None) -> int:
+        built = params.guide.num_classes
+        if ways is not None and ways != built:
+            raise ValueError(f"{name}: the guide was built for {built}-way tasks, got ways={ways}")
+        return built
+
+    def loss(params, rng_key, episodes):
+        inference = spec(ways_of(params), train_inner_steps)
+        return amortized_meta_loss(inference, task_batch_size=task_batch_size)(params, rng_key, episodes)
+
+    def adapt(rng_key, params, support_x, support_y, ways, query_x=None):
+        del query_x  # not transductive
+        inference = spec(ways_of(params, ways), steps[-1])
+        keys = jax.random.split(rng_key, support_x.shape[0])
+        return jax.vmap(lambda k, sx, sy: task_posterior(k, params, sx, sy, inference))(keys, support_x, support_y)
+
+    def predictive(params, ways, **options):
+        unknown = set(options) - {"num_samples"}
+        if unknown:
+            raise TypeError(f"{name}'s predictive takes num_samples only, got {sorted(unknown)}")
+        inference = spec(ways_of(params, ways), steps[-1])
+        kw = dict(num_samples=options.get("num_samples", num_samples), task_batch_size=task_batch_size)
+        return amortized_predictive(params, inference, inner_steps=steps, **kw)
+
+    return Method(name, variants, init, loss, adapt, predictive)

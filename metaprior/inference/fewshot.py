@@ -49,17 +49,16 @@ import numpy as np
 import numpyro.distributions as dist
 import optax
 
-from metaprior.data.episodes import Episodes, episode_batches, sample_episodes
+from metaprior.data.episodes import episode_batches, sample_episodes
 from metaprior.inference import maml
-from metaprior.inference.amortized_classifier import amortized_predictive, conv4_inference, init_conv4_guide
+from metaprior.inference.amortized_classifier import amortized_method
 from metaprior.inference.evaluation import FewShotPredictive, evaluate_fewshot
-from metaprior.inference.guides.amortized import amortized_meta_loss
 from metaprior.inference.meta import fit, meta_learner
-from metaprior.inference.method import Method
+from metaprior.inference.method import Method, compiled_once, with_features
 from metaprior.inference.protonet import protonet_method
-from metaprior.inference.sib import sib_loss, sib_predict
+from metaprior.inference.sib import sib_method
 from metaprior.models.nets import Conv4
-from metaprior.models.sib import init_sib_params, pretrain_loss, sample_classification_batch
+from metaprior.models.sib import pretrain_loss, sample_classification_batch
 
 __all__ = [
     "METHODS",
@@ -130,6 +129,10 @@ class FewShotSettings:
             LLAMA's ``tau_pred`` search on validation episodes comes after and is not
             counted. Checkpoints record the time spent: a killed run resumes with the rest
             and a finished one is not trained further (:func:`~metaprior.inference.meta.fit`).
+        curve_points: snapshots of the parameters kept during each meta-training run for a
+            learning curve (:attr:`TrainedMethod.curve`), about evenly spaced in training
+            seconds with a budget and in steps without one, plus the initial and final
+            parameters (0: none). A run resumed from a checkpoint has the points from there on.
     """
 
     filters: int = 32
@@ -163,6 +166,7 @@ class FewShotSettings:
     steps_per_call: int = 10
     checkpoint_every: int = 500
     budget_s: float = 0.0
+    curve_points: int = 0
 
 
 class TrainedMethod(NamedTuple):
@@ -177,6 +181,9 @@ class TrainedMethod(NamedTuple):
             a variant, or a tuple of variants whose predictive returns ``[V, T, Q, W]``
             (variants that share one posterior, e.g. LLAMA's ``nn`` and ``glm``).
         info: scalars worth reporting (``tau_pred_nn``...).
+        curve: ``((train_seconds, make_predictives), ...)``: the snapshots of
+            :attr:`FewShotSettings.curve_points` as predictives, with the seconds of training
+            each had had (SIB: its pretraining included); empty without snapshots.
     """
 
     method: str
@@ -185,6 +192,7 @@ class TrainedMethod(NamedTuple):
     train_time_s: float
     make_predictives: Callable[[int, int], dict[str, FewShotPredictive | None]]
     info: dict[str, float]
+    curve: tuple = ()
 
     def predictives(self, ways: int, num_samples: int | None = None) -> dict[str, FewShotPredictive | None]:
         """The variants' predictives for ``ways``-way episodes (``None`` where the method
@@ -247,13 +255,13 @@ def _budget(s: FewShotSettings, share: float = 1.0) -> float | None:
     return s.budget_s * share if s.budget_s > 0 else None
 
 
-def _fit(rng_key, s, loss, params, images, desc, checkpoint, *, has_aux=False, clip=False, share=1.0):
+def _fit(rng_key, s, loss, params, images, desc, checkpoint, *, has_aux=False, clip=False, share=1.0, callback=None):
     optimizer = optax.adam(s.meta_lr)
     if clip:
         optimizer = optax.chain(optax.clip_by_global_norm(10.0), optimizer)
     sampler = lambda k, d: sample_episodes(k, d, s.meta_batch, s.ways, s.train_shots, s.train_queries)
     kw = dict(data=images, sample_batch=sampler, steps_per_call=s.steps_per_call, checkpoint=checkpoint, desc=desc)
-    kw.update(checkpoint_every=s.checkpoint_every, budget_s=_budget(s, share))
+    kw.update(checkpoint_every=s.checkpoint_every, budget_s=_budget(s, share), callback=callback)
     return fit(rng_key, meta_learner(loss, optimizer, has_aux=has_aux), params, s.num_steps, **kw)
 
 
@@ -261,31 +269,93 @@ def _conv4(rng_key, s: FewShotSettings, out_size) -> Conv4:
     return Conv4(out_size, filters=s.filters, image_size=s.image_size, conv_impl=s.conv_impl, key=rng_key)
 
 
-def fewshot_method(method: str, s: FewShotSettings) -> Method:
-    """The :class:`~metaprior.inference.method.Method` of a MAML-family method or ProtoNets on
-    the settings' Conv4 (``"maml"``, ``"maml_fo"``, ``"llama"``, ``"protonet"``)."""
-    init = lambda rng_key, ways: _conv4(rng_key, s, ways)
-    if method == "protonet":
+def fewshot_method(name: str, s: FewShotSettings, *, feature_net: Conv4 | None = None) -> Method:
+    """:func:`~metaprior.inference.method.compiled_once` of :func:`_method`."""
+    return compiled_once(_method(name, s, feature_net=feature_net))
+
+
+def _method(name: str, s: FewShotSettings, *, feature_net: Conv4 | None = None) -> Method:
+    """The :class:`~metaprior.inference.method.Method` of one table row group on the settings'
+    Conv4: ``"maml"``, ``"maml_fo"``, ``"llama"``, ``"protonet"``, ``"amortized"``, or SIB's
+    ``"sib_t0"`` / ``"sib_t3"`` (``sib_steps`` steps) on a pretrained ``feature_net``'s
+    features (:func:`~metaprior.inference.method.with_features`)."""
+    if name == "protonet":
         return protonet_method(lambda rng_key, ways: _conv4(rng_key, s, None), train_ways=s.ways)
+    if name == "amortized":
+        kw = dict(filters=s.filters, image_size=s.image_size, conv_impl=s.conv_impl, init_log_var=-10.0)
+        kw.update(hidden_size=s.amortized_hidden, noise_size=s.amortized_noise, beta=s.amortized_beta)
+        kw.update(inner_optimizer=optax.sgd(s.inner_lr), train_inner_steps=s.train_inner_steps)
+        return amortized_method(**kw, eval_inner_steps=s.eval_inner_steps, num_samples=s.num_samples, task_batch_size=1)
+    if name in ("sib_t0", "sib_t3"):
+        if feature_net is None:
+            raise ValueError(f"{name} works on a pretrained Conv4's features: pass feature_net")
+        num_features = jax.eval_shape(feature_net.features, jnp.zeros((1, s.image_size, s.image_size, 1))).shape[-1]
+        steps = 0 if name == "sib_t0" else s.sib_steps
+        inner = dict(inner_optimizer=optax.sgd(s.sib_inner_lr), num_samples=s.sib_draws)
+        sib = sib_method(num_features, num_steps=steps, **inner, name=name)
+        return with_features(sib, functools.partial(_embed_episodes, feature_net))
+    init = lambda rng_key, ways: _conv4(rng_key, s, ways)
     kw = dict(init=init, apply_fn=_apply, train_inner_steps=s.train_inner_steps, eval_inner_steps=s.eval_inner_steps)
     kw.update(likelihood=_likelihood, prior_precision=s.tau, eta=s.eta, log_det_tasks=s.log_det_tasks)
-    return maml.method_from(method, _nll(), optax.sgd(s.inner_lr), **kw)
+    return maml.method_from(name, _nll(), optax.sgd(s.inner_lr), **kw)
 
 
-def _train_maml(rng_key, s, images, val_images, checkpoint, *, method):
-    k_init, k_fit, k_val = jax.random.split(rng_key, 3)
-    m = fewshot_method(method, s)
-    result = _fit(k_fit, s, m.loss, m.init(k_init, s.ways), images, method, checkpoint, has_aux=True)
-    theta, steps = result.state.params, {"train_steps": int(result.state.step)}
-    if method != "llama":
+# built for the training ways (the LSTM guide's class encoding, SIB's xi): no predictive at others
+FIXED_WAYS = ("amortized", "sib_t0", "sib_t3")
+# Adam steps clipped to global norm 10, as their papers' code does
+CLIPPED = ("amortized", "sib_t0", "sib_t3")
 
-        def make(ways, num_samples=None):
-            return {m.variants: m.predictive(with_ways(theta, ways), ways)}
 
-        return theta, result.losses, make, steps
+class _Snapshots:
+    """A :func:`~metaprior.inference.meta.fit` callback keeping ``(seconds, params)`` about
+    every ``1 / points`` of the budget (or of the steps), and the last state it saw."""
 
-    # empirical Bayes for tau_pred on validation episodes, per predictive type; both types are
-    # scored in one pass per tau (one Laplace fit per episode, the same draws)
+    def __init__(self, points: int, num_steps: int, budget_s: float | None):
+        self.points, self.num_steps, self.budget_s = points, num_steps, budget_s
+        self.kept: list[tuple[float, Any]] = []
+        self.last: tuple[float, Any] | None = None
+        self.next = 0.0
+
+    def __call__(self, state, seconds: float) -> None:
+        self.last = (seconds, state.params)
+        where = seconds / self.budget_s if self.budget_s else int(state.step) / max(self.num_steps, 1)
+        if where >= self.next - 1e-9:
+            self.kept.append(self.last)
+            self.next = (np.floor(where * self.points) + 1) / self.points
+
+    def curve(self) -> list[tuple[float, Any]]:
+        if self.last is not None and (not self.kept or self.kept[-1][0] != self.last[0]):
+            return [*self.kept, self.last]
+        return list(self.kept)
+
+
+def _train(k_init, k_fit, s, m: Method, images, checkpoint, *, share=1.0, desc=None):
+    """One method's meta-training from ``m.init(k_init, s.ways)``: the settings' episodes,
+    Adam, checkpoint and budget; returns the :class:`FitResult` and the snapshots."""
+    init = m.init(k_init, s.ways)
+    clip = m.name in CLIPPED
+    snaps = _Snapshots(s.curve_points, s.num_steps, _budget(s, share)) if s.curve_points > 0 else None
+    kw = dict(has_aux=True, clip=clip, share=share, callback=snaps)
+    result = _fit(k_fit, s, m.loss, init, images, desc or m.name, checkpoint, **kw)
+    return result, ([] if snaps is None else snaps.curve())
+
+
+def _predictives(m: Method, params, s, options: Callable[[int | None], dict] | None = None) -> Callable:
+    """``make_predictives`` of one trained method: at other ways than the training ones, the
+    head tiled (:func:`with_ways`), or no predictive for a :data:`FIXED_WAYS` method."""
+
+    def make(ways, num_samples=None):
+        if m.name in FIXED_WAYS and ways != s.ways:
+            return {m.variants: None}
+        p = params if m.name in FIXED_WAYS else with_ways(params, ways)
+        return {m.variants: m.predictive(p, ways, **(options(num_samples) if options else {}))}
+
+    return make
+
+
+def _choose_tau_pred(k_val, s, m: Method, theta, val_images) -> dict[str, float]:
+    """LLAMA's empirical Bayes for ``tau_pred`` on validation episodes, per predictive type;
+    both types are scored in one pass per tau (one Laplace fit per episode, the same draws)."""
     types = tuple(v.removeprefix("llama_") for v in m.variants)
     shape = (s.num_val_episodes, s.ways, s.train_shots, s.val_queries)
     episodes = list(episode_batches(k_val, val_images, *shape, batch_size=s.eval_batch))
@@ -294,41 +364,27 @@ def _train_maml(rng_key, s, images, val_images, checkpoint, *, method):
         predict = m.predictive(theta, s.ways, tau_pred=tau, num_samples=s.num_samples)
         evs = evaluate_fewshot(jax.random.fold_in(k_val, 1), predict, episodes, desc=f"tau={tau:g}", grouped=True)
         scores[j] = [ev.metrics()["nll"] for ev in evs]
-    info = {f"tau_pred_{t}": float(s.tau_grid[int(np.nanargmin(scores[:, i]))]) for i, t in enumerate(types)} | steps
+    info = {f"tau_pred_{t}": float(s.tau_grid[int(np.nanargmin(scores[:, i]))]) for i, t in enumerate(types)}
     for j, tau in enumerate(s.tau_grid):
         info.update({f"val_nll_{t}_tau{tau:g}": float(scores[j, i]) for i, t in enumerate(types)})
-
-    def make(ways, num_samples=None):
-        taus = tuple(info[f"tau_pred_{t}"] for t in types)
-        return {
-            m.variants: m.predictive(
-                with_ways(theta, ways), ways, tau_pred=taus, num_samples=num_samples or s.num_samples
-            )
-        }
-
-    return theta, result.losses, make, info
+    return info
 
 
-def _train_amortized(rng_key, s, images, val_images, checkpoint):
-    k_init, k_fit = jax.random.split(rng_key)
-    lstm = dict(hidden_size=s.amortized_hidden, noise_size=s.amortized_noise, init_log_var=-10.0)
-    size = dict(filters=s.filters, image_size=s.image_size, conv_impl=s.conv_impl)
-    params, net = init_conv4_guide(k_init, s.ways, **size, **lstm)
-    spec = lambda steps: conv4_inference(
-        net, beta=s.amortized_beta, inner_optimizer=optax.sgd(s.inner_lr), num_inner_steps=steps
-    )
-    loss = amortized_meta_loss(spec(s.train_inner_steps), task_batch_size=1)
-    result = _fit(k_fit, s, loss, params, images, "amortized", checkpoint, has_aux=True, clip=True)
-    trained = result.state.params
-
-    def make(ways, num_samples=None):
-        if ways != s.ways:
-            return {"amortized": None}
-        kw = dict(num_samples=num_samples or s.num_samples, inner_steps=(s.eval_inner_steps,), task_batch_size=1)
-        predict = amortized_predictive(trained, spec(s.eval_inner_steps), **kw)
-        return {"amortized": lambda key, sx, sy, qx: predict(key, sx, sy, qx)[0]}
-
-    return trained, result.losses, make, {"train_steps": int(result.state.step)}
+def _train_one(name, rng_key, s, images, val_images, checkpoint):
+    """A method with no stage before its meta-training (all but SIB)."""
+    if name in ("amortized", "protonet"):
+        k_init, k_fit = jax.random.split(rng_key)
+    else:
+        k_init, k_fit, k_val = jax.random.split(rng_key, 3)
+    m = fewshot_method(name, s)
+    result, snaps = _train(k_init, k_fit, s, m, images, checkpoint)
+    params, info, options = result.state.params, {"train_steps": int(result.state.step)}, None
+    if name == "llama":
+        info = _choose_tau_pred(k_val, s, m, params, val_images) | info
+        taus = tuple(info[f"tau_pred_{v.removeprefix('llama_')}"] for v in m.variants)
+        options = lambda num_samples: dict(tau_pred=taus, num_samples=num_samples or s.num_samples)
+    curve = tuple((t, _predictives(m, p, s, options)) for t, p in snaps)
+    return params, result.losses, _predictives(m, params, s, options), info, curve
 
 
 def _embed_episodes(net: Conv4, x: jax.Array) -> jax.Array:
@@ -337,6 +393,9 @@ def _embed_episodes(net: Conv4, x: jax.Array) -> jax.Array:
 
 
 def _train_sib(rng_key, s, images, val_images, checkpoint):
+    """SIB: the feature net pretrained by classification over the training classes (half the
+    budget), then ``sib_t0`` and ``sib_t3`` meta-trained on its fixed features from the same
+    initial values (half each)."""
     k_net, k_pre, k_init, k_fit = jax.random.split(rng_key, 4)
     ckpt = lambda name: (
         None if checkpoint is None else Path(checkpoint).with_name(f"{Path(checkpoint).stem}_{name}.ckpt")
@@ -350,56 +409,26 @@ def _train_sib(rng_key, s, images, val_images, checkpoint):
     pre = fit(k_pre, meta_learner(loss, optax.adam(s.meta_lr)), params, s.sib_pretrain_steps, desc="SIB pretrain", **kw)
     info = {"pretrain_steps": int(pre.state.step)}
     feature_net = eqx.combine(pre.state.params, static)
-    num_features = jax.eval_shape(feature_net.features, images[0, :1]).shape[-1]
-    inner = dict(inner_optimizer=optax.sgd(s.sib_inner_lr))
-    trained, losses = {}, [pre.losses]
-    for t in (0, s.sib_steps):
-        init = init_sib_params(k_init, num_features, s.ways)  # the same initial values for every T
-
-        def loss(p, key, ep, t=t):
-            embed = functools.partial(_embed_episodes, feature_net)
-            feats = Episodes(embed(ep.support_x), ep.support_y, embed(ep.query_x), ep.query_y)
-            return sib_loss(p, key, feats, num_ways=s.ways, num_steps=t, **inner)
-
-        result = _fit(k_fit, s, loss, init, images, f"SIB T={t}", ckpt(f"t{t}"), clip=True, share=0.5)
-        trained[f"sib_t{t}" if t == 0 else "sib_t3"] = (t, result.state.params)
+    trained, makes, losses, snaps = {"net": feature_net}, {}, [pre.losses], {}
+    for name, t in (("sib_t0", 0), ("sib_t3", s.sib_steps)):
+        m = fewshot_method(name, s, feature_net=feature_net)
+        result, snaps[name] = _train(k_init, k_fit, s, m, images, ckpt(f"t{t}"), share=0.5, desc=f"SIB T={t}")
+        trained[name], makes[name] = result.state.params, _predictives(m, result.state.params, s)
+        snaps[name] = [(pre.train_time_s + sec, _predictives(m, p, s)) for sec, p in snaps[name]]
         losses.append(result.losses)
         info[f"train_steps_t{t}"] = int(result.state.step)
 
     def make(ways, num_samples=None):
-        if ways != s.ways:
-            return {name: None for name in trained}
-        out = {}
-        for name, (t, p) in trained.items():
-            kw = dict(num_ways=ways, num_steps=t, num_draws=num_samples or s.sib_draws, **inner)
+        return {k: v for name in makes for k, v in makes[name](ways, num_samples).items()}
 
-            @jax.jit
-            def predict(key, sx, sy, qx, p=p, kw=kw):
-                feats = Episodes(_embed_episodes(feature_net, sx), sy, _embed_episodes(feature_net, qx), None)
-                return sib_predict(key, p, feats, **kw)
-
-            out[name] = predict
-        return out
-
-    return {"net": feature_net, **{k: v[1] for k, v in trained.items()}}, np.concatenate(losses), make, info
+    # a SIB row's curve point i: both runs after their i-th snapshot (the runs share a schedule)
+    points = min(len(v) for v in snaps.values())
+    curve = tuple((max(snaps[n][i][0] for n in snaps), _merged([snaps[n][i][1] for n in snaps])) for i in range(points))
+    return trained, np.concatenate(losses), make, info, curve
 
 
-def _train_protonet(rng_key, s, images, val_images, checkpoint):
-    k_init, k_fit = jax.random.split(rng_key)
-    m = fewshot_method("protonet", s)
-    result = _fit(k_fit, s, m.loss, m.init(k_init, s.ways), images, "protonet", checkpoint, has_aux=True)
-    embed, info = result.state.params, {"train_steps": int(result.state.step)}
-    return embed, result.losses, lambda ways, num_samples=None: {m.variants: m.predictive(embed, ways)}, info
-
-
-_TRAINERS = {
-    "maml": functools.partial(_train_maml, method="maml"),
-    "maml_fo": functools.partial(_train_maml, method="maml_fo"),
-    "llama": functools.partial(_train_maml, method="llama"),
-    "amortized": _train_amortized,
-    "sib": _train_sib,
-    "protonet": _train_protonet,
-}
+def _merged(makes: list[Callable]) -> Callable:
+    return lambda ways, num_samples=None: {k: v for mk in makes for k, v in mk(ways, num_samples).items()}
 
 
 def train_method(
@@ -425,7 +454,7 @@ def train_method(
         ValueError: an unknown method, LLAMA without ``val_images``, or images of the
             wrong rank or size.
     """
-    if method not in _TRAINERS:
+    if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     images = jnp.asarray(images)
     if images.ndim != 5 or images.shape[2:4] != (settings.image_size, settings.image_size):
@@ -436,8 +465,9 @@ def train_method(
         raise ValueError("llama chooses tau_pred on validation episodes: pass val_images")
     start = time.perf_counter()
     val = None if val_images is None else jnp.asarray(val_images)
-    params, losses, make, info = _TRAINERS[method](rng_key, settings, images, val, checkpoint)
-    return TrainedMethod(method, params, np.asarray(losses), time.perf_counter() - start, make, info)
+    train = _train_sib if method == "sib" else functools.partial(_train_one, method)
+    params, losses, make, info, curve = train(rng_key, settings, images, val, checkpoint)
+    return TrainedMethod(method, params, np.asarray(losses), time.perf_counter() - start, make, info, curve)
 
 
 def combine_ways(models: dict[int, TrainedMethod], base: int) -> TrainedMethod:
@@ -458,7 +488,8 @@ def combine_ways(models: dict[int, TrainedMethod], base: int) -> TrainedMethod:
 
     params = {ways: t.params for ways, t in models.items()}
     losses = np.concatenate([t.losses for _, t in sorted(models.items())])
-    return TrainedMethod(first.method, params, losses, sum(t.train_time_s for t in models.values()), make, info)
+    seconds = sum(t.train_time_s for t in models.values())
+    return TrainedMethod(first.method, params, losses, seconds, make, info, first.curve)
 
 
 def fewshot_table(metrics: dict[str, Any], variants: list[str], beds: list[str], *, time_keys: bool = True) -> str:

@@ -442,8 +442,8 @@ def maml_method(
     name = name or ("maml_fo" if first_order else "maml")
     inner = dict(loss_fn=loss_fn, inner_optimizer=inner_optimizer)
 
-    def adapt_fn(rng_key, theta, support_x, support_y, ways):
-        del rng_key, ways  # the network's head says the ways
+    def adapt_fn(rng_key, theta, support_x, support_y, ways, query_x=None):
+        del rng_key, ways, query_x  # the network's head says the ways
         return adapt_tasks(theta, support_x, support_y, **inner, num_steps=eval_inner_steps)
 
     def predictive(theta, ways, **options):
@@ -488,8 +488,8 @@ def llama_method(
     inner = dict(loss_fn=loss_fn, inner_optimizer=inner_optimizer)
     variants = tuple(f"{name}_{t}" for t in pred_types)
 
-    def adapt_fn(rng_key, theta, support_x, support_y, ways):
-        del rng_key, ways  # the network's head says the ways
+    def adapt_fn(rng_key, theta, support_x, support_y, ways, query_x=None):
+        del rng_key, ways, query_x  # the network's head says the ways
         return adapt_tasks(theta, support_x, support_y, **inner, num_steps=eval_inner_steps)
 
     def predictive(theta, ways, *, tau_pred, num_samples):

@@ -189,6 +189,7 @@ def fit(
     transform_batch: Callable[[PyTree], PyTree] | None = None,
     mesh: jax.sharding.Mesh | None = None,
     budget_s: float | None = None,
+    callback: Callable[[MetaState, float], None] | None = None,
 ) -> FitResult:
     """Run meta-training for ``num_steps`` steps, or until ``budget_s`` seconds are spent.
 
@@ -231,6 +232,9 @@ def fit(
             is not trained further when rerun (the same result). ``result.state.step``
             says how many steps it ran; an uninterrupted run of that many steps gives the
             same parameters.
+        callback: optional host-side ``callback(state, train_time_s)``, called with the state
+            before the first step and after every compiled call (e.g. to keep snapshots of
+            the parameters for a learning curve); its own time is not on the training clock.
 
     Returns:
         :class:`FitResult` with the final state and the per-step losses.
@@ -296,6 +300,8 @@ def fit(
         dynamic_ncols=True,
     )
     last_saved = start
+    if callback is not None:
+        callback(state, float(elapsed))
     try:
         while int(state.step) < num_steps and not spent:
             length = min(steps_per_call, num_steps - int(state.step))
@@ -317,6 +323,8 @@ def fit(
                 )
             state = new_state
             losses.append(chunk_loss)
+            if callback is not None:
+                callback(state, float(elapsed))
             bar.update(length)
             bar.set_postfix(loss=f"{float(chunk_loss[-1]):.4g}", refresh=False)
             done = int(state.step)

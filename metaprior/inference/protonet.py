@@ -237,8 +237,8 @@ def protonet_method(init: Callable[[jax.Array, int], Embed], *, train_ways: int,
     def loss(embed, rng_key, episodes):
         return base(embed, rng_key, episodes), None
 
-    def adapt(rng_key, embed, support_x, support_y, ways):
-        del rng_key
+    def adapt(rng_key, embed, support_x, support_y, ways, query_x=None):
+        del rng_key, query_x
         return prototypes(embed, support_x, support_y, ways)
 
     def predictive(embed, ways, **options):

@@ -26,10 +26,19 @@ import optax
 from numpyro.infer import Predictive, TraceMeanField_ELBO
 
 from metaprior.data.episodes import Episodes
+from metaprior.inference.method import Method, stacked
 from metaprior.inference.synthetic_gradients import DiagGaussian, run_synthetic_gradient_vi, synthetic_gradient_vi
-from metaprior.models.sib import SIBParams, cosine_logits, l2_normalize, sib_model
+from metaprior.models.sib import SIBParams, cosine_logits, init_sib_params, l2_normalize, sib_model
 
-__all__ = ["support_initializer", "sib_posterior", "sib_guide", "sib_loss", "sib_predict", "sib_predictive"]
+__all__ = [
+    "support_initializer",
+    "sib_posterior",
+    "sib_guide",
+    "sib_loss",
+    "sib_predict",
+    "sib_predictive",
+    "sib_method",
+]
 
 
 def support_initializer(params: SIBParams, support_x: jax.Array, support_y: jax.Array, num_ways: int) -> DiagGaussian:
@@ -179,3 +188,56 @@ def sib_predictive(params: SIBParams, **kwargs) -> Callable:
     ``inner_optimizer``, ``num_draws``)."""
     fn = jax.jit(functools.partial(sib_predict, **kwargs))
     return lambda rng_key, sx, sy, qx: fn(rng_key, params, Episodes(sx, sy, qx, None))
+
+
+def sib_method(
+    num_features: int,
+    *,
+    num_steps: int,
+    inner_optimizer: optax.GradientTransformation,
+    num_samples: int = 16,
+    init_std: float = 0.1,
+    query_norm: bool = True,
+    name: str | None = None,
+) -> Method:
+    """SIB with ``T = num_steps`` synthetic-gradient steps as a
+    :class:`~metaprior.inference.method.Method` on feature episodes (``[T, N, num_features]``;
+    :func:`~metaprior.inference.method.with_features` puts a fixed feature network in front).
+
+    ``init(rng_key, ways)`` is :func:`~metaprior.models.sib.init_sib_params`; ``loss`` the
+    negative ELBO per task (:func:`sib_loss`, no aux); ``adapt`` each task's ``theta^T``
+    (:func:`sib_posterior`; transductive, so it needs ``query_x``);
+    ``predictive(params, ways, *, num_samples=...)`` :func:`sib_predict` with ``num_samples``
+    draws of the classifier weights. ``xi`` is built for
+    the ways it was initialised with: another number of ways is a ``ValueError``. Its one
+    variant is ``name`` (default ``f"sib_t{num_steps}"``).
+    """
+    name = name or f"sib_t{num_steps}"
+    inner = dict(num_steps=num_steps, inner_optimizer=inner_optimizer)
+
+    def init(rng_key, ways):
+        return init_sib_params(rng_key, num_features, ways, init_std=init_std, query_norm=query_norm)
+
+    def ways_of(params: SIBParams, ways: int | None = None) -> int:
+        built = params.synthetic_gradient.layers[0].in_features
+        if ways is not None and ways != built:
+            raise ValueError(f"{name}: xi was built for {built}-way tasks, got ways={ways}")
+        return built
+
+    def loss(params, rng_key, episodes):
+        return sib_loss(params, rng_key, episodes, num_ways=ways_of(params), **inner), None
+
+    def adapt(rng_key, params, support_x, support_y, ways, query_x=None):
+        if query_x is None:
+            raise ValueError(f"{name} is transductive: its posterior needs the task's query_x")
+        episodes = Episodes(support_x, support_y, query_x, None)
+        return sib_posterior(rng_key, params, episodes, num_ways=ways_of(params, ways), **inner)
+
+    def predictive(params, ways, **options):
+        unknown = set(options) - {"num_samples"}
+        if unknown:
+            raise TypeError(f"{name}'s predictive takes num_samples only, got {sorted(unknown)}")
+        kw = dict(num_ways=ways_of(params, ways), num_draws=options.get("num_samples", num_samples), **inner)
+        return stacked(sib_predictive(params, **kw))
+
+    return Method(name, (name,), init, loss, adapt, predictive)
