@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from metaprior.data.testbeds import bed_key, fewshot_testbeds, ood_pool, resize_images
+from metaprior.inference import fewshot as F
 from metaprior.inference.fewshot import TrainedMethod, fewshot_table, method_of, with_ways
 from metaprior.models.nets import Conv4
 
@@ -147,34 +148,25 @@ def _nearest(ways, num_samples=None):
 
 
 def test_oneshot_runs_are_scored_through_the_recipe(tmp_path):
-    """The recipe's Lake-runs path on a generated release (``omniglot/all_runs.zip``):
+    """The Lake-runs scorer the recipe calls, on a generated release (``omniglot/all_runs.zip``):
     a predictive that is right on every run gets error 0, a permuted one error 1; without
     the zip the metrics say why it was skipped."""
     from test_data_loaders import _write_runs
 
-    from metaprior.experiments import fewshot
-
     _write_runs(tmp_path / "src" / "all_runs", num_runs=3)
     (tmp_path / "data" / "omniglot").mkdir(parents=True)
     shutil.make_archive(str(tmp_path / "data" / "omniglot" / "all_runs"), "zip", tmp_path / "src", "all_runs")
-    config = dataclasses.replace(fewshot.make_config("quick"), data_dir=str(tmp_path / "data"))
+    data = str(tmp_path / "data")
     right = TrainedMethod("protonet", None, np.zeros(1), 0.0, _nearest, {})
-    metrics: dict = {}
-    fewshot._oneshot(jax.random.key(0), config, {"protonet": right}, metrics)
-    assert metrics == {"protonet_oneshot_error": 0.0}
+    assert F.oneshot_errors(jax.random.key(0), {"protonet": right}, 28, data) == {"protonet_oneshot_error": 0.0}
 
     def shifted(ways, num_samples=None):
         inner = _nearest(ways)["protonet"]
         return {"protonet": lambda k, sx, sy, qx: jnp.roll(inner(k, sx, sy, qx), 1, axis=-1)}
 
-    metrics = {}
-    fewshot._oneshot(
-        jax.random.key(0), config, {"protonet": TrainedMethod("protonet", None, [], 0.0, shifted, {})}, metrics
-    )
-    assert metrics == {"protonet_oneshot_error": 1.0}
-    metrics = {}
-    empty = dataclasses.replace(config, data_dir=str(tmp_path / "nothing"))
-    fewshot._oneshot(jax.random.key(0), empty, {"protonet": right}, metrics)
+    wrong = {"protonet": TrainedMethod("protonet", None, [], 0.0, shifted, {})}
+    assert F.oneshot_errors(jax.random.key(0), wrong, 28, data) == {"protonet_oneshot_error": 1.0}
+    metrics = F.oneshot_errors(jax.random.key(0), {"protonet": right}, 28, str(tmp_path / "nothing"))
     assert metrics["oneshot_note"].startswith("skipped: ") and "all_runs.zip" in metrics["oneshot_note"]
 
 
@@ -197,6 +189,7 @@ def test_every_method_sees_the_same_episodes(shared_data_dir, tmp_path, monkeypa
         return real(key, predict, episodes, **kw)
 
     monkeypatch.setattr(fewshot, "evaluate_fewshot", recording)
+    monkeypatch.setattr(F, "evaluate_fewshot", recording)  # the learning curves
     config = dataclasses.replace(
         fewshot.make_config("quick"),
         methods=("maml_fo", "protonet"),

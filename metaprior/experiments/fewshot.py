@@ -34,8 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metaprior.data import MissingDataError, load_oneshot_runs, omniglot_splits, oneshot_episodes, score_oneshot_runs
-from metaprior.data.episodes import episode_batches
+from metaprior.data import omniglot_splits
 from metaprior.data.testbeds import BEDS, fewshot_testbeds, ood_pool
 from metaprior.experiments._common import atomic_write_bytes, save_datatree, write_metrics
 from metaprior.experiments._plots import curves_figure, reliability_figure, scatter_figure, training_figure
@@ -50,6 +49,8 @@ from metaprior.inference.fewshot import (
     FewShotSettings,
     combine_ways,
     fewshot_table,
+    learning_curves,
+    oneshot_errors,
     train_method,
 )
 
@@ -124,22 +125,6 @@ def _pools(config: FewShotConfig, splits) -> dict[str, np.ndarray]:
     return pools
 
 
-def _oneshot(rng_key, config: FewShotConfig, trained, metrics: dict) -> None:
-    """Lake's 20 runs, when the release is in the data directory."""
-    try:
-        runs = load_oneshot_runs(image_size=config.image_size, data_dir=config.data_dir or None)
-    except MissingDataError as err:
-        metrics["oneshot_note"] = f"skipped: {err}"
-        return
-    episodes = oneshot_episodes(runs)
-    ways = episodes.support_x.shape[1]
-    for t in trained.values():
-        for variant, predict in t.predictives(ways).items():
-            if predict is not None:
-                probs = predict(rng_key, *(jnp.asarray(a) for a in episodes[:3]))
-                metrics[f"{variant}_oneshot_error"] = score_oneshot_runs(np.asarray(probs), runs)
-
-
 def _posterior(rng_key, config: FewShotConfig, trained, bed):
     """Per-draw predictive probabilities of every Bayesian variant on the first episodes of ``bed``."""
     episodes = jax.tree.map(lambda a: a[: config.posterior_episodes], next(bed.batches(config.posterior_episodes)))
@@ -154,31 +139,6 @@ def _posterior(rng_key, config: FewShotConfig, trained, bed):
     dims["query_y"] = ["episode", "query"]
     attrs = {"experiment": "fewshot", "bed": bed.name, "methods": ",".join(sorted(posterior))}
     return to_datatree(posterior, observed_data={"query_y": np.asarray(episodes.query_y)}, dims=dims, attrs=attrs)
-
-
-def _learning_curves(rng_key, config: FewShotConfig, val_images, models: dict) -> dict:
-    """``{shape: {variant: [(train seconds, validation accuracy), ...]}}``: every method's
-    snapshots (:attr:`~metaprior.inference.fewshot.TrainedMethod.curve`) on the same
-    validation episodes of each in-domain shape, from the model scored at that shape."""
-    out = {}
-    for i, (ways, shots) in enumerate(config.id_shapes):
-        shape, lines = f"{ways}w{shots}s", {}
-        batches = (config.num_val_episodes, ways, shots, config.val_queries)
-        episodes = list(
-            episode_batches(jax.random.fold_in(rng_key, i), val_images, *batches, batch_size=config.eval_batch)
-        )
-        for by_ways in models.values():
-            t = by_ways.get(ways, by_ways[config.ways])
-            for seconds, make in t.curve:
-                for variants, predict in t._replace(make_predictives=make).grouped_predictives(ways).items():
-                    if predict is None:
-                        continue
-                    desc = f"{'+'.join(variants)} val_{shape}"
-                    evs = evaluate_fewshot(rng_key, predict, episodes, grouped=True, progress=False, desc=desc)
-                    for v, ev in zip(variants, evs):
-                        lines.setdefault(v, []).append((float(seconds), float(ev.metrics()["acc"])))
-        out[shape] = lines
-    return out
 
 
 def run(rng_key: jax.Array, config: FewShotConfig, out_dir: Path) -> dict[str, float]:
@@ -227,10 +187,13 @@ def run(rng_key: jax.Array, config: FewShotConfig, out_dir: Path) -> dict[str, f
                     points[bed.name][variant] = (metrics[f"{prefix}ece"], metrics[f"{prefix}acc"])
         _log(f"{method} done in {t.train_time_s:.0f} s of training")
         write_metrics(out_dir / "metrics.json", {**metrics, "partial": 1})  # a killed run shows what finished
-    _oneshot(jax.random.fold_in(k_eval, 99), config, trained, metrics)
+    metrics.update(oneshot_errors(jax.random.fold_in(k_eval, 99), trained, config.image_size, config.data_dir or None))
     if config.curve_points > 0:
         _log("scoring the training snapshots on validation episodes")
-        lines = _learning_curves(k_curve, config, jnp.asarray(splits["val"].images), per_ways)
+        kw = dict(num_episodes=config.num_val_episodes, queries=config.val_queries, batch_size=config.eval_batch)
+        lines = learning_curves(
+            k_curve, per_ways, jnp.asarray(splits["val"].images), config.id_shapes, config.ways, **kw
+        )
         atomic_write_bytes(out_dir / "curves.json", json.dumps(lines, indent=1).encode())
         for shape, by_variant in lines.items():
             metrics.update({f"{v}_val_{shape}_acc": pts[-1][1] for v, pts in by_variant.items()})

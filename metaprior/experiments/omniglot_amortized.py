@@ -92,18 +92,12 @@ def _task_batch_size(config: OmniglotAmortizedConfig) -> int | None:
     return None if config.task_batch_size <= 0 else config.task_batch_size
 
 
-def inference_spec(config: OmniglotAmortizedConfig, net: Conv4, num_inner_steps: int):
-    """Flipout likelihood, standard normal prior, SGD inner loop."""
-    return conv4_inference(
-        net, beta=config.beta, inner_optimizer=optax.sgd(config.inner_lr), num_inner_steps=num_inner_steps
-    )
+def _size(config: OmniglotAmortizedConfig) -> dict:
+    return dict(filters=config.filters, image_size=config.image_size, conv_impl=config.conv_impl)
 
 
-def init_params(rng_key, config: OmniglotAmortizedConfig, ways: int):
-    """The guide for a ``ways``-way Conv4 and the shared model parameters; also the template net."""
-    size = dict(filters=config.filters, image_size=config.image_size, conv_impl=config.conv_impl)
-    lstm = dict(hidden_size=config.hidden_size, noise_size=config.noise_size, init_log_var=config.init_log_var)
-    return init_conv4_guide(rng_key, ways, **size, **lstm)
+def _lstm(config: OmniglotAmortizedConfig) -> dict:
+    return dict(hidden_size=config.hidden_size, noise_size=config.noise_size, init_log_var=config.init_log_var)
 
 
 def _fit(rng_key, config: OmniglotAmortizedConfig, loss, params, images, ways: int, shots: int, desc, checkpoint):
@@ -118,18 +112,16 @@ def _fit(rng_key, config: OmniglotAmortizedConfig, loss, params, images, ways: i
 def method(config: OmniglotAmortizedConfig) -> Method:
     """The guide as a :class:`~metaprior.inference.method.Method` (the one ``metaprior run
     fewshot`` trains too): one variant per number of ``eval_inner_steps``."""
-    size = dict(filters=config.filters, image_size=config.image_size, conv_impl=config.conv_impl)
-    lstm = dict(hidden_size=config.hidden_size, noise_size=config.noise_size, init_log_var=config.init_log_var)
     inner = dict(inner_optimizer=optax.sgd(config.inner_lr), train_inner_steps=config.train_inner_steps)
-    kw = dict(eval_inner_steps=config.eval_inner_steps, num_samples=config.num_samples)
-    return amortized_method(**size, **lstm, **inner, **kw, beta=config.beta, task_batch_size=_task_batch_size(config))
+    kw = dict(eval_inner_steps=config.eval_inner_steps, num_samples=config.num_samples, beta=config.beta)
+    return amortized_method(**_size(config), **_lstm(config), **inner, **kw, task_batch_size=_task_batch_size(config))
 
 
 def meta_train(rng_key, config: OmniglotAmortizedConfig, images, ways: int, shots: int, checkpoint=None):
     """Meta-train the guide for one (ways, shots); returns ``(params, net, FitResult)``."""
     k_init, k_fit = jax.random.split(rng_key)
     m = method(config)
-    _, net = init_params(k_init, config, ways)  # the template net (shapes) of the posterior tree
+    net = init_conv4_guide(k_init, ways, **_size(config), **_lstm(config))[1]  # the posterior tree's template
     desc = f"amortized {ways}w{shots}s K={config.train_inner_steps}"
     result = _fit(k_fit, config, m.loss, m.init(k_init, ways), images, ways, shots, desc, checkpoint)
     return result.state.params, net, result
@@ -143,9 +135,8 @@ def predictive(config: OmniglotAmortizedConfig, params, net) -> FewShotPredictiv
 def maml(config: OmniglotAmortizedConfig) -> Method:
     """The MAML baseline (first-order by default) on the same Conv4, ``maml_inner_steps``
     inner steps in training and at test time."""
-    size = dict(filters=config.filters, image_size=config.image_size, conv_impl=config.conv_impl)
     steps = dict(train_inner_steps=config.maml_inner_steps, eval_inner_steps=config.maml_inner_steps)
-    init = lambda key, ways: Conv4(ways, **size, key=key)
+    init = lambda key, ways: Conv4(ways, **_size(config), key=key)
     kw = dict(init=init, apply_fn=_apply, first_order=config.maml_first_order, **steps)
     return maml_method(_loss(), optax.sgd(config.inner_lr), **kw)
 
@@ -208,7 +199,9 @@ def run(rng_key, config: OmniglotAmortizedConfig, out_dir: Path) -> dict[str, fl
                 steps = max(config.eval_inner_steps)
                 attrs = {"experiment": "omniglot-amortized", "inner_steps": steps}
                 kw = dict(num_tasks=config.posterior_tasks, num_draws=config.posterior_draws, attrs=attrs)
-                inference = inference_spec(config, net, steps)
+                inference = conv4_inference(
+                    net, beta=config.beta, inner_optimizer=optax.sgd(config.inner_lr), num_inner_steps=steps
+                )
                 tree = amortized_posterior_tree(k_post, params, net, episodes, inference, **kw)
                 save_datatree(tree, out_dir / "posterior.nc")
                 t0 = time.perf_counter()

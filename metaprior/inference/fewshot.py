@@ -49,6 +49,7 @@ import numpy as np
 import numpyro.distributions as dist
 import optax
 
+from metaprior.data import MissingDataError, load_oneshot_runs, oneshot_episodes, score_oneshot_runs
 from metaprior.data.episodes import episode_batches, sample_episodes
 from metaprior.inference import maml
 from metaprior.inference.amortized_classifier import amortized_method
@@ -73,6 +74,8 @@ __all__ = [
     "fewshot_method",
     "PER_WAY",
     "combine_ways",
+    "learning_curves",
+    "oneshot_errors",
 ]
 
 METHODS = ("maml", "maml_fo", "llama", "amortized", "sib", "protonet")
@@ -520,3 +523,57 @@ def fewshot_table(metrics: dict[str, Any], variants: list[str], beds: list[str],
                 cells.append("-" if seconds is None else f"{seconds:.0f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def learning_curves(
+    rng_key: jax.Array,
+    models: dict[str, dict[int, TrainedMethod]],
+    val_images: jax.Array,
+    shapes: tuple[tuple[int, int], ...],
+    base_ways: int,
+    *,
+    num_episodes: int,
+    queries: int,
+    batch_size: int,
+) -> dict[str, dict[str, list[tuple[float, float]]]]:
+    """``{"{W}w{S}s": {variant: [(train seconds, validation accuracy), ...]}}``: every
+    method's snapshots (:attr:`TrainedMethod.curve`) scored on the same ``num_episodes``
+    validation episodes of each ``(ways, shots)`` in ``shapes``, from the model trained at
+    those ways (``models[method][ways]``, else the ``base_ways`` one)."""
+    out = {}
+    for i, (ways, shots) in enumerate(shapes):
+        shape, lines = f"{ways}w{shots}s", {}
+        key = jax.random.fold_in(rng_key, i)
+        episodes = list(episode_batches(key, val_images, num_episodes, ways, shots, queries, batch_size=batch_size))
+        for by_ways in models.values():
+            t = by_ways.get(ways, by_ways[base_ways])
+            for seconds, make in t.curve:
+                for variants, predict in t._replace(make_predictives=make).grouped_predictives(ways).items():
+                    if predict is None:
+                        continue
+                    desc = f"{'+'.join(variants)} val_{shape}"
+                    evs = evaluate_fewshot(rng_key, predict, episodes, grouped=True, progress=False, desc=desc)
+                    for v, ev in zip(variants, evs):
+                        lines.setdefault(v, []).append((float(seconds), float(ev.metrics()["acc"])))
+        out[shape] = lines
+    return out
+
+
+def oneshot_errors(
+    rng_key: jax.Array, trained: dict[str, TrainedMethod], image_size: int, data_dir: str | None = None
+) -> dict[str, float | str]:
+    """Lake et al.'s 20 one-shot runs, when ``omniglot/all_runs.zip`` is in the data directory:
+    ``{f"{variant}_oneshot_error": error rate}`` for every variant with a 20-way predictive,
+    else ``{"oneshot_note": why it was skipped}``."""
+    try:
+        runs = load_oneshot_runs(image_size=image_size, data_dir=data_dir)
+    except MissingDataError as err:
+        return {"oneshot_note": f"skipped: {err}"}
+    episodes = oneshot_episodes(runs)
+    ways, out = episodes.support_x.shape[1], {}
+    for t in trained.values():
+        for variant, predict in t.predictives(ways).items():
+            if predict is not None:
+                probs = predict(rng_key, *(jnp.asarray(a) for a in episodes[:3]))
+                out[f"{variant}_oneshot_error"] = score_oneshot_runs(np.asarray(probs), runs)
+    return out
