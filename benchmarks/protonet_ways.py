@@ -54,7 +54,9 @@ def main() -> None:
     }
     rows = []
     for ways in args.ways:
-        s = dataclasses.replace(config, ways=ways, budget_s=args.budget, num_steps=10**7, curve_points=0)
+        s = dataclasses.replace(
+            config, ways=ways, protonet_ways=0, budget_s=args.budget, num_steps=10**7, curve_points=0
+        )
         t = F.train_method("protonet", jax.random.key(0), s, train)
         row = dict(train_ways=ways, train_time_s=t.train_time_s, train_steps=t.info["train_steps"])
         for (w, k), eps in episodes.items():

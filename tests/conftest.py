@@ -5,6 +5,8 @@ from __future__ import annotations
 import gc
 import os
 import resource
+import shutil
+import tempfile
 from pathlib import Path
 
 # The suite compiles hundreds of small programs and runs little compute in each, so XLA's
@@ -13,9 +15,20 @@ from pathlib import Path
 # before jax is imported; notebook kernels and subprocess tests inherit it. Export
 # JAX_DISABLE_MOST_OPTIMIZATIONS=0 to test the optimised programs.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+# One on-disk compilation cache for the whole run, shared by the xdist workers and every
+# subprocess and notebook kernel they start: the kill-and-resume tests run the same
+# experiment three times and the notebooks repeat the experiments' programs, so most of
+# those compiles are loads (benchmarks/README.md "Test-suite time"). A fresh folder per run,
+# made by the process that starts it (xdist's workers inherit the variable) and removed at
+# its end: nothing carries over between runs. Export JAX_COMPILATION_CACHE_DIR to choose
+# the folder yourself (then it is kept), or "" for no cache.
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_CACHE:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = str(Path(tempfile.gettempdir()) / f"metaprior-test-xla-{os.getpid()}")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import jax  # noqa: E402
-import pytest
+import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = (REPO.parent / "shared" / "data").resolve()
@@ -62,3 +75,9 @@ def _release_compiled_programs(request):
         with open(log, "a") as f:
             name = request.module.__name__
             f.write(f"{os.getpid()} {name} rss_mb={before:.0f}->{_rss_mb():.0f} peak_mb={peak:.0f}\n")
+
+
+def pytest_sessionfinish(session):
+    """The process that made the run's compilation cache removes it."""
+    if _OWN_CACHE:
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)

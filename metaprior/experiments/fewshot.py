@@ -66,17 +66,16 @@ class FewShotConfig(FewShotSettings):
         methods: the training units to run (:data:`~metaprior.inference.fewshot.METHODS`).
         beds: which of ``id``, ``ood_mnist``, ``ood_notmnist``.
         id_shapes, ood_shapes: ``(ways, shots)`` of the in-domain / out-of-domain beds.
-        num_episodes, queries: episodes per bed, queries per class (``eval_batch``, episodes
-            per predictive call, is a setting).
-        bootstrap: resamples of the episode bootstrap (ECE, accuracy and NLL intervals).
-        posterior_episodes, posterior_draws: the ArviZ file.
+        num_episodes, queries, bootstrap: episodes per bed, queries per class, resamples of
+            the episode bootstrap; posterior_episodes, posterior_draws: the ArviZ file.
         split_seed, held_out, data_dir: the Omniglot split (as ``omniglot-maml``) and where
             the data are (``""``: ``$METAPRIOR_DATA``).
         per_way: MAML, FOMAML and LLAMA get one model per number of ways scored, trained at
             those ways (the MAML paper's protocol: its 20-way model is trained at 20 ways);
             ``False``: the ``ways``-way model for every bed, its head tiled.
-        curve_points: snapshots per training run scored on ``num_val_episodes`` validation
-            episodes of every in-domain shape (``val_acc_vs_seconds.png``, ``curves.json``).
+        curve_points: snapshots per run scored on validation episodes of each in-domain shape.
+        protonet_ways: ProtoNets' training ways (20: best of 5 / 20 / 60 on validation
+            characters at 120 s each, ``benchmarks/README.md`` "ProtoNets' training ways").
     """
 
     methods: tuple[str, ...] = METHODS
@@ -93,6 +92,7 @@ class FewShotConfig(FewShotSettings):
     data_dir: str = ""
     per_way: bool = True
     curve_points: int = 3
+    protonet_ways: int = 20
 
 
 def make_config(size: str) -> FewShotConfig:

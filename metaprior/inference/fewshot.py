@@ -136,6 +136,9 @@ class FewShotSettings:
             learning curve (:attr:`TrainedMethod.curve`), about evenly spaced in training
             seconds with a budget and in steps without one, plus the initial and final
             parameters (0: none). A run resumed from a checkpoint has the points from there on.
+        protonet_ways: the ways of ProtoNets' training episodes (0: ``ways``); Snell et al.
+            train with more ways than they test with (``benchmarks/protonet_ways.py`` chooses
+            it on validation characters at equal training time).
     """
 
     filters: int = 32
@@ -170,6 +173,7 @@ class FewShotSettings:
     checkpoint_every: int = 500
     budget_s: float = 0.0
     curve_points: int = 0
+    protonet_ways: int = 0
 
 
 class TrainedMethod(NamedTuple):
@@ -468,6 +472,8 @@ def train_method(
         raise ValueError("llama chooses tau_pred on validation episodes: pass val_images")
     start = time.perf_counter()
     val = None if val_images is None else jnp.asarray(val_images)
+    if method == "protonet" and settings.protonet_ways > 0:
+        settings = dataclasses.replace(settings, ways=settings.protonet_ways)
     train = _train_sib if method == "sib" else functools.partial(_train_one, method)
     params, losses, make, info, curve = train(rng_key, settings, images, val, checkpoint)
     return TrainedMethod(method, params, np.asarray(losses), time.perf_counter() - start, make, info, curve)
