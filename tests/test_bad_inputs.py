@@ -348,6 +348,33 @@ def _zero_budget(tmp):
     fit(jax.random.key(0), learner, np.ones(2, np.float32), 10, data=np.ones(2, np.float32), budget_s=0.0)
 
 
+def _sib_adapt_without_queries(t):
+    import jax
+    import optax
+
+    from metaprior.inference.sib import sib_method
+
+    m = sib_method(8, num_steps=1, inner_optimizer=optax.sgd(0.1))
+    m.adapt(jax.random.key(0), m.init(jax.random.key(1), 3), np.zeros((1, 3, 8), np.float32), np.zeros((1, 3), int), 3)
+
+
+def _amortized_other_ways(t):
+    import jax
+    import optax
+
+    from metaprior.inference.amortized_classifier import amortized_method
+
+    kw = dict(beta=1e-3, inner_optimizer=optax.sgd(0.1), train_inner_steps=1, eval_inner_steps=1, num_samples=1)
+    m = amortized_method(filters=2, image_size=28, hidden_size=4, noise_size=2, **kw)
+    m.predictive(m.init(jax.random.key(0), 3), 5)
+
+
+def _sib_without_feature_net(t):
+    from metaprior.inference.fewshot import FewShotSettings, fewshot_method
+
+    fewshot_method("sib_t3", FewShotSettings())
+
+
 # --------------------------------------------------------------------------- the table
 
 CASES = [
@@ -836,6 +863,30 @@ CASES = [
         _kfac_on_own_case,
         ValueError,
         ("'mine'", "laplace_kfac needs a network"),
+    ),
+    Case(
+        "sib-adapt-no-queries",
+        "inference",
+        "SIB's posterior asked for without the task's query inputs (it is transductive)",
+        _sib_adapt_without_queries,
+        ValueError,
+        ("transductive", "query_x"),
+    ),
+    Case(
+        "amortized-other-ways",
+        "inference",
+        "a 3-way amortized guide asked for a 5-way predictive",
+        _amortized_other_ways,
+        ValueError,
+        ("built for 3-way", "ways=5"),
+    ),
+    Case(
+        "fewshot-sib-no-features",
+        "inference",
+        "SIB's few-shot Method without the pretrained feature net it works on",
+        _sib_without_feature_net,
+        ValueError,
+        ("sib_t3", "feature_net"),
     ),
     Case(
         "fit-zero-budget",
