@@ -215,8 +215,9 @@ def test_a_training_budget_gives_each_method_the_steps_it_paid_for(tmp_path, mon
     """``budget_s``: with a clock on which every compiled call takes one second, ProtoNets
     (2 steps per call, budget 2.5 s) stop after 3 calls (6 steps, num_steps 100 a cap) and
     checkpoint there; the same call again trains no further; an uninterrupted 6-step run
-    without a budget has the same parameters bit for bit. SIB's pretraining and each of its
-    T runs get half the budget (2 calls of 2 steps)."""
+    without a budget has the same parameters bit for bit, and so has a run killed part-way
+    and resumed. SIB's pretraining and each of its T runs get half the budget (2 calls of 2
+    steps)."""
     from metaprior.inference import meta
     from metaprior.inference.fewshot import FewShotSettings, train_method
 
@@ -233,6 +234,18 @@ def test_a_training_budget_gives_each_method_the_steps_it_paid_for(tmp_path, mon
     assert again.info["train_steps"] == 6
     straight = train_method("protonet", jax.random.key(1), FewShotSettings(**tiny, num_steps=6), images)
     for a, b in zip(jax.tree.leaves(timed.params), jax.tree.leaves(straight.params)):
+        np.testing.assert_array_equal(a, b)
+    # killed part-way: a NaN at step 5 stops the run after its checkpoint at step 4 (2 s spent);
+    # the rerun resumes with that time and stops where the uninterrupted budget run stopped
+    killed = tmp_path / "protonet_killed.ckpt"
+    monkeypatch.setenv("METAPRIOR_TEST_NAN_AT_STEP", "5")
+    with pytest.raises(meta.NonFiniteLossError):
+        train_method("protonet", jax.random.key(1), budget, images, checkpoint=killed)
+    assert meta.load_clock(killed) == meta.TrainingClock(2.0, False)
+    monkeypatch.delenv("METAPRIOR_TEST_NAN_AT_STEP")
+    resumed = train_method("protonet", jax.random.key(1), budget, images, checkpoint=killed)
+    assert resumed.info["train_steps"] == 6
+    for a, b in zip(jax.tree.leaves(resumed.params), jax.tree.leaves(straight.params)):
         np.testing.assert_array_equal(a, b)
     sib = train_method("sib", jax.random.key(2), budget, images, checkpoint=tmp_path / "sib.ckpt")
     assert (sib.info["pretrain_steps"], sib.info["train_steps_t0"], sib.info["train_steps_t3"]) == (4, 4, 4)
