@@ -484,7 +484,8 @@ def combine_ways(models: dict[int, TrainedMethod], base: int) -> TrainedMethod:
     ``ways``-way predictive comes from the model trained at ``ways`` (else from the one at
     ``base``, whose head :func:`with_ways` tiles). ``params`` is ``{ways: params}``; the
     times add up; ``info`` holds the ``base`` model's keys as they are and the others' as
-    ``f"{ways}w_{key}"``, with ``f"{ways}w_train_time_s"`` for every model."""
+    ``f"{ways}w_{key}"``, with ``f"{ways}w_train_time_s"`` for every model. ``curve`` is the
+    ``base`` model's (:func:`learning_curves` takes each ways' own model from ``models``)."""
     first = models.get(base, next(iter(models.values())))
     info = dict(first.info)
     for ways, t in sorted(models.items()):
