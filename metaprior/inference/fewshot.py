@@ -55,7 +55,7 @@ from metaprior.inference import maml
 from metaprior.inference.amortized_classifier import amortized_method
 from metaprior.inference.evaluation import FewShotPredictive, evaluate_fewshot
 from metaprior.inference.meta import fit, meta_learner
-from metaprior.inference.method import Method, compiled_once, with_features
+from metaprior.inference.method import Method, compiled_once, stacked, with_features
 from metaprior.inference.protonet import protonet_method
 from metaprior.inference.sib import sib_method
 from metaprior.models.nets import Conv4
@@ -219,7 +219,7 @@ class TrainedMethod(NamedTuple):
         out = {}
         for key, predict in self.make_predictives(ways, num_samples).items():
             if isinstance(key, str):
-                out[(key,)] = None if predict is None else _stacked(predict)
+                out[(key,)] = None if predict is None else stacked(predict)
             else:
                 out[tuple(key)] = predict
         return out
@@ -227,10 +227,6 @@ class TrainedMethod(NamedTuple):
 
 def _row(predict: FewShotPredictive, i: int) -> FewShotPredictive:
     return lambda *args: predict(*args)[i]
-
-
-def _stacked(predict: FewShotPredictive) -> FewShotPredictive:
-    return lambda *args: predict(*args)[None]
 
 
 def _apply(net, x):
